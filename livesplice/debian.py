@@ -1,0 +1,259 @@
+"""Stock Debian 12 kernels: which ones livesplice knows, and fetching them into the cache.
+
+Everything is taken from Debian's package registry with apt's own client (so the machine's apt
+configuration decides the mirror), unpacked with dpkg-deb, never installed: several kernels and
+their headers live side by side in the cache, and the host's /boot and /lib/modules stay untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+
+from .errors import BadInput, LivespliceError
+
+
+@dataclass(frozen=True)
+class StockKernel:
+    abi: str  # e.g. 6.1.0-53-amd64, the kernel release `uname -r` prints
+    version: str  # Debian package version of the image, headers and source, e.g. 6.1.187-1
+
+    @property
+    def image_package(self) -> str:
+        return f"linux-image-{self.abi}"
+
+    @property
+    def abi_number(self) -> str:
+        return self.abi.rsplit("-", 1)[0]  # 6.1.0-53
+
+
+# The stock kernels this project is tested against (see shared/testbed-facts.md).
+KNOWN_KERNELS: dict[str, StockKernel] = {
+    k.abi: k
+    for k in (
+        StockKernel("6.1.0-53-amd64", "6.1.187-1"),
+        StockKernel("6.1.0-54-amd64", "6.1.190-1"),
+        StockKernel("6.1.0-55-amd64", "6.1.192-1"),
+        StockKernel("6.1.0-56-amd64", "6.1.192-2"),
+    )
+}
+DEFAULT_KERNEL = "6.1.0-53-amd64"
+SOURCE_PACKAGE = "linux-source-6.1"
+
+
+def cache_root() -> Path:
+    """~/.cache/livesplice, or $XDG_CACHE_HOME/livesplice; $LIVESPLICE_CACHE overrides both."""
+    if os.environ.get("LIVESPLICE_CACHE"):
+        return Path(os.environ["LIVESPLICE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "livesplice"
+
+
+def lookup_kernel(abi: str) -> StockKernel:
+    try:
+        return KNOWN_KERNELS[abi]
+    except KeyError:
+        known = ", ".join(sorted(KNOWN_KERNELS))
+        raise BadInput(f"unknown kernel {abi!r}; livesplice knows: {known}") from None
+
+
+def kernel_for_source_version(version: str) -> StockKernel:
+    for k in KNOWN_KERNELS.values():
+        if k.version == version:
+            return k
+    known = ", ".join(sorted(k.version for k in KNOWN_KERNELS.values()))
+    raise BadInput(f"unknown Debian source version {version!r}; livesplice knows: {known}")
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """Where a fetched stock kernel lives in the cache."""
+
+    kernel: StockKernel
+    root: Path  # the image package unpacked
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.kernel.abi}"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "boot" / f"config-{self.kernel.abi}"
+
+    @property
+    def modules(self) -> Path:
+        return self.root / "lib" / "modules" / self.kernel.abi
+
+    @property
+    def headers(self) -> Path:
+        """The kbuild tree for external modules (what /lib/modules/ABI/build points at)."""
+        return headers_root(self.kernel) / "usr" / "src" / f"linux-headers-{self.kernel.abi}"
+
+    @property
+    def source_tree(self) -> Path:
+        return source_root(self.kernel.version) / "linux-source-6.1"
+
+
+def kernel_root(kernel: StockKernel) -> Path:
+    return cache_root() / "kernels" / kernel.abi
+
+
+def headers_root(kernel: StockKernel) -> Path:
+    return cache_root() / "headers" / kernel.abi
+
+
+def source_root(version: str) -> Path:
+    return cache_root() / "sources" / version
+
+
+def kernel_files(abi: str) -> KernelFiles:
+    kernel = lookup_kernel(abi)
+    return KernelFiles(kernel, kernel_root(kernel))
+
+
+def is_fetched(abi: str) -> bool:
+    files = kernel_files(abi)
+    return all((p / ".complete").exists()
+               for p in (files.root, headers_root(files.kernel), source_root(files.kernel.version)))
+
+
+# --- downloading -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DebUri:
+    url: str
+    filename: str
+    size: int
+    sha256: str | None
+
+
+def _apt_uri(spec: str) -> DebUri:
+    """Ask apt where PKG[=VERSION] is, without downloading it (apt-get download --print-uris)."""
+    if not shutil.which("apt-get"):
+        raise BadInput("apt-get is not available: livesplice fetches stock kernels from Debian's registry")
+    proc = subprocess.run(["apt-get", "download", "--print-uris", spec],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        hint = " (run scripts/setup.sh, or `apt-get update`, first)" if "not found" in proc.stderr \
+            or "Unable to locate" in proc.stderr else ""
+        raise BadInput(f"apt cannot find {spec}{hint}: {proc.stderr.strip()}")
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].startswith("'"):
+            sha = None
+            if len(parts) >= 4 and parts[3].upper().startswith("SHA256:"):
+                sha = parts[3].split(":", 1)[1]
+            return DebUri(parts[0].strip("'"), parts[1], int(parts[2]), sha)
+    raise LivespliceError(f"apt printed no URI for {spec}: {proc.stdout!r}")
+
+
+def _download(uri: DebUri, dest_dir: Path, progress: Progress) -> Path:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / uri.filename
+    if dest.exists() and dest.stat().st_size == uri.size and \
+            (uri.sha256 is None or _sha256(dest) == uri.sha256):
+        return dest
+    part = dest.with_suffix(".part")
+    task = progress.add_task(uri.filename, total=uri.size)
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(uri.url, timeout=60) as response, open(part, "wb") as out:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            digest.update(chunk)
+            progress.advance(task, len(chunk))
+    if uri.sha256 and digest.hexdigest() != uri.sha256:
+        part.unlink()
+        raise LivespliceError(f"{uri.filename}: SHA256 mismatch after download")
+    part.rename(dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unpack_deb(deb: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
+
+
+def _unpack_tarball(tarball: Path, dest: Path, progress: Progress) -> None:
+    """tar -xJ, fed through Python so that the bar follows the compressed bytes read."""
+    dest.mkdir(parents=True, exist_ok=True)
+    task = progress.add_task(f"unpack {tarball.name}", total=tarball.stat().st_size)
+    tar = subprocess.Popen(["tar", "-xJf", "-", "-C", str(dest)], stdin=subprocess.PIPE)
+    assert tar.stdin is not None
+    with open(tarball, "rb") as f:
+        while chunk := f.read(1 << 20):
+            tar.stdin.write(chunk)
+            progress.advance(task, len(chunk))
+    tar.stdin.close()
+    if tar.wait() != 0:
+        raise LivespliceError(f"unpacking {tarball} failed")
+
+
+def _fix_headers_links(root: Path, kernel: StockKernel) -> None:
+    """Debian's headers point at /usr/lib/linux-kbuild-6.1 and ../linux-headers-*-common with
+    absolute links; re-aim those into this unpacked copy so kbuild works from the cache."""
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            target = os.readlink(path)
+            if target.startswith("/"):
+                inside = root / target.lstrip("/")
+                path.unlink()
+                path.symlink_to(inside)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+
+
+def fetch_kernel(abi: str, with_source: bool = True) -> KernelFiles:
+    """Download and unpack a stock kernel's image, headers and (optionally) source. Idempotent."""
+    files = kernel_files(abi)
+    kernel = files.kernel
+    debs = cache_root() / "debs"
+    with _progress() as progress:
+        if not (files.root / ".complete").exists():
+            deb = _download(_apt_uri(f"{kernel.image_package}={kernel.version}"), debs, progress)
+            shutil.rmtree(files.root, ignore_errors=True)
+            _unpack_deb(deb, files.root)
+            # modules.dep for the unpacked tree, so initramfs building can follow dependencies.
+            subprocess.run(["depmod", "-b", str(files.root), kernel.abi], check=True)
+            (files.root / ".complete").touch()
+
+        hroot = headers_root(kernel)
+        if not (hroot / ".complete").exists():
+            specs = [f"linux-headers-{kernel.abi}={kernel.version}",
+                     f"linux-headers-{kernel.abi_number}-common={kernel.version}",
+                     "linux-kbuild-6.1"]  # host tools: any version >= the kernel's will do
+            pkgs = [_download(_apt_uri(s), debs, progress) for s in specs]
+            shutil.rmtree(hroot, ignore_errors=True)
+            for deb in pkgs:
+                _unpack_deb(deb, hroot)
+            _fix_headers_links(hroot, kernel)
+            (hroot / ".complete").touch()
+
+        sroot = source_root(kernel.version)
+        if with_source and not (sroot / ".complete").exists():
+            deb = _download(_apt_uri(f"{SOURCE_PACKAGE}={kernel.version}"), debs, progress)
+            shutil.rmtree(sroot, ignore_errors=True)
+            unpacked = sroot / "deb"
+            _unpack_deb(deb, unpacked)
+            _unpack_tarball(unpacked / "usr" / "src" / "linux-source-6.1.tar.xz", sroot, progress)
+            shutil.rmtree(unpacked)
+            (sroot / ".complete").touch()
+    return files

@@ -1,0 +1,36 @@
+"""Errors that map onto livesplice's exit statuses, the same for every command.
+
+0 done, 1 internal error, 2 bad input, 3 refused by a safety check, 4 nothing to do.
+"""
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_REFUSED = 3
+EXIT_NOTHING = 4
+
+
+class LivespliceError(Exception):
+    """Base class; `exit_status` says how the CLI ends."""
+
+    exit_status = EXIT_INTERNAL
+
+
+class BadInput(LivespliceError):
+    """The user asked for something that cannot be done as asked (or the host lacks a tool)."""
+
+    exit_status = EXIT_BAD_INPUT
+
+
+class Refused(LivespliceError):
+    """A safety check said no. `reasons` lists every reason found."""
+
+    exit_status = EXIT_REFUSED
+
+    def __init__(self, message: str, reasons: list[str] | None = None):
+        super().__init__(message)
+        self.reasons = list(reasons or [])
+
+
+class NothingToDo(LivespliceError):
+    exit_status = EXIT_NOTHING
