@@ -218,7 +218,7 @@ def _fix_headers_links(root: Path, kernel: StockKernel) -> None:
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+                    TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
 
 
 def fetch_kernel(abi: str, with_source: bool = True) -> KernelFiles:

@@ -1,0 +1,37 @@
+"""Shared fixtures. The test bed is real: a stock Debian kernel under QEMU, fetched on first use."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from livesplice import debian
+from livesplice.testbed import Session
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def stock_kernel() -> debian.KernelFiles:
+    return debian.fetch_kernel(debian.DEFAULT_KERNEL)
+
+
+@pytest.fixture(scope="module")
+def vm(stock_kernel, tmp_path_factory):
+    """One booted guest per test module; `vm.exchange` is a directory both sides can write."""
+    exchange = tmp_path_factory.mktemp("exchange")
+    with Session(kernel=stock_kernel.kernel.abi, rwdirs=[str(exchange)]) as session:
+        session.exchange = exchange
+        yield session
+        problems = session.dmesg_problems()
+    assert not problems, "kernel log reports problems:\n" + "\n".join(problems)
+
+
+def livesplice_cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (),
+                   timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([*prefix, sys.executable, "-m", "livesplice", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=REPO)

@@ -1,0 +1,90 @@
+"""The VM test bed against the real stock Debian kernel (6.1.0-53-amd64) under QEMU/TCG."""
+
+import os
+import tempfile
+
+import pytest
+
+from livesplice import debian
+from livesplice.errors import BadInput
+from livesplice.testbed import CommandTimeout, GuestPanic, Session
+from conftest import livesplice_cli
+
+
+def test_uname_and_kallsyms(vm):
+    assert vm.run(["uname", "-r"], check=True).out.strip() == debian.DEFAULT_KERNEL
+    assert vm.run(["id", "-u"], check=True).out.strip() == "0"
+    lines = vm.run(["grep", " version_proc_show$", "/proc/kallsyms"], check=True).out.split()
+    assert int(lines[0], 16) != 0 and lines[2] == "version_proc_show"
+
+
+def test_many_commands_one_session(vm):
+    for i in range(5):
+        assert vm.run(["sh", "-c", f"echo {i}"], check=True).out == f"{i}\n"
+
+
+def test_output_and_status_come_back_exactly(vm):
+    result = vm.run("printf 'a\\0b\\n'; printf 'oops' >&2; exit 42")
+    assert (result.status, result.stdout, result.stderr) == (42, b"a\0b\n", b"oops")
+    assert vm.run(["false"]).status == 1
+    big = vm.run("head -c 3000000 /dev/zero | tr '\\0' x")
+    assert big.stdout == b"x" * 3_000_000
+
+
+def test_guest_writes_reach_host_only_through_rwdir(vm):
+    vm.run(["sh", "-c", f"echo hello > {vm.exchange}/f"], check=True)
+    assert (vm.exchange / "f").read_text() == "hello\n"
+    # The rest of the host is an overlay (the guest's /tmp is its own tmpfs, so use the cache).
+    debian.cache_root().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=debian.cache_root()) as host_dir:
+        vm.run(["sh", "-c", f"echo nope > {host_dir}/g"], check=True)
+        assert not os.path.exists(f"{host_dir}/g")
+
+
+def test_timeout_is_reported_and_session_survives(vm):
+    with pytest.raises(CommandTimeout) as info:
+        vm.run("echo started; sleep 30", timeout=1)
+    assert info.value.stdout == b"started\n"
+    assert vm.run(["echo", "still here"], check=True).out == "still here\n"
+
+
+def test_panic_is_detected_with_console(stock_kernel):
+    with Session(kernel=stock_kernel.kernel.abi) as session:
+        with pytest.raises(GuestPanic) as info:
+            session.run("echo c > /proc/sysrq-trigger", timeout=60)
+    assert "Kernel panic" in info.value.console
+    assert "sysrq" in info.value.console.lower()
+
+
+def test_cli_run_passes_output_and_status(stock_kernel):
+    proc = livesplice_cli("vm", "run", "--", "sh", "-c", "uname -r; echo e >&2; exit 5")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == debian.DEFAULT_KERNEL + "\n"
+    assert proc.stderr == "e\n"
+
+
+def test_cli_unknown_kernel():
+    proc = livesplice_cli("vm", "run", "--kernel", "5.10.0-1-amd64", "--", "true")
+    assert proc.returncode == 2
+    assert "unknown kernel '5.10.0-1-amd64'" in proc.stderr
+    for abi in debian.KNOWN_KERNELS:
+        assert abi in proc.stderr
+    assert livesplice_cli("vm", "fetch", "--kernel", "nope").returncode == 2
+
+
+def test_cli_missing_qemu(stock_kernel):
+    proc = livesplice_cli("vm", "run", "--", "true", env={"LIVESPLICE_QEMU": "/nonexistent/qemu"})
+    assert proc.returncode == 2
+    assert "QEMU not found" in proc.stderr
+
+
+def test_cli_not_root(stock_kernel):
+    # A user namespace without mappings: the same files, but the process is no longer root.
+    proc = livesplice_cli("vm", "run", "--", "true", prefix=("unshare", "--user"))
+    assert proc.returncode == 2
+    assert "must run as root" in proc.stderr
+
+
+def test_session_api_checks_kernel_name():
+    with pytest.raises(BadInput):
+        Session(kernel="no-such-kernel").start()
