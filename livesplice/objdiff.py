@@ -1,0 +1,272 @@
+"""The object diff: which functions of a pre/post object pair changed, and what cannot change live.
+
+Two functions are the same when their bytes are equal once relocation fields are masked, and their
+relocations agree in type, offset, target and addend, with targets named by symbol (see
+`elfmodel.Target`) and compiler-numbered names (`.isra.N`, `.constprop.N`, `.part.N`, `.cold`,
+`name.N` static locals) correlated between the two builds. The entries the kernel's tables hold for a
+function (alternatives, jump labels, exception fixups, ...) are part of what is compared.
+A difference only in the `__LINE__` immediates passed to might_sleep() and friends is not a change.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .elfmodel import CODE_TABLES, Item, ObjectFile, Target, base_name, fentry_offset
+
+# Sections whose functions livesplice does not redirect, with why.
+UNREDIRECTABLE_SECTIONS = {
+    ".noinstr.text": "noinstr code (entry/idle paths where no instrumentation may run)",
+    ".entry.text": "entry code",
+    ".head.text": "early boot code",
+    ".cpuidle.text": "idle code that runs with RCU not watching",
+}
+INIT_SECTION_PREFIXES = (".init.", ".meminit.", ".cpuinit.", ".head.")
+EXIT_SECTION_PREFIXES = (".exit.",)
+# Functions that take (file, line, ...) so that a patch shifting lines changes only an immediate.
+LINE_TAKING_FUNCTIONS = {"__might_sleep", "__might_resched", "__might_fault", "__cant_sleep",
+                         "__cant_migrate", "__might_resched_precision", "lockdep_rcu_suspicious",
+                         "__warn_printk", "warn_slowpath_fmt", "__mmiowb_spin_unlock"}
+JUMP_SIZE = 5  # jmp rel32
+
+
+@dataclass
+class FunctionChange:
+    name: str  # in the post object
+    pre_name: str | None  # None for a new function
+    section: str
+    size: int
+    pre_size: int = 0
+    parts: list[str] = field(default_factory=list)  # .cold parts that go with it
+
+
+@dataclass
+class ObjectDiff:
+    object: str
+    changed: list[FunctionChange] = field(default_factory=list)
+    new: list[FunctionChange] = field(default_factory=list)
+    new_data: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    line_only: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # post name -> pre name, correlated
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.changed or self.new)
+
+
+def _section_kind(name: str) -> str:
+    if name.startswith(INIT_SECTION_PREFIXES):
+        return "init"
+    if name.startswith(EXIT_SECTION_PREFIXES):
+        return "exit"
+    return "normal"
+
+
+def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
+    """Map post item names to pre item names: equal names first, then compiler-numbered names
+    (foo.isra.0, rs.12, __func__.3) by base name, by equal contents, then by order."""
+    mapping: dict[str, str] = {}
+    pre_by_base: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    post_by_base: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    pre_names = {i.name for i in pre.items}
+    for item in pre.items:
+        pre_by_base[(item.symbol.type, base_name(item.name))].append(item)
+    for item in post.items:
+        if item.name in pre_names and base_name(item.name) == item.name:
+            mapping[item.name] = item.name
+        else:
+            post_by_base[(item.symbol.type, base_name(item.name))].append(item)
+    for key, posts in post_by_base.items():
+        pres = [i for i in pre_by_base.get(key, []) if i.name not in mapping.values()]
+        # Equal contents first (string constants such as __func__.N, static locals' initial values).
+        for item in list(posts):
+            same = [p for p in pres if p.data == item.data and p.size == item.size]
+            if len(same) == 1 or (same and same[0].name == item.name):
+                mapping[item.name] = same[0].name
+                pres.remove(same[0])
+                posts.remove(item)
+        for item in list(posts):  # then the same name, then symbol-table order
+            exact = [p for p in pres if p.name == item.name]
+            if exact:
+                mapping[item.name] = exact[0].name
+                pres.remove(exact[0])
+                posts.remove(item)
+        for item, p in zip(posts, pres):
+            mapping[item.name] = p.name
+    return mapping
+
+
+def signature(obj: ObjectFile, item: Item, rename) -> tuple[bytes, list[tuple]]:
+    """The item's bytes with relocation fields zeroed, and its relocations (plus the entries of
+    the kernel's tables that point into it) as comparable tuples."""
+    data = bytearray(item.data)
+    relocs: list[tuple] = []
+    for r in item.relocs:
+        off = r.offset - item.start
+        data[off:off + r.width] = bytes(r.width)
+        relocs.append((off, r.type, *_norm(obj.target(r), rename)))
+    for table, (entry, _) in CODE_TABLES.items():
+        if table in ("__mcount_loc", ".orc_unwind_ip", "__bug_table"):
+            continue  # say nothing the code does not already say (__bug_table holds __LINE__)
+        sec = obj.section(table)
+        if sec is None:
+            continue
+        for site_sec, site_off, idx in obj.sites(table, entry):
+            if site_sec is item.section and item.start <= site_off < item.start + item.size:
+                fields = []
+                for r in sec.relocs_in(idx * entry, (idx + 1) * entry):
+                    t = obj.target(r)
+                    if t.kind == "sym" and t.name == item.name:  # self reference: keep the offset
+                        fields.append((r.offset % entry, "self", t.offset))
+                    else:
+                        fields.append((r.offset % entry, *_norm(t, rename)))
+                raw = sec.data[idx * entry:(idx + 1) * entry]
+                if table == ".altinstructions":
+                    fields.append(("alt", raw[8:12], _alt_replacement(obj, sec, idx)))
+                relocs.append((table, site_off - item.start, tuple(fields)))
+    return bytes(data), relocs
+
+
+def _alt_replacement(obj: ObjectFile, alt, idx: int) -> bytes:
+    for r in alt.relocs_in(idx * 12 + 4, idx * 12 + 5):
+        sec = r.symbol.section
+        if sec is not None:
+            # The field is PC-relative to itself, so the replacement starts at S + A.
+            start = r.symbol.value + r.addend
+            length = alt.data[idx * 12 + 11]
+            return bytes(sec.data[start:start + length])
+    return b""
+
+
+def _norm(target: Target, rename) -> tuple:
+    if target.kind == "sym":
+        return ("sym", rename(target.name), target.offset)
+    return (target.kind, target.name, target.offset)
+
+
+def _only_line_numbers_differ(pre: ObjectFile, pre_item: Item, post: ObjectFile, post_item: Item,
+                              pre_sig, post_sig) -> bool:
+    """True when the code differs only in 32-bit immediates loaded right before a call to a
+    function that takes (file, line): a patch that moved lines, nothing else."""
+    if pre_sig[1] != post_sig[1] or len(pre_sig[0]) != len(post_sig[0]):
+        return False
+    try:
+        from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    except ImportError:
+        return False
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    a = list(md.disasm(pre_sig[0], 0))
+    b = list(md.disasm(post_sig[0], 0))
+    if len(a) != len(b):
+        return False
+    calls = {r.offset - post_item.start: post.target(r) for r in post_item.relocs}
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.bytes == y.bytes:
+            continue
+        if x.mnemonic != "mov" or y.mnemonic != "mov" or x.size != y.size \
+                or x.op_str.split(",")[-1] != y.op_str.split(",")[-1] or not x.op_str.startswith("0x"):
+            return False
+        # The next call (within a few instructions) must go to a line-taking function.
+        for z in b[i + 1:i + 6]:
+            if z.mnemonic == "call":
+                target = calls.get(z.address + 1)
+                if target is None or base_name(target.name) not in LINE_TAKING_FUNCTIONS:
+                    return False
+                break
+        else:
+            return False
+    return True
+
+
+def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
+    diff = ObjectDiff(name)
+    names = correlate(pre, post)
+    diff.names = names
+    pre_funcs, post_funcs = pre.functions, post.functions
+
+    post_items = {i.name for i in post.items}
+
+    def rename_post(n: str) -> str:  # undefined symbols keep their names
+        return names.get(n, "new:" + n) if n in post_items else n
+
+    def same_name(n: str) -> str:
+        return n
+
+    changed_units: dict[str, set[str]] = {}  # unit (parent function) -> changed members
+    for fname, item in post_funcs.items():
+        pre_name = names.get(fname)
+        kind = _section_kind(item.section.name)
+        if pre_name is None or pre_name not in pre_funcs:
+            if kind == "normal":
+                diff.new.append(FunctionChange(fname, None, item.section.name, item.size))
+            continue
+        pre_item = pre_funcs[pre_name]
+        pre_sig = signature(pre, pre_item, same_name)
+        post_sig = signature(post, item, rename_post)
+        if pre_sig == post_sig:
+            continue
+        if _only_line_numbers_differ(pre, pre_item, post, item, pre_sig, post_sig):
+            diff.line_only.append(fname)
+            continue
+        if kind == "init":
+            diff.refusals.append(f"{name}: changed __init function {fname} ({item.section.name}): "
+                                 "init code has already run and cannot be updated live")
+            continue
+        if kind == "exit":
+            diff.notes.append(f"{fname}: changed exit code, discarded in a built-in kernel")
+            continue
+        parent = fname[:-len(".cold")] if fname.endswith(".cold") else fname
+        changed_units.setdefault(parent, set()).add(fname)
+
+    for parent, members in sorted(changed_units.items()):
+        item = post_funcs.get(parent)
+        pre_name = names.get(parent)
+        if item is None or pre_name not in pre_funcs:
+            diff.refusals.append(f"{name}: {', '.join(sorted(members))} changed but its parent "
+                                 f"function {parent} is not in both objects")
+            continue
+        pre_item = pre_funcs[pre_name]
+        reason = _unredirectable(pre, pre_item)
+        if reason:
+            diff.refusals.append(f"{name}: cannot redirect changed function {parent}: {reason}")
+            continue
+        parts = [n for n in (parent + ".cold",) if n in post_funcs]
+        diff.changed.append(FunctionChange(parent, pre_name, item.section.name, item.size,
+                                           pre_item.size, parts))
+    # A .cold part whose parent is new goes with its parent.
+    new_names = {c.name for c in diff.new}
+    for c in list(diff.new):
+        if c.name.endswith(".cold") and c.name[:-5] in new_names:
+            diff.new.remove(c)
+            next(n for n in diff.new if n.name == c.name[:-5]).parts.append(c.name)
+    # Parts of changed functions are carried with them, never redirected on their own.
+    for c in diff.changed:
+        diff.new = [n for n in diff.new if n.name not in c.parts]
+
+    for dname, item in post.data_objects.items():
+        pre_name = names.get(dname)
+        if pre_name is None or pre_name not in pre.data_objects:
+            diff.new_data.append(dname)
+            continue
+        pre_item = pre.data_objects[pre_name]
+        if signature(pre, pre_item, same_name) == signature(post, item, rename_post):
+            continue
+        what = (f"size {pre_item.size} -> {item.size}" if pre_item.size != item.size
+                else "contents differ")
+        diff.refusals.append(f"{name}: changed data object {dname} in {item.section.name} "
+                             f"({what}): live data cannot be rewritten safely")
+    return diff
+
+
+def _unredirectable(obj: ObjectFile, item: Item) -> str | None:
+    for prefix, why in UNREDIRECTABLE_SECTIONS.items():
+        if item.section.name.startswith(prefix):
+            return why
+    fentry = fentry_offset(obj, item)
+    room = item.size - ((fentry + 5) if fentry == 0 else 0)
+    if room < JUMP_SIZE:
+        return f"{item.size} bytes leave no room for a {JUMP_SIZE}-byte jump after its fentry site"
+    return None
