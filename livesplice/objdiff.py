@@ -166,8 +166,8 @@ def _only_line_numbers_differ(pre: ObjectFile, pre_item: Item, post: ObjectFile,
     for i, (x, y) in enumerate(zip(a, b)):
         if x.bytes == y.bytes:
             continue
-        if x.mnemonic != "mov" or y.mnemonic != "mov" or x.size != y.size \
-                or x.op_str.split(",")[-1] != y.op_str.split(",")[-1] or not x.op_str.startswith("0x"):
+        if not (_is_mov_imm(x) and _is_mov_imm(y) and x.size == y.size
+                and x.op_str.split(",")[0] == y.op_str.split(",")[0]):
             return False
         # The next call (within a few instructions) must go to a line-taking function.
         for z in b[i + 1:i + 6]:
@@ -179,6 +179,18 @@ def _only_line_numbers_differ(pre: ObjectFile, pre_item: Item, post: ObjectFile,
         else:
             return False
     return True
+
+
+def _is_mov_imm(insn) -> bool:
+    """`mov reg, imm` (capstone's Intel syntax)."""
+    if insn.mnemonic != "mov":
+        return False
+    operands = [o.strip() for o in insn.op_str.split(",")]
+    try:
+        int(operands[1], 0)
+    except (IndexError, ValueError):
+        return False
+    return "[" not in operands[0]
 
 
 def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
