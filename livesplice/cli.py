@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__, debian
-from .errors import EXIT_INTERNAL, LivespliceError
+from .errors import EXIT_INTERNAL, BadInput, LivespliceError
 
 err_console = Console(stderr=True)
 
 
 def fail(exc: LivespliceError) -> None:
-    err_console.print(f"[bold red]livesplice:[/] {exc}", highlight=False)
+    err_console.print(f"[bold red]livesplice:[/] {escape(str(exc))}", highlight=False)
     for reason in getattr(exc, "reasons", []):
-        err_console.print(f"  - {reason}", highlight=False)
+        err_console.print(f"  - {escape(reason)}", highlight=False)
     console = getattr(exc, "console", "")
     if console:
         err_console.print("--- guest console (last lines) ---", highlight=False)
@@ -37,7 +40,8 @@ class LivespliceGroup(click.Group):
         except KeyboardInterrupt:
             sys.exit(130)
         except Exception as exc:  # an internal error: say so plainly, keep the traceback available
-            err_console.print(f"[bold red]livesplice: internal error:[/] {exc!r}", highlight=False)
+            err_console.print(f"[bold red]livesplice: internal error:[/] {escape(repr(exc))}",
+                              highlight=False)
             if "--debug" in sys.argv or __import__("os").environ.get("LIVESPLICE_DEBUG"):
                 raise
             sys.exit(EXIT_INTERNAL)
@@ -96,6 +100,104 @@ def vm_run(kernel: str, cpus: int, memory: str, rwdirs: tuple[str, ...], timeout
     sys.stderr.buffer.write(result.stderr)
     sys.stdout.flush()
     sys.exit(result.status)
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@main.command("create")
+@click.option("--source", type=click.Path(path_type=Path), help="The running kernel's source tree.")
+@click.option("--debian-version", help="Fetch linux-source-6.1 of this Debian version instead.")
+@click.option("--config", type=click.Path(path_type=Path), help="Kernel config [default: the tree's "
+              ".config; with --debian-version, the stock image's config].")
+@click.option("--patch", "patch_file", type=click.Path(path_type=Path), help="A unified diff (-p1).")
+@click.option("--diffext", help="Take FILE.c's new contents from FILE.c+EXT.")
+@click.option("--id", "update_id", help="Update id [default: from the patch's hash].")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Package file to write.")
+@click.option("--target", "target_abi", help="Stock kernel the update is for [default: the one "
+              "whose config this is].")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine summary on stdout.")
+@click.option("-j", "jobs", type=click.IntRange(1, 256), help="Parallel compile jobs.")
+def create_cmd(source, debian_version, config, patch_file, diffext, update_id, output, target_abi,
+               as_json, jobs) -> None:
+    """Build an update package from a source patch (pre/post object code comparison)."""
+    from .build import diffext_patch
+    from .create import create
+
+    if (source is None) == (debian_version is None):
+        raise BadInput("give exactly one of --source DIR and --debian-version VERSION")
+    if (patch_file is None) == (diffext is None):
+        raise BadInput("give exactly one of --patch FILE and --diffext EXT")
+    if debian_version:
+        kernel = debian.kernel_for_source_version(debian_version)
+        files = debian.fetch_kernel(kernel.abi)
+        source = files.source_tree
+        config = config or files.config
+        target_abi = target_abi or kernel.abi
+    if not source.is_dir():
+        raise BadInput(f"source tree {source} does not exist")
+    config = config or source / ".config"
+    if patch_file is not None:
+        if not patch_file.is_file():
+            raise BadInput(f"patch file {patch_file} not found")
+        patch = patch_file.read_text(errors="replace")
+    else:
+        patch = diffext_patch(source, diffext)
+    if target_abi:
+        debian.lookup_kernel(target_abi)
+    result = create(source, config, patch, update_id, output, jobs, target_abi, debian_version)
+    if as_json:
+        _print_json(summary(result.package.manifest, str(result.path)))
+    else:
+        show_package(result.package.manifest)
+        click.echo(f"wrote {result.path} ({result.timings['total']:.1f} s)")
+
+
+def summary(manifest: dict, path: str | None = None) -> dict:
+    out = {k: manifest[k] for k in ("id", "target", "replaced", "new", "line_only", "notes")}
+    out["module"] = manifest["module"]["name"]
+    out["kernel_refs"] = len(manifest.get("kernel_refs", []))
+    if "timings" in manifest:
+        out["timings"] = manifest["timings"]
+    if path:
+        out["package"] = path
+    return out
+
+
+def show_package(manifest: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"update {manifest['id']} for {manifest['target']['release']}")
+    table.add_column("object")
+    table.add_column("function")
+    table.add_column("change")
+    table.add_column("size", justify="right")
+    for r in manifest["replaced"]:
+        extra = f" (+{', '.join(r['parts'])})" if r["parts"] else ""
+        table.add_row(r["object"], r["name"] + extra, "replaced", f"{r['size']} -> {r['new_size']}")
+    for n in manifest["new"]:
+        table.add_row(n["object"], n["name"], "new", str(n["size"]))
+    Console().print(table)
+
+
+@main.command("view")
+@click.argument("what", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def view_cmd(what: str | None, as_json: bool) -> None:
+    """Show what an update package would replace (or, with no argument, what is applied)."""
+    from .package import Package
+
+    if what is None or not Path(what).exists():
+        raise BadInput("view needs an update package file (applied updates come with `apply`)")
+    package = Package.read(what)
+    if as_json:
+        data = summary(package.manifest, what)
+        data["patch"] = package.manifest["patch"]
+        _print_json(data)
+    else:
+        show_package(package.manifest)
+        click.echo(package.manifest["patch"])
 
 
 if __name__ == "__main__":

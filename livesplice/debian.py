@@ -205,8 +205,11 @@ def _unpack_tarball(tarball: Path, dest: Path, progress: Progress) -> None:
 
 
 def _fix_headers_links(root: Path, kernel: StockKernel) -> None:
-    """Debian's headers point at /usr/lib/linux-kbuild-6.1 and ../linux-headers-*-common with
-    absolute links; re-aim those into this unpacked copy so kbuild works from the cache."""
+    """Debian's headers point at /usr/lib/linux-kbuild-6.1 and /usr/src/linux-headers-*-common with
+    absolute links and an absolute include; re-aim those into this unpacked copy."""
+    for makefile in (root / "usr" / "src").glob("linux-headers-*/Makefile"):
+        text = makefile.read_text()
+        makefile.write_text(text.replace("include /usr/src/", f"include {root}/usr/src/"))
     for path in root.rglob("*"):
         if path.is_symlink():
             target = os.readlink(path)
@@ -257,3 +260,14 @@ def fetch_kernel(abi: str, with_source: bool = True) -> KernelFiles:
             shutil.rmtree(unpacked)
             (sroot / ".complete").touch()
     return files
+
+
+def image_version(vmlinuz: Path) -> str:
+    """The version banner a bzImage carries in its setup header (boot protocol: kernel_version),
+    e.g. '6.1.0-53-amd64 (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC Debian 6.1.187-1
+    (2025-...)': /proc/version of that kernel holds the same release, builder and version."""
+    data = vmlinuz.read_bytes()[:0x10000]
+    if data[0x202:0x206] != b"HdrS":
+        raise LivespliceError(f"{vmlinuz} is not a bzImage")
+    pointer = int.from_bytes(data[0x20E:0x210], "little") + 0x200
+    return data[pointer:data.index(b"\0", pointer)].decode(errors="replace")

@@ -1,0 +1,238 @@
+"""The new code: the changed and new functions of the post objects, as a kernel module.
+
+Each function (with its .cold part) is copied into a section of its own in a fresh relocatable
+object, together with the new data and string literals it uses and its entries in the kernel's
+tables (alternatives, jump labels, exception fixups, bug table, ORC, __mcount_loc, ...), which the
+module loader then processes as for any module. Every reference to something that already exists
+in the running kernel becomes an undefined placeholder symbol, `__livesplice_sym_N`, that `apply`
+turns into the address run-pre matching found. kbuild links that object with a small stub into a
+module against the target kernel's headers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elftools.elf.constants import SH_FLAGS
+
+from .elfmodel import (CODE_TABLES, ORC_ENTRY_SIZE, ElfWriter, Item, ObjectFile, OutSection,
+                       OutSymbol, Reloc, Section)
+from .errors import LivespliceError, Refused
+
+PLACEHOLDER_PREFIX = "__livesplice_sym_"
+TABLES = {k: v for k, v in CODE_TABLES.items() if k not in ("__tracepoints_ptrs", ".ibt_endbr_seal")}
+
+
+@dataclass
+class KernelRef:
+    """A placeholder: something the new code uses that the running kernel already has."""
+
+    placeholder: str
+    name: str  # its name in the pre object (= in the running kernel's kallsyms)
+    object: str  # the object it comes from (for local symbols), or "" for undefined ones
+    local: bool
+    kind: str  # func, object or notype
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class NewCode:
+    writer: ElfWriter = field(default_factory=ElfWriter)
+    refs: dict[tuple[str, str], KernelRef] = field(default_factory=dict)
+    functions: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)  # (object, name)
+    data: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
+    strings: dict[str, OutSymbol] = field(default_factory=dict)
+    copied_sections: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
+    tables: dict[str, OutSection] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    _strsec: OutSection | None = None
+
+    def ref(self, name: str, obj: str, local: bool, kind: str) -> OutSymbol:
+        key = (obj if local else "", name)
+        if key not in self.refs:
+            placeholder = f"{PLACEHOLDER_PREFIX}{len(self.refs)}"
+            self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind)
+            self.writer.add_symbol(OutSymbol(placeholder, None))
+        placeholder = self.refs[key].placeholder
+        return next(s for s in self.writer.symbols if s.name == placeholder)
+
+    def string(self, text: str) -> OutSymbol:
+        if text not in self.strings:
+            if self._strsec is None:
+                self._strsec = self.writer.add_section(OutSection(
+                    ".rodata.livesplice.str", bytearray(), SH_FLAGS.SHF_ALLOC, align=1))
+            sec = self._strsec
+            sym = OutSymbol(f"__livesplice_str_{len(self.strings)}", sec, len(sec.data),
+                            len(text) + 1, "STT_OBJECT", "STB_LOCAL")
+            sec.data.extend(text.encode("latin-1") + b"\0")
+            self.writer.add_symbol(sym)
+            self.strings[text] = sym
+        return self.strings[text]
+
+
+class Extractor:
+    """Copies what the update needs out of one post object into a NewCode."""
+
+    def __init__(self, code: NewCode, objname: str, post: ObjectFile, names: dict[str, str],
+                 included: set[str]):
+        self.code, self.objname, self.post, self.names = code, objname, post, names
+        self.included = included  # post function names that become new code
+
+    def add_function(self, item: Item) -> OutSymbol:
+        key = (self.objname, item.name)
+        if key in self.code.functions:
+            return self.code.functions[key]
+        secname = ".text.livesplice." + re.sub(r"[^A-Za-z0-9_.]", "_", item.name)
+        sec = self.code.writer.add_section(OutSection(
+            secname, bytearray(item.data), SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR,
+            align=max(item.section.addralign, 16)))
+        sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_FUNC",
+                                                    "STB_LOCAL"))
+        self.code.functions[key] = sym
+        for r in item.relocs:
+            self._relocate(sec, r.offset - item.start, r)
+        self._tables(item, sym)
+        return sym
+
+    def _relocate(self, out: OutSection, offset: int, r: Reloc) -> None:
+        sym, addend = self._resolve(r)
+        out.relocs.append((offset, r.type, sym, addend))
+
+    def _resolve(self, r: Reloc) -> tuple[OutSymbol, int]:
+        """The output symbol and addend for a relocation of the post object."""
+        target = self.post.target(r)
+        s = r.symbol
+        if target.kind == "str":
+            return self.code.string(target.name), target.offset
+        if target.kind == "sec":
+            return self._copy_section(s.section), s.value + r.addend
+        # A named item: new code of ours, new data of ours, or something the kernel has.
+        name, offset = target.name, target.offset
+        functions = self.post.functions
+        if name in functions and name in self.included:
+            return self.add_function(functions[name]), offset
+        data = self.post.data_objects.get(name)
+        if data is not None and name not in self.names:
+            return self._add_data(data), offset
+        if name in functions and name not in self.names:
+            # A post-only function that is not part of the update: carry it along too.
+            self.included.add(name)
+            return self.add_function(functions[name]), offset
+        kernel_name = self.names.get(name, name)
+        item = functions.get(name) or self.post.data_objects.get(name)
+        sym = item.symbol if item is not None else s
+        kind = {"STT_FUNC": "func", "STT_OBJECT": "object"}.get(sym.type, "notype")
+        local = sym.bind == "STB_LOCAL"
+        return self.code.ref(kernel_name, self.objname, local, kind), offset
+
+    def _add_data(self, item: Item) -> OutSymbol:
+        key = (self.objname, item.name)
+        if key in self.code.data:
+            return self.code.data[key]
+        flags = item.section.flags & (SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_WRITE)
+        nobits = item.section.type == "SHT_NOBITS"
+        prefix = ".bss" if nobits else ".data" if flags & SH_FLAGS.SHF_WRITE else ".rodata"
+        sec = self.code.writer.add_section(OutSection(
+            f"{prefix}.livesplice.{item.name}", bytearray(item.data), flags,
+            align=max(item.section.addralign, 1), type="SHT_NOBITS" if nobits else "SHT_PROGBITS"))
+        sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_OBJECT",
+                                                    "STB_LOCAL"))
+        self.code.data[key] = sym
+        for r in item.relocs:
+            self._relocate(sec, r.offset - item.start, r)
+        return sym
+
+    def _copy_section(self, section: Section | None) -> OutSymbol:
+        """A section without named items (e.g. .altinstr_replacement, an unsplit .rodata)."""
+        assert section is not None
+        key = (self.objname, section.name)
+        if key in self.code.copied_sections:
+            return self.code.copied_sections[key]
+        if section.flags & SH_FLAGS.SHF_WRITE:
+            self.code.problems.append(
+                f"{self.objname}: new code refers to anonymous writable data in {section.name}")
+        sec = self.code.writer.add_section(OutSection(
+            f"{section.name}.livesplice.{len(self.code.copied_sections)}", bytearray(section.data),
+            section.flags & (SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR | SH_FLAGS.SHF_WRITE),
+            align=max(section.addralign, 1)))
+        sym = self.code.writer.add_symbol(OutSymbol(f"__livesplice_sec_{len(self.code.copied_sections)}",
+                                                    sec, 0, 0, "STT_NOTYPE", "STB_LOCAL"))
+        self.code.copied_sections[key] = sym
+        for r in section.relocs:
+            self._relocate(sec, r.offset, r)
+        return sym
+
+    def _tables(self, item: Item, sym: OutSymbol) -> None:
+        """Copy the table entries that describe this function's code into the module's tables."""
+        post = self.post
+        for table, (entry, site_field) in TABLES.items():
+            sec = post.section(table)
+            if sec is None:
+                continue
+            for site_sec, site_off, idx in post.sites(table, entry, site_field):
+                if site_sec is not item.section or not item.start <= site_off < item.start + item.size:
+                    continue
+                out = self._table(table, sec)
+                base = len(out.data)
+                out.data.extend(sec.data[idx * entry:(idx + 1) * entry])
+                for r in sec.relocs_in(idx * entry, (idx + 1) * entry):
+                    field_off = base + r.offset - idx * entry
+                    pos = r.symbol.value + r.addend
+                    if r.symbol.section is item.section and \
+                            item.start <= pos <= item.start + item.size:
+                        out.relocs.append((field_off, r.type, sym, pos - item.start))
+                    else:
+                        self._relocate(out, field_off, r)
+                if table == ".orc_unwind_ip":
+                    orc = post.section(".orc_unwind")
+                    if orc is not None:
+                        self._table(".orc_unwind", orc).data.extend(
+                            orc.data[idx * ORC_ENTRY_SIZE:(idx + 1) * ORC_ENTRY_SIZE])
+
+    def _table(self, name: str, like: Section) -> OutSection:
+        if name not in self.code.tables:
+            self.code.tables[name] = self.code.writer.add_section(OutSection(
+                name, bytearray(), like.flags & (SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_WRITE),
+                align=max(like.addralign, 1)))
+        return self.code.tables[name]
+
+
+STUB_C = """// livesplice update {id}: the new code. Generated; the code itself is in livesplice_new.o.
+#include <linux/module.h>
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("livesplice update {id}: replacement kernel functions");
+MODULE_INFO(livesplice_update, "{id}");
+"""
+
+
+def build_module(code: NewCode, module_name: str, update_id: str, headers: Path, workdir: Path,
+                 jobs: int = 2) -> Path:
+    """Link the new code into MODULE_NAME.ko with kbuild, against the kernel headers."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    code.writer.write(workdir / "livesplice_new.o_shipped")
+    # modpost reads each object's .cmd file (for srcversion); a generated object has no sources.
+    (workdir / ".livesplice_new.o.cmd").write_text("cmd_livesplice_new.o := livesplice\n")
+    (workdir / "livesplice_stub.c").write_text(STUB_C.format(id=update_id))
+    (workdir / "Makefile").write_text(
+        f"obj-m := {module_name}.o\n{module_name}-y := livesplice_stub.o livesplice_new.o\n")
+    proc = subprocess.run(["make", "-C", str(headers), f"M={workdir}", f"-j{jobs}",
+                           "KBUILD_MODPOST_WARN=1", "modules"], capture_output=True, text=True)
+    ko = workdir / f"{module_name}.ko"
+    if proc.returncode != 0 or not ko.exists():
+        raise LivespliceError("building the update module failed:\n"
+                              + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
+    return ko
+
+
+def check_problems(code: NewCode) -> None:
+    if code.problems:
+        raise Refused("the new code cannot be packaged safely", code.problems)
