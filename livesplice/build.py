@@ -38,6 +38,11 @@ MIRROR_EXCLUDES = [".config", ".config.old", "/include/config/", "/include/gener
                    "/arch/*/include/generated/", "*.o", "*.ko", "*.a", ".*.cmd", ".*.d",
                    "/.git/", "/livesplice/"]
 
+# Objects kbuild builds for vmlinux that are not kernel text livesplice could redirect: host tools,
+# the vDSO (mapped into user space), real-mode and boot code.
+NOT_KERNEL_TEXT = ("scripts/", "tools/", ".tmp", "arch/x86/entry/vdso/", "arch/x86/realmode/",
+                   "arch/x86/boot/", "usr/")
+
 console = Console(stderr=True)
 
 
@@ -179,13 +184,17 @@ class WorkTree:
                            f"change under `make olddefconfig` ({sample})")
 
     def _vmlinux_objects(self) -> set[str]:
-        proc = self.make("vmlinux", quiet=False, extra=["-n", "-k", f"KCFLAGS={SECTION_FLAGS}"],
-                         check=False)
+        # -W: every object depends on kconfig.h, so all of them are listed, built ones too (those
+        # show as kbuild's delete-on-interrupt traps rather than as compiler commands).
+        kconfig_h = self.src / "include" / "linux" / "kconfig.h"
+        proc = self.make("vmlinux", quiet=False, check=False,
+                         extra=["-n", "-k", "-W", str(kconfig_h), f"KCFLAGS={SECTION_FLAGS}"])
         objects = set(re.findall(r" -o (\S+\.o)(?=\s)", proc.stdout))
+        objects |= set(re.findall(r"trap 'rm -f (\S+\.o);", proc.stdout))
         if len(objects) < 100:
             raise LivespliceError("kbuild's dry run of vmlinux listed almost no objects:\n"
                                   + proc.stderr[-2000:])
-        return {o for o in objects if not o.startswith(("scripts/", "tools/", ".tmp"))}
+        return {o for o in objects if not o.startswith(NOT_KERNEL_TEXT)}
 
     @property
     def vmlinux_objects(self) -> set[str]:
@@ -247,46 +256,51 @@ class WorkTree:
             others += [f for f in rest if f not in used and f not in by_source]
         return sorted(wanted), others
 
+    INCLUDE_DIRS = ("arch/x86/include", "arch/x86/include/uapi", "include", "include/uapi")
+
     def _includers(self, files: list[str], by_source: dict[str, str]) -> set[str]:
-        """vmlinux objects whose sources may include any of `files`, directly or through headers
-        (a textual over-approximation, confirmed afterwards with kbuild's dependency data)."""
-        names = {Path(f).name for f in files}
-        pattern = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
-        includes_cache: dict[str, set[str]] = {}
+        """vmlinux objects whose sources may include any of `files`, directly or through headers:
+        #include lines resolved like the compiler does (the file's own directory for "...", then
+        the kernel's include directories), ignoring #if (an over-approximation that kbuild's
+        dependency data then narrows)."""
+        pattern = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)
+        resolved: dict[str, set[str]] = {}
 
         def includes(rel: str) -> set[str]:
-            if rel not in includes_cache:
-                try:
-                    text = (self.src / rel).read_text(errors="replace")
-                except OSError:
-                    text = ""
-                includes_cache[rel] = {Path(m).name for m in pattern.findall(text)}
-            return includes_cache[rel]
+            if rel in resolved:
+                return resolved[rel]
+            resolved[rel] = set()
+            try:
+                text = (self.src / rel).read_text(errors="replace")
+            except OSError:
+                return resolved[rel]
+            out = set()
+            for kind, name in pattern.findall(text):
+                dirs = ([str(Path(rel).parent)] if kind == '"' else []) + list(self.INCLUDE_DIRS)
+                for d in dirs:
+                    candidate = os.path.normpath(os.path.join(d, name))
+                    if (self.src / candidate).is_file():
+                        out.add(candidate)
+                        break
+            resolved[rel] = out
+            return out
 
-        # Headers by file name across the include directories (names, not paths: over-approximate).
-        headers: dict[str, list[str]] = {}
-        for base in ("include", "arch/x86/include"):
-            for p in (self.src / base).rglob("*.h"):
-                headers.setdefault(p.name, []).append(str(p.relative_to(self.src)))
-        tainted = set(names)
-        changed_any = True
-        while changed_any:  # names of headers that include a tainted name, to a fixed point
-            changed_any = False
-            for name, paths in headers.items():
-                if name in tainted:
-                    continue
-                if any(includes(p) & tainted for p in paths):
-                    tainted.add(name)
-                    changed_any = True
-        out = set()
-        for source, obj in by_source.items():
-            if (self.src / source).exists() and includes(source) & tainted:
-                out.add(obj)
-            elif (self.src / source).exists():  # quoted includes of files in the same directory
-                local = {Path(source).parent / n for n in includes(source)}
-                if any(str(p) in files for p in local):
-                    out.add(obj)
-        return out
+        targets = set(files)
+        memo: dict[str, bool] = {}
+
+        def reaches(rel: str, stack: set[str]) -> bool:
+            if rel in memo:
+                return memo[rel]
+            if rel in stack:
+                return False
+            stack.add(rel)
+            hit = any(inc in targets or reaches(inc, stack) for inc in includes(rel))
+            stack.discard(rel)
+            memo[rel] = hit
+            return hit
+
+        return {obj for source, obj in by_source.items()
+                if (self.src / source).exists() and reaches(source, set())}
 
     def is_module_object(self, obj: str) -> bool:
         cmd = self.obj / Path(obj).parent / f".{Path(obj).name}.cmd"

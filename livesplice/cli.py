@@ -13,7 +13,7 @@ from rich.markup import escape
 from . import __version__, debian
 from .errors import EXIT_INTERNAL, BadInput, LivespliceError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(exc: LivespliceError) -> None:

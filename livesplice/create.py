@@ -11,7 +11,6 @@ import base64
 import hashlib
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +119,10 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
         raise BadInput(f"output directory {output.parent} does not exist")
 
     tree = WorkTree(source, config, jobs)
-    work = Path(tempfile.mkdtemp(prefix=f"create-{update_id}-", dir=_tmp_root()))
+    # A fixed place per id: the module's debug info names it, and the same change must give
+    # the same package.
+    work = _tmp_root() / f"create-{update_id}"
+    shutil.rmtree(work, ignore_errors=True)
     try:
         with tree.locked():
             tree.sync()

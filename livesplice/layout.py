@@ -45,7 +45,8 @@ def _type_name(die, depth: int = 0) -> str:
         return _type_name(inner, depth + 1) + "".join(f"[{d}]" for d in dims)
     if tag in ("DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_enumeration_type"):
         size = die.attributes.get("DW_AT_byte_size")
-        return f"{tag[7:-5]} {name or '<anonymous>'}" + (f"/{size.value}" if size and not name else "")
+        kind = {"DW_TAG_structure_type": "struct", "DW_TAG_union_type": "union"}.get(tag, "enum")
+        return f"{kind} {name or '<anonymous>'}" + (f"/{size.value}" if size and not name else "")
     if tag == "DW_TAG_subroutine_type":
         return "function"
     return name or tag
@@ -66,7 +67,8 @@ def layouts(obj: ObjectFile) -> dict[str, Layout]:
             if "DW_AT_name" not in attrs or "DW_AT_declaration" in attrs \
                     or "DW_AT_byte_size" not in attrs:
                 continue
-            name = f"{die.tag[7:-5]} {attrs['DW_AT_name'].value.decode(errors='replace')}"
+            kind = "struct" if die.tag == "DW_TAG_structure_type" else "union"
+            name = f"{kind} {attrs['DW_AT_name'].value.decode(errors='replace')}"
             if name in out:
                 continue
             members = []
@@ -85,7 +87,7 @@ def layouts(obj: ObjectFile) -> dict[str, Layout]:
                 mtype = _type_name(child.get_DIE_from_attribute("DW_AT_type")) \
                     if "DW_AT_type" in cattrs else "?"
                 members.append((mname, offset, mtype))
-            out[name] = Layout(die.tag[7:-5], attrs["DW_AT_byte_size"].value, tuple(members))
+            out[name] = Layout(kind, attrs["DW_AT_byte_size"].value, tuple(members))
     return out
 
 
