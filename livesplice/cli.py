@@ -185,19 +185,88 @@ def show_package(manifest: dict) -> None:
 @click.argument("what", required=False)
 @click.option("--json", "as_json", is_flag=True)
 def view_cmd(what: str | None, as_json: bool) -> None:
-    """Show what an update package would replace (or, with no argument, what is applied)."""
+    """Show what a package would replace (WHAT is a file), or what is applied (WHAT is an ID)."""
+    from .apply import view_applied
     from .package import Package
 
-    if what is None or not Path(what).exists():
-        raise BadInput("view needs an update package file (applied updates come with `apply`)")
-    package = Package.read(what)
+    if what is not None and (Path(what).exists() or what.endswith(".tar.gz")):
+        package = Package.read(what)
+        if as_json:
+            data = summary(package.manifest, what)
+            data["patch"] = package.manifest["patch"]
+            _print_json(data)
+        else:
+            show_package(package.manifest)
+            click.echo(package.manifest["patch"])
+        return
+    data = view_applied(what)
     if as_json:
-        data = summary(package.manifest, what)
-        data["patch"] = package.manifest["patch"]
         _print_json(data)
+    elif isinstance(data, list):
+        if not data:
+            click.echo("no updates applied")
+        for u in data:
+            click.echo(f"{u['id']} ({u['module']}): " + ", ".join(f["name"] for f in u["functions"]))
     else:
-        show_package(package.manifest)
-        click.echo(package.manifest["patch"])
+        click.echo(f"{data['id']} ({data['module']})")
+        for f in data["functions"]:
+            click.echo(f"  {f['name']} at {f['site']} -> {f['new']}")
+        if data.get("patch"):
+            click.echo(data["patch"])
+
+
+def _retry_options(f):
+    f = click.option("--retries", default=5, show_default=True, type=click.IntRange(1, 1000),
+                     help="Tries before giving up when the code is in use.")(f)
+    f = click.option("--retry-delay", default=1.0, show_default=True,
+                     type=click.FloatRange(0, 60), help="Seconds between tries.")(f)
+    return f
+
+
+@main.command("apply")
+@click.argument("package", type=click.Path(path_type=Path))
+@_retry_options
+@click.option("--json", "as_json", is_flag=True)
+def apply_cmd(package: Path, retries: int, retry_delay: float, as_json: bool) -> None:
+    """Switch the running kernel to an update's new code."""
+    from .apply import apply
+
+    result = apply(package, retries, retry_delay)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"applied {result['id']}: {', '.join(result['functions'])} "
+                   f"(machine stopped {result['pause_ns'] / 1e6:.3f} ms, "
+                   f"run-pre matching {result['match_seconds']:.2f} s)")
+
+
+@main.command("undo")
+@click.argument("update_id")
+@_retry_options
+@click.option("--json", "as_json", is_flag=True)
+def undo_cmd(update_id: str, retries: int, retry_delay: float, as_json: bool) -> None:
+    """Take an applied update out again (the latest of those stacked on the same code first)."""
+    from .apply import undo
+
+    result = undo(update_id, retries, retry_delay)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"undone {update_id} (machine stopped {result['pause_ns'] / 1e6:.3f} ms)")
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(as_json: bool) -> None:
+    """One line per applied update, in stacking order (oldest first)."""
+    from .apply import list_applied
+
+    data = list_applied()
+    if as_json:
+        _print_json(data)
+        return
+    for u in data:
+        click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}")
 
 
 if __name__ == "__main__":

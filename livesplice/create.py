@@ -20,7 +20,7 @@ from .build import WorkTree, build_pre_post, config_hash, kernel_release, patch_
 from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
 from .layout import layout_changes
-from .newcode import Extractor, NewCode, build_module, check_problems
+from .newcode import Extractor, NewCode, build_core, build_module, check_problems
 from .objdiff import ObjectDiff, diff_objects
 from .package import FORMAT_VERSION, Package
 
@@ -172,13 +172,15 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
         module_name = "livesplice_" + update_id.replace("-", "_")
         ko = build_module(code, module_name, update_id, target.headers, work / "module",
                           tree.jobs)
+        core = build_core(target.headers, work / "core", tree.jobs)
         timings["module"] = time.monotonic() - t2
 
         pre_code = _pre_code(diffs, objects, code)
         manifest = build_manifest(update_id, target, tree, patch, diffs, code, pre_code,
                                   module_name, source_version)
         package = Package(manifest, {"functions": pre_code},
-                          {f"modules/{module_name}.ko": ko.read_bytes()})
+                          {f"modules/{module_name}.ko": ko.read_bytes(),
+                           "modules/livesplice_core.ko": core.read_bytes()})
         package.write(output)
         timings["total"] = time.monotonic() - t0
         manifest["timings"] = timings
@@ -199,9 +201,10 @@ def _pre_code(diffs: list[ObjectDiff], objects, code: NewCode) -> list[dict]:
     them against the running kernel decides which of several same-named symbols is meant."""
     records: dict[tuple[str, str], dict] = {}
 
-    def add(objname: str, pre: ObjectFile, name: str) -> None:
+    def add(objname: str, pre: ObjectFile, name: str, referenced_only: bool = False) -> None:
         if (objname, name) not in records and name in pre.functions:
             records[(objname, name)] = pre_record(pre, objname, pre.functions[name])
+            records[(objname, name)]["referenced_only"] = referenced_only
 
     for d in diffs:
         pre, _ = objects[d.object]
@@ -214,12 +217,12 @@ def _pre_code(diffs: list[ObjectDiff], objects, code: NewCode) -> list[dict]:
             continue
         pre, _ = objects[ref.object]
         if ref.kind == "func":
-            add(ref.object, pre, ref.name)
+            add(ref.object, pre, ref.name, referenced_only=True)
             continue
         users = [f for f in pre.functions.values()
                  if any(pre.target(r).name == ref.name for r in f.relocs)]
         for f in users[:3]:
-            add(ref.object, pre, f.name)
+            add(ref.object, pre, f.name, referenced_only=True)
     return list(records.values())
 
 

@@ -233,6 +233,23 @@ def build_module(code: NewCode, module_name: str, update_id: str, headers: Path,
     return ko
 
 
+CORE_SOURCE = Path(__file__).with_name("kmod")
+
+
+def build_core(headers: Path, workdir: Path, jobs: int = 2) -> Path:
+    """The core module (kmod/livesplice_core.c), built for the target kernel."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    shutil.copytree(CORE_SOURCE, workdir)
+    proc = subprocess.run(["make", "-C", str(headers), f"M={workdir}", f"-j{jobs}", "modules"],
+                          capture_output=True, text=True)
+    ko = workdir / "livesplice_core.ko"
+    if proc.returncode != 0 or not ko.exists():
+        raise LivespliceError("building the core module failed:\n"
+                              + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
+    return ko
+
+
 def check_problems(code: NewCode) -> None:
     if code.problems:
         raise Refused("the new code cannot be packaged safely", code.problems)

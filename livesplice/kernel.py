@@ -1,0 +1,191 @@
+"""The running kernel, as root sees it: symbols (/proc/kallsyms), memory (/proc/kcore), loaded
+modules (/sys/module), and the core module's control and state files (debugfs)."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput, LivespliceError
+
+DEBUGFS = Path("/sys/kernel/debug")
+CORE_DIR = DEBUGFS / "livesplice"
+CORE_MODULE = "livesplice_core"
+
+
+@dataclass(frozen=True)
+class KSym:
+    address: int
+    type: str  # nm-style: t/T text, d/D data, b/B bss, r/R read-only
+    name: str
+    module: str | None
+
+    @property
+    def is_text(self) -> bool:
+        return self.type in "tTwW"
+
+    @property
+    def is_global(self) -> bool:
+        return self.type.isupper()
+
+
+class Kallsyms:
+    def __init__(self, text: str | None = None):
+        if text is None:
+            text = Path("/proc/kallsyms").read_text()
+        self.by_name: dict[str, list[KSym]] = {}
+        addresses = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            module = parts[3].strip("[]") if len(parts) > 3 else None
+            sym = KSym(int(parts[0], 16), parts[1], parts[2], module)
+            self.by_name.setdefault(sym.name, []).append(sym)
+            if sym.is_text:
+                addresses.append(sym.address)
+        if all(s.address == 0 for s in self.by_name.get("_stext", [])):
+            raise BadInput("/proc/kallsyms shows no addresses: run as root "
+                           "(and with kernel.kptr_restrict < 2)")
+        self._text = sorted(set(addresses))
+
+    def lookup(self, name: str, module: str | None = None) -> list[KSym]:
+        return [s for s in self.by_name.get(name, []) if s.module == module]
+
+    def address(self, name: str) -> int:
+        syms = self.lookup(name)
+        if len(syms) != 1:
+            raise LivespliceError(f"{name}: {len(syms)} symbols of that name in /proc/kallsyms")
+        return syms[0].address
+
+    def next_text_after(self, address: int) -> int | None:
+        i = bisect.bisect_right(self._text, address)
+        return self._text[i] if i < len(self._text) else None
+
+
+class KernelMemory:
+    """Reads kernel virtual memory through /proc/kcore's PT_LOAD segments."""
+
+    def __init__(self, path: str = "/proc/kcore"):
+        try:
+            self._f = open(path, "rb")
+        except OSError as exc:
+            raise BadInput(f"cannot open {path} ({exc.strerror}): run as root on a kernel with "
+                           "CONFIG_PROC_KCORE") from None
+        header = self._f.read(64)
+        if header[:4] != b"\x7fELF":
+            raise LivespliceError(f"{path} is not an ELF core file")
+        phoff, = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        self._f.seek(phoff)
+        table = self._f.read(phentsize * phnum)
+        self.segments = []
+        for i in range(phnum):
+            p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = struct.unpack_from(
+                "<IIQQQQQQ", table, i * phentsize)
+            if p_type == 1:  # PT_LOAD
+                self.segments.append((p_vaddr, p_filesz, p_offset))
+
+    def read(self, address: int, size: int) -> bytes:
+        for vaddr, filesz, offset in self.segments:
+            if vaddr <= address and address + size <= vaddr + filesz:
+                self._f.seek(offset + address - vaddr)
+                data = self._f.read(size)
+                if len(data) == size:
+                    return data
+        raise LivespliceError(f"kernel address {address:#x}+{size} is not readable in /proc/kcore")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise BadInput("this command changes or inspects the running kernel: run it as root")
+
+
+def running_release() -> str:
+    return os.uname().release
+
+
+def proc_version() -> str:
+    return Path("/proc/version").read_text().strip()
+
+
+def module_loaded(name: str) -> bool:
+    return Path(f"/sys/module/{name}").is_dir()
+
+
+def module_section(name: str, section: str) -> int:
+    return int(Path(f"/sys/module/{name}/sections/{section}").read_text(), 16)
+
+
+def insmod(path: Path, *params: str) -> None:
+    proc = subprocess.run(["insmod", str(path), *params], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LivespliceError(f"insmod {path.name} failed: {proc.stderr.strip()}")
+
+
+def rmmod(name: str) -> None:
+    proc = subprocess.run(["rmmod", name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LivespliceError(f"rmmod {name} failed: {proc.stderr.strip()}")
+
+
+def ensure_debugfs() -> None:
+    if not (DEBUGFS / "tracing").exists() and not any(DEBUGFS.iterdir() if DEBUGFS.exists() else []):
+        subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)], capture_output=True)
+
+
+@dataclass
+class AppliedFunc:
+    name: str
+    site: int
+    target: int
+    saved: bytes
+
+
+@dataclass
+class AppliedUpdate:
+    id: str
+    module: str
+    pause_ns: int
+    work_ns: int
+    funcs: list[AppliedFunc]
+
+
+def core_state() -> list[AppliedUpdate]:
+    """The applied updates, oldest first, as the core module knows them."""
+    if not module_loaded(CORE_MODULE):
+        return []
+    ensure_debugfs()
+    state = (CORE_DIR / "state").read_text()
+    updates: dict[str, AppliedUpdate] = {}
+    for line in state.splitlines():
+        parts = line.split()
+        if parts[0] == "update":
+            kv = dict(p.split("=", 1) for p in parts[4:])
+            updates[parts[1]] = AppliedUpdate(parts[1], parts[2], int(kv.get("pause_ns", 0)),
+                                              int(kv.get("work_ns", 0)), [])
+        elif parts[0] == "func":
+            updates[parts[1]].funcs.append(AppliedFunc(parts[2], int(parts[3], 16),
+                                                       int(parts[4], 16), bytes.fromhex(parts[5])))
+    return list(updates.values())
+
+
+def core_request(request: str) -> str:
+    """Send a request to the core; return its result line (first word: ok, busy, ...)."""
+    ensure_debugfs()
+    control = CORE_DIR / "control"
+    fd = os.open(control, os.O_WRONLY)
+    try:
+        os.write(fd, request.encode())
+    except OSError:
+        pass  # the result line says why
+    finally:
+        os.close(fd)
+    return control.read_text().strip()

@@ -1,0 +1,153 @@
+"""Run-pre matching: is the package's pre code what the running kernel runs?
+
+Each pre function is compared with the kernel's memory byte for byte, except where the kernel
+rewrites its own code at run time (the masks create recorded from the pre object's own tables:
+fentry, alternatives, paravirt, jump labels, static calls, retpoline and return thunks, lock
+prefixes) and where relocations were filled in. A relocation's field is not ignored: the address it
+holds in memory is worked back to the address of its target symbol, which must agree with
+/proc/kallsyms when the name is unique there, with every other use of that symbol, and for string
+literals with the text itself. When several functions share a name, the one whose code matches is
+the one meant, and the addresses its relocations reveal resolve the new code's references to local
+symbols (static variables, static functions) that kallsyms alone cannot tell apart.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+
+from .elfmodel import PC_RELATIVE, R, RELOC_WIDTH
+from .errors import Refused
+from .kernel import AppliedUpdate, Kallsyms, KernelMemory
+
+SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
+
+
+@dataclass
+class FunctionMatch:
+    object: str
+    name: str
+    original: int  # the function's address in vmlinux (where a trampoline goes)
+    live: int  # where its current code runs: `original`, or a stacked update's new code
+    size: int
+
+
+@dataclass
+class MatchResult:
+    functions: dict[tuple[str, str], FunctionMatch] = field(default_factory=dict)
+    bindings: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+def _key(object_: str, name: str, local: bool) -> tuple[str, str]:
+    return (object_ if local else "", name)
+
+
+class Matcher:
+    def __init__(self, kallsyms: Kallsyms, memory: KernelMemory, applied: list[AppliedUpdate]):
+        self.ks = kallsyms
+        self.mem = memory
+        # Sites already redirected by an applied update: the code that runs is the jump's target.
+        self.redirected = {f.site: f.target for u in applied for f in u.funcs}
+
+    def live_address(self, original: int, record: dict) -> int:
+        site = original + (5 if record.get("fentry") == 0 else 0)
+        return self.redirected.get(site, original)
+
+    def compare(self, record: dict, live: int, bindings: dict) -> tuple[str | None, dict]:
+        """None if `record` matches the code at `live` (with the bindings it implies), else why."""
+        code = base64.b64decode(record["code"])
+        try:
+            memory = self.mem.read(live, len(code))
+        except Exception as exc:
+            return f"cannot read its code: {exc}", {}
+        ignore = bytearray(len(code))
+        for off, length in record["masks"]:
+            ignore[off:off + length] = b"\1" * length
+        found: dict[tuple[str, str], int] = {}
+        for off, rtype, kind, name, offset, local in record["relocs"]:
+            width = RELOC_WIDTH.get(rtype, 4)
+            masked = any(ignore[off:off + width])
+            ignore[off:off + width] = b"\1" * width
+            if masked or kind == "sec":
+                continue
+            value = int.from_bytes(memory[off:off + width], "little", signed=rtype in SIGNED)
+            target = value + (live + off if rtype in PC_RELATIVE else 0)
+            if kind == "str":
+                where = target - offset
+                text = name.encode("latin-1") + b"\0"
+                try:
+                    if self.mem.read(where, len(text)) != text:
+                        return f"offset {off:#x}: string literal {name[:40]!r} is not at {where:#x}", {}
+                except Exception:
+                    return f"offset {off:#x}: string literal {name[:40]!r} is unreadable", {}
+                continue
+            address = (target - offset) & 0xFFFFFFFFFFFFFFFF
+            key = _key(record["object"], name, local)
+            known = bindings.get(key, found.get(key))
+            if known is not None and known != address:
+                return (f"offset {off:#x}: reference to {name} gives {address:#x}, elsewhere "
+                        f"{known:#x}"), {}
+            candidates = self.ks.lookup(name)
+            if candidates and address not in {c.address for c in candidates}:
+                return (f"offset {off:#x}: reference to {name} gives {address:#x}, which "
+                        f"/proc/kallsyms does not have for it"), {}
+            found[key] = address
+        for i, (a, b) in enumerate(zip(code, memory)):
+            if a != b and not ignore[i]:
+                return f"byte at offset {i:#x} differs (package {a:#04x}, kernel {b:#04x})", {}
+        return None, found
+
+    def match(self, records: list[dict]) -> MatchResult:
+        result = MatchResult()
+        problems = []
+        # Functions with a unique name first: their relocations settle local symbols for the rest.
+        order = sorted(records, key=lambda r: len(self.ks.lookup(r["name"])))
+        for record in order:
+            candidates = [s for s in self.ks.lookup(record["name"]) if s.is_text]
+            if not candidates:
+                problems.append(f"{record['name']} ({record['object']}): not in /proc/kallsyms")
+                continue
+            matched = []
+            reasons = []
+            for c in candidates:
+                live = self.live_address(c.address, record)
+                why, found = self.compare(record, live, result.bindings)
+                if why is None:
+                    matched.append((c.address, live, found))
+                else:
+                    reasons.append(f"at {c.address:#x}: {why}")
+            if not matched:
+                problems.append(f"{record['name']} ({record['object']}) does not match the running "
+                                f"kernel: " + "; ".join(reasons[:3]))
+                continue
+            if len(matched) > 1 and any(m[2] != matched[0][2] for m in matched[1:]):
+                problems.append(f"{record['name']} ({record['object']}): {len(matched)} functions "
+                                "of that name match and they differ in what they refer to")
+                continue
+            original, live, found = matched[0]
+            if len(matched) > 1 and not record.get("referenced_only"):
+                problems.append(f"{record['name']} ({record['object']}): {len(matched)} identical "
+                                "functions of that name; cannot tell which one the patch changes")
+                continue
+            result.bindings.update(found)
+            result.functions[(record["object"], record["name"])] = FunctionMatch(
+                record["object"], record["name"], original, live, record["size"])
+            result.bindings[_key(record["object"], record["name"], record["local"])] = original
+        if problems:
+            raise Refused("run-pre matching failed: the package's pre code is not what this "
+                          "kernel runs", problems)
+        return result
+
+    def resolve(self, ref: dict, result: MatchResult) -> int | None:
+        """The address of a kernel symbol the new code uses."""
+        key = _key(ref["object"], ref["name"], ref["local"])
+        if key in result.bindings:
+            return result.bindings[key]
+        candidates = self.ks.lookup(ref["name"])
+        if len(candidates) == 1:
+            return candidates[0].address
+        if not ref["local"]:
+            globals_ = [c for c in candidates if c.is_global]
+            if len(globals_) == 1:
+                return globals_[0].address
+        return None
