@@ -143,10 +143,8 @@ def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
 def _apply_request(package, match, records, ks, memory, retries, retry_delay) -> str:
     manifest = package.manifest
     module = manifest["module"]["name"]
-    this_module = kernel.Kallsyms().lookup("__this_module", module)  # read again: it is loaded now
-    if len(this_module) != 1:
-        raise LivespliceError(f"cannot find {module}'s __this_module in /proc/kallsyms")
-    lines = [f"apply {package.id} {this_module[0].address:x} {module} {max(1, retries)} "
+    this_module = kernel.module_section(module, ".gnu.linkonce.this_module")  # its struct module
+    lines = [f"apply {package.id} {this_module:x} {module} {max(1, retries)} "
              f"{int(retry_delay * 1000)}"]
     ranges, new_ranges = [], []
     sizes = _section_sizes(package.members[manifest["module"]["file"]])

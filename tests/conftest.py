@@ -35,3 +35,29 @@ def livesplice_cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] 
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([*prefix, sys.executable, "-m", "livesplice", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def edit_patch(tree: Path, edits: dict[str, list[tuple[str, str]]]) -> str:
+    """A -p1 unified diff that makes each (old, new) text replacement (each old text must occur
+    exactly once) in the named files of `tree`, which is left as it is."""
+    import difflib
+
+    chunks = []
+    for rel, replacements in edits.items():
+        text = (tree / rel).read_text()
+        new = text
+        for old, repl in replacements:
+            assert new.count(old) == 1, f"{rel}: {old!r} occurs {new.count(old)} times"
+            new = new.replace(old, repl)
+        chunks.append("".join(difflib.unified_diff(
+            text.splitlines(keepends=True), new.splitlines(keepends=True),
+            f"a/{rel}", f"b/{rel}", n=3)))
+    return "".join(chunks)
+
+
+GUEST_CLI = [sys.executable, "-m", "livesplice"]
+
+
+def guest_cli(vm, *args: str, timeout: float = 300):
+    """Run the livesplice command line inside the guest (the same interpreter and checkout)."""
+    return vm.run([*GUEST_CLI, *args], timeout=timeout, cwd=str(REPO))

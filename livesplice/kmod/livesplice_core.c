@@ -107,8 +107,11 @@ static bool stacks_busy(struct ls_switch *s, struct ls_range *r, int n)
 		if (!base)
 			continue;
 		end = (unsigned long *)((char *)base + THREAD_SIZE);
-		p = (unsigned long *)t->thread.sp;
-		if (t == current || p < base || p >= end)
+		/* Our own stack only from here up: below lie stale words of earlier calls (for
+		 * instance the sites a previous try passed to text_poke). */
+		p = t == current ? (unsigned long *)current_stack_pointer
+				 : (unsigned long *)t->thread.sp;
+		if (p < base || p >= end)
 			p = base;
 		for (; p < end; p++) {
 			if (addr_in(*p, r, n, &which)) {
@@ -136,7 +139,7 @@ static int do_switch(void *data)
 	struct ls_update *u = s->u;
 	text_poke_fn poke = (text_poke_fn)text_poke_addr;
 	u64 start = ktime_get_ns();
-	u8 jump[JMP_SIZE];
+	u8 jump[JMP_SIZE] = { 0 };
 	int i;
 
 	/* stop_machine() runs this on one CPU while every other CPU spins with interrupts off. */
