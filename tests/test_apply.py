@@ -245,3 +245,29 @@ def test_bad_inputs_change_nothing(vm, packages, tmp_path):
     assert applied(vm) == [] and "livesplice" not in vm.run(["cat", "/proc/modules"]).out
     assert probe(vm)["dumpable_arg3"] == "0"
     assert_clean(vm, mark)
+
+
+def test_package_for_another_kernel_is_refused(vm, packages):
+    """A package made from 6.1.190-1 (for 6.1.0-54-amd64) on the 6.1.187-1 kernel: the release
+    check refuses it; with that check bypassed, run-pre matching does, before anything is
+    written. prctl_set_auxv differs between the two (its memcpy length)."""
+    mark = dmesg_mark(vm)
+    newer = debian.fetch_kernel("6.1.0-54-amd64")
+    edits = {"kernel/sys.c": [("\tif (len > sizeof(user_auxv))\n\t\treturn -EINVAL;",
+                               "\tif (!len || len > sizeof(user_auxv))\n\t\treturn -EINVAL;")]}
+    patch = vm.exchange / "auxv.patch"
+    patch.write_text(edit_patch(newer.source_tree, edits))
+    out = vm.exchange / "auxv-190.tar.gz"
+    proc = livesplice_cli("create", "--debian-version", "6.1.190-1", "--patch", str(patch),
+                          "--id", "auxv-190", "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["target"]["release"] == "6.1.0-54-amd64"
+    r = guest_cli(vm, "apply", str(out))
+    assert r.status == 2 and "is for kernel 6.1.0-54-amd64; this kernel is 6.1.0-53-amd64" in r.err
+    r = vm.run([*GUEST_CLI, "apply", str(out)], cwd=str(REPO),
+               env={"LIVESPLICE_UNSAFE_SKIP_TARGET_CHECK": "1"})
+    assert r.status == 3, r.err
+    assert "run-pre matching failed" in r.err and "prctl_set_auxv (kernel/sys.o) does not match" in r.err
+    assert "offset 0x" in r.err
+    assert applied(vm) == [] and "livesplice" not in vm.run(["cat", "/proc/modules"]).out
+    assert_clean(vm, mark)
