@@ -233,3 +233,27 @@ def view_applied(update_id: str | None) -> list[dict] | dict:
             "functions": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
                           for f in update.funcs],
             "patch": manifest.get("patch"), "target": manifest.get("target")}
+
+
+def empty_pause(package_path: Path, runs: int = 20) -> dict:
+    """Pause of an empty stop_machine() on this kernel, measured by the core module (loaded from
+    the package for the purpose when it is not loaded already)."""
+    kernel.require_root()
+    package = Package.read(package_path)
+    check_target(package)
+    loaded = False
+    if not kernel.module_loaded(kernel.CORE_MODULE):
+        with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
+            core = Path(tmp) / "livesplice_core.ko"
+            core.write_bytes(package.members["modules/livesplice_core.ko"])
+            kernel.insmod(core, f"text_poke_addr={kernel.Kallsyms().address('text_poke_kgdb'):#x}")
+        loaded = True
+    try:
+        result = kernel.core_request(f"bench {runs}\n")
+    finally:
+        if loaded:
+            _unload_core_if_idle()
+    if not result.startswith("ok"):
+        raise LivespliceError(f"the core refused: {result}")
+    figures = dict(p.split("=", 1) for p in result.split()[3:])
+    return {k: int(v) for k, v in figures.items()}

@@ -378,6 +378,33 @@ static int handle_undo(char *req)
 	return 0;
 }
 
+static int do_nothing(void *unused)
+{
+	return 0;
+}
+
+/* bench N: the pause of N empty stop_machine() calls, to set an update's pause against. */
+static int handle_bench(char *req)
+{
+	int n, i;
+	u64 t0, pause, best = U64_MAX, total = 0;
+
+	if (sscanf(req, "bench %d", &n) != 1 || n < 1 || n > 1000) {
+		snprintf(result, sizeof(result), "error bad bench line\n");
+		return -EINVAL;
+	}
+	for (i = 0; i < n; i++) {
+		t0 = ktime_get_ns();
+		stop_machine(do_nothing, NULL, NULL);
+		pause = ktime_get_ns() - t0;
+		total += pause;
+		best = min(best, pause);
+	}
+	snprintf(result, sizeof(result), "ok bench - mean_ns=%llu min_ns=%llu n=%d\n",
+		 div_u64(total, n), best, n);
+	return 0;
+}
+
 static ssize_t control_write(struct file *file, const char __user *buf, size_t len, loff_t *ppos)
 {
 	char *req;
@@ -393,6 +420,8 @@ static ssize_t control_write(struct file *file, const char __user *buf, size_t l
 		ret = handle_apply(req);
 	else if (!strncmp(req, "undo ", 5))
 		ret = handle_undo(req);
+	else if (!strncmp(req, "bench ", 6))
+		ret = handle_bench(req);
 	else {
 		snprintf(result, sizeof(result), "error unknown request\n");
 		ret = -EINVAL;
