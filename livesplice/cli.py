@@ -269,5 +269,16 @@ def list_cmd(as_json: bool) -> None:
         click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}")
 
 
+@main.command("demo")
+@click.option("--kernel", default=debian.DEFAULT_KERNEL, show_default=True,
+              help="Stock kernel to run the demo on.")
+def demo_cmd(kernel: str) -> None:
+    """The whole story on a stock kernel in the VM: a real fix created, applied, undone; and a
+    printk added to a running function for debugging."""
+    from .demo import Demo
+
+    Demo(kernel).run()
+
+
 if __name__ == "__main__":
     main()
