@@ -38,7 +38,8 @@ AUXV_PROBE = textwrap.dedent("""
     libc = ctypes.CDLL(None, use_errno=True)
     PR_SET_MM, PR_SET_MM_AUXV = 35, 12
     entry = (ctypes.c_ulong * 2)(6, 4096)   # AT_PAGESZ 4096, of which only the type is given
-    if libc.prctl(PR_SET_MM, PR_SET_MM_AUXV, ctypes.addressof(entry), 8, 0) != 0:
+    args = [ctypes.c_ulong(a) for a in (PR_SET_MM_AUXV, ctypes.addressof(entry), 8, 0)]
+    if libc.prctl(PR_SET_MM, *args) != 0:
         raise SystemExit(f"prctl failed: errno {ctypes.get_errno()}")
     data = open("/proc/self/auxv", "rb").read()
     pairs = [(int.from_bytes(data[i:i + 8], "little"), int.from_bytes(data[i + 8:i + 16], "little"))
