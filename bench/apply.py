@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 from livesplice import debian
+from livesplice.build import file_patch
 from livesplice.create import create
 from livesplice.testbed import Session
 
@@ -44,10 +45,8 @@ def many_functions_patch(tree: Path, syscalls: int) -> str:
 
 
 def unified(tree: Path, rel: str, edit) -> str:
-    import difflib
     text = (tree / rel).read_text()
-    return "".join(difflib.unified_diff(text.splitlines(True), edit(text).splitlines(True),
-                                        f"a/{rel}", f"b/{rel}"))
+    return file_patch(rel, text, edit(text))
 
 
 GUEST = textwrap.dedent("""

@@ -6,7 +6,6 @@ Run as root after scripts/setup.sh:  .venv/bin/python bench/create.py [--header 
 """
 
 import argparse
-import difflib
 import os
 import platform
 import shutil
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 from livesplice import debian
-from livesplice.build import WorkTree
+from livesplice.build import WorkTree, file_patch
 from livesplice.create import create
 from livesplice.errors import LivespliceError
 
@@ -26,9 +25,7 @@ DUMPABLE = "if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) {"
 def unified(tree: Path, rel: str, old: str, new: str) -> str:
     text = (tree / rel).read_text()
     assert text.count(old) == 1, (rel, old)
-    return "".join(difflib.unified_diff(text.splitlines(True),
-                                        text.replace(old, new).splitlines(True),
-                                        f"a/{rel}", f"b/{rel}"))
+    return file_patch(rel, text, text.replace(old, new))
 
 
 def main() -> None:

@@ -348,6 +348,13 @@ def apply_patch(tree: Path, patch: str) -> None:
         raise BadInput("the patch does not apply:\n" + (proc.stdout + proc.stderr).strip())
 
 
+def file_patch(rel: str, old: str, new: str) -> str:
+    """A -p1 unified diff of one file's text, as `diff -u a/REL b/REL` writes it."""
+    import difflib
+    return "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                        f"a/{rel}", f"b/{rel}"))
+
+
 def diffext_patch(source: Path, ext: str) -> str:
     """A -p1 unified diff from every FILE.c that has a sibling FILE.c+EXT (the article's --diffext)."""
     if not ext or "/" in ext:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import shutil
 import subprocess
@@ -24,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import debian
+from .build import diffext_patch, file_patch
 from .create import create
 from .errors import LivespliceError
 from .testbed import Session
@@ -49,9 +49,7 @@ AUXV_PROBE = textwrap.dedent("""
 
 
 def fix_patch(old_tree: Path, new_tree: Path, rel: str) -> str:
-    a = (old_tree / rel).read_text().splitlines(True)
-    b = (new_tree / rel).read_text().splitlines(True)
-    return "".join(difflib.unified_diff(a, b, f"a/{rel}", f"b/{rel}"))
+    return file_patch(rel, (old_tree / rel).read_text(), (new_tree / rel).read_text())
 
 
 class Demo:
@@ -115,7 +113,6 @@ class Demo:
         (version_c.parent / "version.c.new").write_text(text.replace(
             marker, marker + '\tprintk(KERN_INFO "livesplice demo: %s[%d] reads /proc/version\\n",'
                              ' current->comm, task_pid_nr(current));\n'))
-        from .build import diffext_patch
         self.step("create --diffext .new: a printk in version_proc_show, for debugging")
         debug = self.timed("create (printk)", create, tree, files.config,
                            diffext_patch(tree, ".new"), "printk-debug", work / "printk-debug.tar.gz")

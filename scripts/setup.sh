@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 busybox-static kmod cpio xz-utils dpkg-dev util-linux
+packages=(qemu-system-x86 busybox-static kmod cpio xz-utils rsync patch diffutils util-linux
           gcc make flex bison bc libelf-dev libssl-dev dwarves python3-venv)
 missing=()
 for p in "${packages[@]}"; do

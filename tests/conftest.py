@@ -40,7 +40,7 @@ def livesplice_cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] 
 def edit_patch(tree: Path, edits: dict[str, list[tuple[str, str]]]) -> str:
     """A -p1 unified diff that makes each (old, new) text replacement (each old text must occur
     exactly once) in the named files of `tree`, which is left as it is."""
-    import difflib
+    from livesplice.build import file_patch
 
     chunks = []
     for rel, replacements in edits.items():
@@ -49,9 +49,7 @@ def edit_patch(tree: Path, edits: dict[str, list[tuple[str, str]]]) -> str:
         for old, repl in replacements:
             assert new.count(old) == 1, f"{rel}: {old!r} occurs {new.count(old)} times"
             new = new.replace(old, repl)
-        chunks.append("".join(difflib.unified_diff(
-            text.splitlines(keepends=True), new.splitlines(keepends=True),
-            f"a/{rel}", f"b/{rel}", n=3)))
+        chunks.append(file_patch(rel, text, new))
     return "".join(chunks)
 
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from livesplice import debian
+from livesplice.testbed import Session
 from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 
 VERSION = "6.1.187-1"
@@ -271,3 +272,14 @@ def test_package_for_another_kernel_is_refused(vm, packages):
     assert "offset 0x" in r.err
     assert applied(vm) == [] and "livesplice" not in vm.run(["cat", "/proc/modules"]).out
     assert_clean(vm, mark)
+
+
+def test_state_comes_from_the_kernel_and_reboot_clears_it(stock_kernel, packages, vm):
+    """`list` reads the core module's state: true for a new process, empty after a reboot."""
+    with Session(kernel=stock_kernel.kernel.abi, rwdirs=[str(vm.exchange)]) as other:
+        assert guest_cli(other, "apply", str(packages["prctl-a"])).status == 0
+        other.run(["rm", "-rf", "/run/livesplice"], check=True)  # the tool's own files gone
+        assert applied(other) == ["prctl-a"]
+        assert "__do_sys_prctl" in guest_cli(other, "view").out
+    with Session(kernel=stock_kernel.kernel.abi) as rebooted:
+        assert applied(rebooted) == []
