@@ -106,7 +106,8 @@ mount -t tmpfs -o mode=0755 tmpfs /ovl
 mkdir -p /ovl/upper /ovl/work
 mount -t overlay -o lowerdir=/host,upperdir=/ovl/upper,workdir=/ovl/work overlay /newroot
 for d in proc sys dev; do mount --move /$d /newroot/$d; done
-mount -t tmpfs tmpfs /newroot/tmp
+# /tmp stays the overlay's (host files visible, writes kept in the guest): the host's checkout
+# and virtual environment may well live under /tmp. /run starts empty, as after a boot.
 mount -t tmpfs tmpfs /newroot/run
 mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null
 mkdir -p /newroot/dev/pts && mount -t devpts devpts /newroot/dev/pts
