@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -86,22 +87,32 @@ def run_in_vm(entries: list[dict], exchange: Path, kernel: str) -> None:
             try:
                 cli = [sys.executable, "-m", "livesplice"]
                 r = session.run([*cli, "apply", e["package"], "--json"], timeout=600, cwd=str(REPO))
-                if r.status == 3:
-                    e.update(outcome="refused at apply", reasons=[r.err.strip()])
-                    continue
                 if r.status != 0:
-                    e.update(outcome="failed", reasons=[f"apply exited {r.status}: {r.err.strip()[:300]}"])
+                    # A refusal must leave the kernel exactly as it was: nothing listed, dmesg clean.
+                    left = session.run([*cli, "list", "--json"], timeout=120, cwd=str(REPO))
+                    problems = session.dmesg_problems(mark)
+                    if r.status == 3 and not problems and not json.loads(left.out or "[]"):
+                        e.update(outcome="refused at apply", reasons=[r.err.strip()])
+                        continue
+                    e.update(outcome="failed", reasons=[
+                        f"apply exited {r.status}: {r.err.strip()[:300]}; dmesg {problems[:3]}; "
+                        f"left applied {left.out.strip()[:100]}"])
+                    session.close()
+                    session = None
                     continue
                 e["pause_ms"] = round(json.loads(r.out)["pause_ns"] / 1e6, 3)
+                listed = session.run([*cli, "list", "--json"], timeout=120, cwd=str(REPO))
+                live = [u["id"] for u in json.loads(listed.out or "[]")]
                 smoke = session.run(["sh", "-c", "ls / >/dev/null && cat /proc/version"], timeout=120)
-                u = session.run([*cli, "undo", e["id"]], timeout=600,
-                                cwd=str(REPO))
+                u = session.run([*cli, "undo", e["id"]], timeout=600, cwd=str(REPO))
                 problems = session.dmesg_problems(mark)
                 left = session.run([*cli, "list", "--json"], timeout=120, cwd=str(REPO))
-                if smoke.status != 0 or u.status != 0 or problems or json.loads(left.out or "[]"):
+                if (live != [e["id"]] or smoke.status != 0 or u.status != 0 or problems
+                        or json.loads(left.out or "[]")):
                     e.update(outcome="failed", reasons=[
-                        f"smoke {smoke.status}, undo {u.status} {u.err.strip()[:200]}, "
-                        f"dmesg {problems[:3]}, left applied {left.out.strip()[:100]}"])
+                        f"listed after apply {live}, smoke {smoke.status}, undo {u.status} "
+                        f"{u.err.strip()[:200]}, dmesg {problems[:3]}, "
+                        f"left applied {left.out.strip()[:100]}"])
                     session.close()
                     session = None
                     continue
@@ -111,6 +122,9 @@ def run_in_vm(entries: list[dict], exchange: Path, kernel: str) -> None:
                 if session is not None:
                     session.close()
                 session = None
+            finally:
+                print(f"{e['file']}: {e['outcome']} {e.get('pause_ms', '')} "
+                      f"{(e.get('reasons') or [''])[0][:160]}", file=sys.stderr, flush=True)
     finally:
         if session is not None:
             session.close()
@@ -151,6 +165,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N built-in files")
     parser.add_argument("--only", nargs="*", help="only these files")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "corpus")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the rows of the files run in the existing report "
+                             "(to rerun what changed while iterating)")
     args = parser.parse_args()
     running = debian.kernel_for_source_version(args.old)
     old_files = debian.fetch_kernel(running.abi)
@@ -162,7 +179,8 @@ def main() -> None:
         tree.prepare()
     builtin_sources = {o[:-2] + ".c" for o in tree.vmlinux_objects}
     changed = changed_c_files(old, new)
-    files = [f for f in changed if f in builtin_sources]
+    builtin_changed = [f for f in changed if f in builtin_sources]
+    files = list(builtin_changed)
     if args.only:
         files = [f for f in files if f in args.only]
     if args.limit:
@@ -172,19 +190,27 @@ def main() -> None:
     t0 = time.monotonic()
     entries = []
     for i, rel in enumerate(files):
-        entry = classify_create(rel, old, new, old_files.config, exchange, i)
+        # The id is the file's place in the whole list, so reruns of a subset keep their ids.
+        entry = classify_create(rel, old, new, old_files.config, exchange, builtin_changed.index(rel))
         print(f"[{i + 1}/{len(files)}] {rel}: {entry['outcome']} ({entry['create_seconds']} s)",
               file=sys.stderr, flush=True)
         entries.append(entry)
     run_in_vm(entries, exchange, running.abi)
-    scope = (f"{len(changed)} .c files changed; {len([f for f in changed if f in builtin_sources])} "
-             f"are built into vmlinux (kbuild's object list for the stock config); "
-             f"{len(files)} run here" + (" (a subset)" if len(files) < len(changed) and
-                                          (args.limit or args.only) else "") +
-             f"; {time.monotonic() - t0:.0f} s in all.")
+    elapsed = time.monotonic() - t0
+    n_builtin = len(builtin_changed)
+    previous = args.out.with_suffix(".json")
+    if args.merge and previous.exists():
+        old_meta = json.loads(previous.read_text())
+        rerun = {e["file"] for e in entries}
+        entries = sorted([e for e in old_meta["patches"] if e["file"] not in rerun] + entries,
+                         key=lambda e: e["file"])
+    scope = (f"{len(changed)} .c files changed; {n_builtin} are built into vmlinux (kbuild's object "
+             f"list for the stock config); {len(entries)} in this table"
+             + (f", of which {len(files)} rerun in {elapsed:.0f} s" if args.merge
+                else f"; {elapsed:.0f} s in all") + ".")
     meta = {"from": args.old, "to": args.new, "kernel": running.abi,
-            "date": time.strftime("%Y-%m-%d"), "scope": scope,
-            "machine": f"{platform.node()} ({__import__('os').cpu_count()} cpus, QEMU/TCG guest)"}
+            "date": time.strftime("%Y-%m-%d"), "scope": scope, "seconds": round(elapsed),
+            "machine": f"{platform.node()} ({os.cpu_count()} cpus, QEMU/TCG guest)"}
     write_reports(entries, args.out, meta)
     print(scope)
     print(dict(Counter(e["outcome"] for e in entries)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import tempfile
 import time
@@ -28,6 +27,18 @@ from .runpre import Matcher
 STATE_DIR = Path(os.environ.get("LIVESPLICE_STATE", "/run/livesplice"))
 SKIP_TARGET_CHECK = "LIVESPLICE_UNSAFE_SKIP_TARGET_CHECK"  # tests only: reach run-pre matching
 SHN_ABS = 0xFFF1
+
+
+def core_call(request: str, refusals: tuple[str, ...] = ("busy", "mismatch")) -> dict[str, int]:
+    """Send a request to the core; its figures (pause_ns=...) on success. A refusal of a safety
+    check (busy, mismatch, stacked) raises Refused, anything else LivespliceError."""
+    result = kernel.core_request(request)
+    if result.startswith("ok"):
+        return {k: int(v) for k, v in (p.split("=", 1) for p in result.split()[3:])}
+    message = result.split(" ", 1)[1] if " " in result else result
+    if result.startswith(refusals):
+        raise Refused(message)
+    raise LivespliceError(f"the core refused: {message}")
 
 
 def check_target(package: Package) -> None:
@@ -101,17 +112,12 @@ def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
     t_match = time.monotonic() - t0
 
     records = {(r["object"], r["name"]): r for r in package.pre["functions"]}
-    loaded_core = False
     module = manifest["module"]["name"]
     if kernel.module_loaded(module):
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
     with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
-        if not kernel.module_loaded(kernel.CORE_MODULE):
-            core = Path(tmp) / "livesplice_core.ko"
-            core.write_bytes(package.members["modules/livesplice_core.ko"])
-            kernel.insmod(core, f"text_poke_addr={ks.address('text_poke_kgdb'):#x}")
-            loaded_core = True
+        loaded_core = _load_core(package, ks)
         ko = Path(tmp) / f"{module}.ko"
         ko.write_bytes(resolve_module(package.members[manifest["module"]["file"]], addresses))
         try:
@@ -120,23 +126,16 @@ def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
             _unload_core_if_idle(loaded_core)
             raise
     try:
-        request = _apply_request(package, match, records, ks, memory, retries, retry_delay)
-        result = kernel.core_request(request)
+        figures = core_call(_apply_request(package, match, records, ks, memory, retries,
+                                           retry_delay))
     except BaseException:
         _cleanup(module, loaded_core)
         raise
-    if not result.startswith("ok"):
-        _cleanup(module, loaded_core)
-        message = result.split(" ", 1)[1] if " " in result else result
-        if result.startswith(("busy", "mismatch")):
-            raise Refused(message)
-        raise LivespliceError(f"the core refused: {message}")
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     (STATE_DIR / f"{package.id}.json").write_text(json.dumps(manifest))
-    figures = dict(p.split("=", 1) for p in result.split()[3:])
     return {"id": package.id, "module": module, "functions": [r["name"] for r in manifest["replaced"]],
-            "pause_ns": int(figures.get("pause_ns", 0)), "work_ns": int(figures.get("work_ns", 0)),
-            "attempts": int(figures.get("attempts", 1)), "match_seconds": t_match,
+            "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
+            "attempts": figures.get("attempts", 1), "match_seconds": t_match,
             "total_seconds": time.monotonic() - t0}
 
 
@@ -169,6 +168,17 @@ def _apply_request(package, match, records, ks, memory, retries, retry_delay) ->
     return "\n".join(lines + ranges + new_ranges) + "\n"
 
 
+def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
+    """Load the package's core module unless a core is loaded; whether this call loaded it."""
+    if kernel.module_loaded(kernel.CORE_MODULE):
+        return False
+    with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
+        core = Path(tmp) / "livesplice_core.ko"
+        core.write_bytes(package.members["modules/livesplice_core.ko"])
+        kernel.insmod(core, f"text_poke_addr={ks.address('text_poke_kgdb'):#x}")
+    return True
+
+
 def _section_sizes(ko: bytes) -> dict[str, int]:
     import io
 
@@ -194,18 +204,13 @@ def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0) -> dict:
     if update is None:
         known = ", ".join(u.id for u in applied) or "none"
         raise BadInput(f"no applied update {update_id!r} (applied: {known})")
-    result = kernel.core_request(f"undo {update_id} {max(1, retries)} {int(retry_delay * 1000)}\n")
-    if not result.startswith("ok"):
-        message = result.split(" ", 1)[1] if " " in result else result
-        if result.startswith(("busy", "stacked", "mismatch")):
-            raise Refused(message)
-        raise LivespliceError(f"the core refused: {message}")
+    figures = core_call(f"undo {update_id} {max(1, retries)} {int(retry_delay * 1000)}\n",
+                        ("busy", "stacked", "mismatch"))
     kernel.rmmod(update.module)
     _unload_core_if_idle()
     (STATE_DIR / f"{update_id}.json").unlink(missing_ok=True)
-    figures = dict(p.split("=", 1) for p in result.split()[3:])
-    return {"id": update_id, "pause_ns": int(figures.get("pause_ns", 0)),
-            "attempts": int(figures.get("attempts", 1))}
+    return {"id": update_id, "pause_ns": figures.get("pause_ns", 0),
+            "attempts": figures.get("attempts", 1)}
 
 
 def list_applied() -> list[dict]:
@@ -241,19 +246,9 @@ def empty_pause(package_path: Path, runs: int = 20) -> dict:
     kernel.require_root()
     package = Package.read(package_path)
     check_target(package)
-    loaded = False
-    if not kernel.module_loaded(kernel.CORE_MODULE):
-        with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
-            core = Path(tmp) / "livesplice_core.ko"
-            core.write_bytes(package.members["modules/livesplice_core.ko"])
-            kernel.insmod(core, f"text_poke_addr={kernel.Kallsyms().address('text_poke_kgdb'):#x}")
-        loaded = True
+    loaded = _load_core(package, kernel.Kallsyms())
     try:
-        result = kernel.core_request(f"bench {runs}\n")
+        return core_call(f"bench {runs}\n")
     finally:
         if loaded:
             _unload_core_if_idle()
-    if not result.startswith("ok"):
-        raise LivespliceError(f"the core refused: {result}")
-    figures = dict(p.split("=", 1) for p in result.split()[3:])
-    return {k: int(v) for k, v in figures.items()}

@@ -322,8 +322,6 @@ def patch_files(patch: str) -> list[str]:
             if path == "/dev/null":
                 continue
             files.append(path.split("/", 1)[1] if "/" in path else path)
-        elif line.startswith("--- ") and "/dev/null" not in line:
-            pass
     deleted = []
     lines = patch.splitlines()
     for i, line in enumerate(lines):

@@ -65,7 +65,7 @@ def find_target(tree: WorkTree, target_abi: str | None) -> Target:
     return Target(release, None, headers)
 
 
-def _refusals_for_files(files: list[str], objects_changed: bool) -> list[str]:
+def _refusals_for_files(files: list[str]) -> list[str]:
     out = []
     for f in files:
         if KBUILD_FILES.search(f) and not f.startswith(("Documentation/", "tools/", "samples/")):
@@ -135,7 +135,7 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
         t1 = time.monotonic()
         diffs: list[ObjectDiff] = []
         objects: dict[str, tuple[ObjectFile, ObjectFile]] = {}
-        refusals = _refusals_for_files(files, True)
+        refusals = _refusals_for_files(files)
         for o in pair.objects:
             pre, post = ObjectFile(pair.pre_dir / o), ObjectFile(pair.post_dir / o)
             objects[o] = (pre, post)

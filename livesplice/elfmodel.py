@@ -156,9 +156,7 @@ class ObjectFile:
             raise BadInput(f"{self.path}: not an x86-64 relocatable object")
         self.sections: list[Section | None] = []
         for i, s in enumerate(self._elf.iter_sections()):
-            data = b"" if s["sh_type"] == "SHT_NOBITS" else s.data()
-            if s["sh_type"] == "SHT_NOBITS":
-                data = bytes(s["sh_size"])
+            data = bytes(s["sh_size"]) if s["sh_type"] == "SHT_NOBITS" else s.data()
             self.sections.append(Section(i, s.name, s["sh_type"], s["sh_flags"], s["sh_addralign"],
                                          s["sh_entsize"], data))
         symtab = self._elf.get_section_by_name(".symtab")

@@ -137,8 +137,12 @@ def rmmod(name: str) -> None:
 
 
 def ensure_debugfs() -> None:
-    if not (DEBUGFS / "tracing").exists() and not any(DEBUGFS.iterdir() if DEBUGFS.exists() else []):
-        subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)], capture_output=True)
+    """The core's files are in debugfs, which most systems mount; mount it where not."""
+    if not os.path.ismount(DEBUGFS):
+        proc = subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LivespliceError(f"cannot mount debugfs on {DEBUGFS}: {proc.stderr.strip()}")
 
 
 @dataclass

@@ -45,6 +45,7 @@ class KernelRef:
 class NewCode:
     writer: ElfWriter = field(default_factory=ElfWriter)
     refs: dict[tuple[str, str], KernelRef] = field(default_factory=dict)
+    ref_symbols: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
     functions: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)  # (object, name)
     data: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
     strings: dict[str, OutSymbol] = field(default_factory=dict)
@@ -58,9 +59,8 @@ class NewCode:
         if key not in self.refs:
             placeholder = f"{PLACEHOLDER_PREFIX}{len(self.refs)}"
             self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind)
-            self.writer.add_symbol(OutSymbol(placeholder, None))
-        placeholder = self.refs[key].placeholder
-        return next(s for s in self.writer.symbols if s.name == placeholder)
+            self.ref_symbols[key] = self.writer.add_symbol(OutSymbol(placeholder, None))
+        return self.ref_symbols[key]
 
     def string(self, text: str) -> OutSymbol:
         if text not in self.strings:

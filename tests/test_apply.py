@@ -1,7 +1,6 @@
 """apply, undo, list and view in the VM, on the stock 6.1.0-53-amd64 kernel."""
 
 import json
-import shutil
 import subprocess
 import textwrap
 

@@ -3,7 +3,6 @@
 import subprocess
 import textwrap
 
-import pytest
 
 from livesplice.elfmodel import ObjectFile, base_name
 from livesplice.objdiff import diff_objects
