@@ -21,7 +21,7 @@ from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
 from .layout import layout_changes
 from .newcode import Extractor, NewCode, build_core, build_module, check_problems
-from .objdiff import ObjectDiff, diff_objects
+from .objdiff import ObjectDiff, diff_objects, section_kind
 from .package import FORMAT_VERSION, Package
 
 KBUILD_FILES = re.compile(r"(^|/)(Kconfig[^/]*|Makefile[^/]*|Kbuild[^/]*)$")
@@ -219,8 +219,9 @@ def _pre_code(diffs: list[ObjectDiff], objects, code: NewCode) -> list[dict]:
         if ref.kind == "func":
             add(ref.object, pre, ref.name, referenced_only=True)
             continue
-        users = [f for f in pre.functions.values()
-                 if any(pre.target(r).name == ref.name for r in f.relocs)]
+        # Init code is gone from the running kernel: only code that is still there can tell.
+        users = [f for f in pre.functions.values() if section_kind(f.section.name) == "normal"
+                 and any(pre.target(r).name == ref.name for r in f.relocs)]
         for f in users[:3]:
             add(ref.object, pre, f.name, referenced_only=True)
     return list(records.values())

@@ -30,11 +30,13 @@ PC_RELATIVE = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_PC64"]}
 
 # Compiler-made names: "foo.isra.0", "foo.constprop.3", "foo.part.1", "foo.cold", "rs.12".
 _NUMBERED = re.compile(r"\.(\d+)(?=\.|$)")
+# __UNIQUE_ID_<prefix><__COUNTER__>: the counter moves when a patch adds an earlier one.
+_UNIQUE_ID = re.compile(r"^(__UNIQUE_ID_.*?)\d+(?=\.|$)")
 
 
 def base_name(name: str) -> str:
     """A symbol name without the numbers the compiler gives clones and static locals."""
-    return _NUMBERED.sub(".N", name)
+    return _NUMBERED.sub(".N", _UNIQUE_ID.sub(r"\1N", name))
 
 
 @dataclass(eq=False)
@@ -231,9 +233,13 @@ class ObjectFile:
 
     def target(self, reloc: Reloc) -> Target:
         sym = reloc.symbol
-        if sym.type != "STT_SECTION":
-            return Target("sym", sym.name, reloc.addend)
         section = sym.section
+        # Local labels such as .LC0 in a string section are string literals, like section symbols.
+        anonymous = sym.type == "STT_SECTION" or (
+            sym.type == "STT_NOTYPE" and sym.bind == "STB_LOCAL" and section is not None
+            and section.is_strings)
+        if not anonymous:
+            return Target("sym", sym.name, reloc.addend)
         assert section is not None
         # A PC-relative field sits at the end of its instruction: the byte it means is 4 further.
         adjust = 4 if reloc.type in (R["R_X86_64_PC32"], R["R_X86_64_PLT32"]) else 0

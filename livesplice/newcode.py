@@ -21,6 +21,7 @@ from elftools.elf.constants import SH_FLAGS
 
 from .elfmodel import (CODE_TABLES, ORC_ENTRY_SIZE, ElfWriter, Item, ObjectFile, OutSection,
                        OutSymbol, Reloc, Section)
+from .objdiff import DYNDBG_SECTION
 from .errors import LivespliceError, Refused
 
 PLACEHOLDER_PREFIX = "__livesplice_sym_"
@@ -136,16 +137,25 @@ class Extractor:
         if key in self.code.data:
             return self.code.data[key]
         flags = item.section.flags & (SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_WRITE)
-        nobits = item.section.type == "SHT_NOBITS"
-        prefix = ".bss" if nobits else ".data" if flags & SH_FLAGS.SHF_WRITE else ".rodata"
-        sec = self.code.writer.add_section(OutSection(
-            f"{prefix}.livesplice.{item.name}", bytearray(item.data), flags,
-            align=max(item.section.addralign, 1), type="SHT_NOBITS" if nobits else "SHT_PROGBITS"))
-        sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_OBJECT",
+        if item.section.name == DYNDBG_SECTION:
+            # The module loader registers the module's descriptors with dynamic debug, so the
+            # new code's pr_debug()s can be switched on like any module's.
+            sec = self._table(DYNDBG_SECTION, item.section)
+            at = len(sec.data)
+            sec.data.extend(item.data)
+        else:
+            nobits = item.section.type == "SHT_NOBITS"
+            prefix = ".bss" if nobits else ".data" if flags & SH_FLAGS.SHF_WRITE else ".rodata"
+            sec = self.code.writer.add_section(OutSection(
+                f"{prefix}.livesplice.{item.name}", bytearray(item.data), flags,
+                align=max(item.section.addralign, 1),
+                type="SHT_NOBITS" if nobits else "SHT_PROGBITS"))
+            at = 0
+        sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, at, item.size, "STT_OBJECT",
                                                     "STB_LOCAL"))
         self.code.data[key] = sym
         for r in item.relocs:
-            self._relocate(sec, r.offset - item.start, r)
+            self._relocate(sec, at + r.offset - item.start, r)
         return sym
 
     def _copy_section(self, section: Section | None) -> OutSymbol:

@@ -5,13 +5,20 @@ relocations agree in type, offset, target and addend, with targets named by symb
 `elfmodel.Target`) and compiler-numbered names (`.isra.N`, `.constprop.N`, `.part.N`, `.cold`,
 `name.N` static locals) correlated between the two builds. The entries the kernel's tables hold for a
 function (alternatives, jump labels, exception fixups, ...) are part of what is compared.
-A difference only in the `__LINE__` immediates passed to might_sleep() and friends is not a change.
+A difference only in the `__LINE__` immediates passed to might_sleep() and friends, or in the line
+number of a dynamic debug descriptor, is not a change.
+
+Changed data is refused, except where the new code can have a copy of its own: a local read-only
+object (a string, a const table) or a dynamic debug descriptor, which only code of this object can
+reach; every function that uses it then counts as changed, so that the new code uses the copy.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+from elftools.elf.constants import SH_FLAGS
 
 from .elfmodel import CODE_TABLES, Item, ObjectFile, Target, base_name, fentry_offset
 
@@ -29,6 +36,9 @@ LINE_TAKING_FUNCTIONS = {"__might_sleep", "__might_resched", "__might_fault", "_
                          "__cant_migrate", "__might_resched_precision", "lockdep_rcu_suspicious",
                          "__warn_printk", "warn_slowpath_fmt", "__mmiowb_spin_unlock"}
 JUMP_SIZE = 5  # jmp rel32
+# Dynamic debug descriptors (struct _ddebug): four pointers, then `lineno:18` in the next word.
+DYNDBG_SECTION = "__dyndbg"
+DYNDBG_LINENO = (32, 0x3FFFF)
 
 
 @dataclass
@@ -57,7 +67,7 @@ class ObjectDiff:
         return bool(self.changed or self.new)
 
 
-def _section_kind(name: str) -> str:
+def section_kind(name: str) -> str:
     if name.startswith(INIT_SECTION_PREFIXES):
         return "init"
     if name.startswith(EXIT_SECTION_PREFIXES):
@@ -81,9 +91,16 @@ def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
             post_by_base[(item.symbol.type, base_name(item.name))].append(item)
     for key, posts in post_by_base.items():
         pres = [i for i in pre_by_base.get(key, []) if i.name not in mapping.values()]
-        # Equal contents first (string constants such as __func__.N, static locals' initial values).
+        # Equal contents first (string constants such as __func__.N, static locals' initial values,
+        # dynamic debug descriptors).
+        if key[0] == "STT_OBJECT":
+            pre_keys = {p.name: _content_key(pre, p) for p in pres}
+            post_keys = {i.name: _content_key(post, i) for i in posts}
         for item in list(posts):
-            same = [p for p in pres if p.data == item.data and p.size == item.size]
+            if key[0] == "STT_OBJECT":
+                same = [p for p in pres if pre_keys[p.name] == post_keys[item.name]]
+            else:
+                same = [p for p in pres if p.data == item.data and p.size == item.size]
             if len(same) == 1 or (same and same[0].name == item.name):
                 mapping[item.name] = same[0].name
                 pres.remove(same[0])
@@ -97,6 +114,44 @@ def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
         for item, p in zip(posts, pres):
             mapping[item.name] = p.name
     return mapping
+
+
+def _content_key(obj: ObjectFile, item: Item) -> tuple:
+    """What a data object holds, independent of the names the compiler numbered: its bytes (with
+    relocation fields and a dynamic debug descriptor's line number masked), and what each relocation
+    points at: strings and read-only objects by their contents, anything else by base name."""
+    data = bytearray(_mask_line(item, item.data))
+    targets = []
+    for r in item.relocs:
+        off = r.offset - item.start
+        data[off:off + r.width] = bytes(r.width)
+        t = obj.target(r)
+        ref = obj.data_objects.get(t.name) if t.kind == "sym" else None
+        if ref is not None and _read_only(ref):
+            targets.append((off, r.type, "data", ref.data, t.offset))
+        else:
+            targets.append((off, r.type, t.kind, base_name(t.name) if t.kind == "sym" else t.name,
+                            t.offset))
+    return item.size, bytes(data), tuple(targets)
+
+
+def _mask_line(item: Item, data: bytes) -> bytes:
+    if item.section.name != DYNDBG_SECTION or len(data) < DYNDBG_LINENO[0] + 4:
+        return data
+    off, mask = DYNDBG_LINENO
+    word = int.from_bytes(data[off:off + 4], "little") & ~mask
+    return data[:off] + word.to_bytes(4, "little") + data[off + 4:]
+
+
+def _read_only(item: Item) -> bool:
+    return not item.section.flags & SH_FLAGS.SHF_WRITE
+
+
+def _copyable(item: Item) -> bool:
+    """Data the new code may use a copy of: nothing outside this object can reach it, and either
+    nothing writes it or it is a dynamic debug descriptor (whose flags only debugfs writes)."""
+    return item.symbol.bind == "STB_LOCAL" and (_read_only(item) or
+                                                item.section.name == DYNDBG_SECTION)
 
 
 def signature(obj: ObjectFile, item: Item, rename) -> tuple[bytes, list[tuple]]:
@@ -207,10 +262,19 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
     def same_name(n: str) -> str:
         return n
 
+    # Changed data the new code can have a copy of becomes new data: uncorrelated, so that every
+    # function referring to it differs. Copies can make more copies (a const table of strings).
+    while copies := [d for d in _changed_data(pre, post, names, rename_post)
+                     if _copyable(post.data_objects[d])]:
+        for dname in copies:
+            diff.notes.append(f"{dname}: changed {post.data_objects[dname].section.name} data, "
+                              "the new code gets its own copy")
+            del names[dname]
+
     changed_units: dict[str, set[str]] = {}  # unit (parent function) -> changed members
     for fname, item in post_funcs.items():
         pre_name = names.get(fname)
-        kind = _section_kind(item.section.name)
+        kind = section_kind(item.section.name)
         if pre_name is None or pre_name not in pre_funcs:
             if kind == "normal":
                 diff.new.append(FunctionChange(fname, None, item.section.name, item.size))
@@ -258,19 +322,29 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
     for c in diff.changed:
         diff.new = [n for n in diff.new if n.name not in c.parts]
 
-    for dname, item in post.data_objects.items():
-        pre_name = names.get(dname)
-        if pre_name is None or pre_name not in pre.data_objects:
-            diff.new_data.append(dname)
-            continue
-        pre_item = pre.data_objects[pre_name]
-        if signature(pre, pre_item, same_name) == signature(post, item, rename_post):
-            continue
+    for dname in _changed_data(pre, post, names, rename_post):
+        item, pre_item = post.data_objects[dname], pre.data_objects[names[dname]]
         what = (f"size {pre_item.size} -> {item.size}" if pre_item.size != item.size
                 else "contents differ")
         diff.refusals.append(f"{name}: changed data object {dname} in {item.section.name} "
                              f"({what}): live data cannot be rewritten safely")
+    diff.new_data = [d for d in post.data_objects if d not in names]
     return diff
+
+
+def _changed_data(pre: ObjectFile, post: ObjectFile, names: dict[str, str], rename_post) -> list[str]:
+    """Post data objects correlated with a pre object whose contents or references differ."""
+    out = []
+    for dname, item in post.data_objects.items():
+        pre_item = pre.data_objects.get(names.get(dname, ""))
+        if pre_item is None:
+            continue
+        pre_data, pre_relocs = signature(pre, pre_item, lambda n: n)
+        post_data, post_relocs = signature(post, item, rename_post)
+        if pre_relocs != post_relocs or \
+                _mask_line(pre_item, pre_data) != _mask_line(item, post_data):
+            out.append(dname)
+    return out
 
 
 def _unredirectable(obj: ObjectFile, item: Item) -> str | None:

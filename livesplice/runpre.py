@@ -17,7 +17,7 @@ import base64
 from dataclasses import dataclass, field
 
 from .elfmodel import PC_RELATIVE, R, RELOC_WIDTH
-from .errors import Refused
+from .errors import LivespliceError, Refused
 from .kernel import AppliedUpdate, Kallsyms, KernelMemory
 
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
@@ -73,13 +73,14 @@ class Matcher:
             value = int.from_bytes(memory[off:off + width], "little", signed=rtype in SIGNED)
             target = value + (live + off if rtype in PC_RELATIVE else 0)
             if kind == "str":
-                where = target - offset
+                where = (target - offset) & 0xFFFFFFFFFFFFFFFF
                 text = name.encode("latin-1") + b"\0"
                 try:
                     if self.mem.read(where, len(text)) != text:
                         return f"offset {off:#x}: string literal {name[:40]!r} is not at {where:#x}", {}
-                except Exception:
-                    return f"offset {off:#x}: string literal {name[:40]!r} is unreadable", {}
+                except (OSError, LivespliceError) as exc:
+                    return (f"offset {off:#x}: string literal {name[:40]!r} at {where:#x} "
+                            f"is unreadable: {exc}"), {}
                 continue
             address = (target - offset) & 0xFFFFFFFFFFFFFFFF
             key = _key(record["object"], name, local)

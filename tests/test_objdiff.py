@@ -126,3 +126,68 @@ def test_changed_init_is_refused(tmp_path):
     d = compile_pair(tmp_path, pre, post)
     assert any("changed __init function setup" in r for r in d.refusals)
     assert not d.changed
+
+
+def test_changed_local_const_table_is_copied(tmp_path):
+    # Only this object can reach a static const table: the new code gets its own copy, and
+    # every function that reads it is changed (also one whose own code did not change).
+    src = ("static const int table[4] = {1, 2, 3, %d};\n"
+           "int f(int i) { return table[i & 3]; }\nint g(int i) { return table[(i + 1) & 3]; }\n"
+           "int h(int i) { return i + sink; }\n")
+    d = compile_pair(tmp_path, src % 4, src % 5)
+    assert names(d.changed) == ["f", "g"] and not d.refusals
+    assert "table" in d.new_data and any("table" in n and "own copy" in n for n in d.notes)
+
+
+def test_changed_global_const_is_refused(tmp_path):
+    # Other objects may read a global const: they would keep reading the old one.
+    src = "const int limits[2] = {1, %d};\nint f(int i) { return limits[i & 1]; }\n"
+    d = compile_pair(tmp_path, src % 2, src % 3)
+    assert any("changed data object limits" in r for r in d.refusals)
+
+
+def test_func_names_are_correlated_by_contents(tmp_path):
+    # __func__.N are numbered in order: a renamed helper leaves a __func__.0 of another contents,
+    # which is a new string, not changed data.
+    pre = ("static noinline int helper(int x) { return printk(\"%s %d\", __func__, x); }\n"
+           "int f(int x) { return helper(x) + printk(\"%s\", __func__); }\n")
+    post = pre.replace("helper", "helper_renamed")
+    d = compile_pair(tmp_path, pre, post)
+    assert names(d.changed) == ["f"] and names(d.new) == ["helper_renamed"] and not d.refusals
+
+
+# A dynamic debug descriptor as DEFINE_DYNAMIC_DEBUG_METADATA lays it out (struct _ddebug).
+DYNDBG = """
+struct _ddebug { const char *modname, *function, *filename, *format;
+                 unsigned int lineno:18, class_id:6, flags:8; long key[2]; } __attribute__((aligned(8)));
+void __dynamic_pr_debug(struct _ddebug *d, const char *fmt, ...);
+#define pr_debug(fmt, ...) do { static struct _ddebug __attribute__((used, section("__dyndbg"))) \\
+    __UNIQUE_ID_ddebug = { "t", __func__, "t.c", fmt, __LINE__, 63, 0 }; \\
+    __dynamic_pr_debug(&__UNIQUE_ID_ddebug, fmt, ##__VA_ARGS__); } while (0)
+"""
+
+
+def test_dyndbg_line_shift_is_not_a_change(tmp_path):
+    src = DYNDBG + "int f(int x) { pr_debug(\"f %d\\n\", x); return x; }\n"
+    d = compile_pair(tmp_path, src, src.replace("int f(", "\n\nint f("))
+    assert not d.changed and not d.refusals and not d.new_data
+
+
+def test_changed_dyndbg_message_is_copied(tmp_path):
+    src = DYNDBG + ("int f(int x) { pr_debug(\"%s %%d\\n\", x); return x; }\n"
+                    "int g(int x) { pr_debug(\"g %%d\\n\", x); return x + 1; }\n")
+    d = compile_pair(tmp_path, src % "f", src % "f now")
+    assert names(d.changed) == ["f"] and not d.refusals
+
+
+def test_local_label_in_string_section_is_a_string(tmp_path):
+    # gas keeps .LC labels of mergeable string sections as symbols (the kernel's BUG/WARN asm
+    # does this for __FILE__): a reference to one is a string literal, not a kernel symbol.
+    src = ("int f(void) { const char *p;\n"
+           "  asm(\".pushsection .rodata.f.str1.1,\\\"aMS\\\",@progbits,1\\n.LCx: .string \\\"t.c\\\"\\n"
+           ".popsection\\n lea .LCx(%%rip), %0\" : \"=r\"(p)); return p[1]; }\n")
+    (tmp_path / "t.c").write_text(PRELUDE + src)
+    subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path, check=True)
+    obj = ObjectFile(tmp_path / "t.o")
+    targets = [obj.target(r) for r in obj.functions["f"].relocs]
+    assert any(t.kind == "str" and t.name == "t.c" for t in targets), targets
