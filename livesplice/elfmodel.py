@@ -248,6 +248,12 @@ class ObjectFile:
             text, inside = self.string_at(section, where)
             return Target("str", text, inside - adjust)
         item = self.item_at(section, where)
+        for extra in (1, 2, 4) if adjust and item is None else ():
+            # An immediate after the displacement (cmpb $0, x(%rip)) moves the field further
+            # from the instruction's end.
+            item = self.item_at(section, where + extra)
+            if item is not None:
+                break
         if item is not None:
             return Target("sym", item.name, sym.value + reloc.addend - item.start)
         return Target("sec", section.name, reloc.addend)

@@ -191,3 +191,17 @@ def test_local_label_in_string_section_is_a_string(tmp_path):
     obj = ObjectFile(tmp_path / "t.o")
     targets = [obj.target(r) for r in obj.functions["f"].relocs]
     assert any(t.kind == "str" and t.name == "t.c" for t in targets), targets
+
+
+def test_rip_relative_reference_with_immediate(tmp_path):
+    # `cmpb $0, flag(%rip)` has addend -5: still a reference to the static variable, not to
+    # an anonymous piece of its section.
+    src = "static char flag;\nvoid set(void) { flag = 1; }\nint f(void) { return flag == 7 ? sink : 0; }\n"
+    (tmp_path / "t.c").write_text(PRELUDE + src)
+    subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path, check=True)
+    obj = ObjectFile(tmp_path / "t.o")
+    relocs = [r for name in ("set", "f") for r in obj.functions[name].relocs]
+    assert any(r.addend < -4 for r in relocs)  # the case this is about
+    targets = [obj.target(r) for r in relocs]
+    assert all(t.kind == "sym" for t in targets) and \
+        {t.name for t in targets} == {"flag", "sink", "__fentry__"}, targets
