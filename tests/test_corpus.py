@@ -1,0 +1,45 @@
+"""A small fixed sample of the real-fix corpus (bench/corpus.py), so the benchmark cannot rot.
+
+Each file is a real change between Debian's 6.1.187-1 and 6.1.190-1 sources, run exactly as the
+benchmark runs it: create against 6.1.187-1, then apply, smoke check and undo in the VM with the
+stock 6.1.0-53-amd64 kernel. The sample holds one file of each class of bug the corpus found.
+"""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+EXPECTED = {
+    # Format strings passed as sign-extended absolute addresses (mov $str, %esi).
+    "drivers/acpi/acpica/psargs.c": "applied and undone",
+    # cmpb $0, var(%rip): a RIP-relative reference with a trailing immediate.
+    "drivers/acpi/processor_core.c": "applied and undone",
+    # A __FILE__ string behind a .LC label.
+    "fs/exec.c": "applied and undone",
+    # Init code that uses the same static data as the changed function.
+    "block/genhd.c": "applied and undone",
+    # A renumbered __func__ and a changed dynamic debug descriptor: copies in the new code.
+    "drivers/base/core.c": "applied and undone",
+    # Init code changed: refused, naming it.
+    "drivers/input/keyboard/atkbd.c": "refused at create",
+}
+
+
+def test_corpus_sample(stock_kernel, tmp_path):
+    out = tmp_path / "corpus"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "corpus.py"), "--out", str(out),
+                           "--only", *EXPECTED], capture_output=True, text=True, timeout=3000,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    outcomes = {e["file"]: e for e in report["patches"]}
+    assert set(outcomes) == set(EXPECTED)
+    for rel, expected in EXPECTED.items():
+        assert outcomes[rel]["outcome"] == expected, (rel, outcomes[rel])
+    assert "changed __init function atkbd_init" in outcomes[
+        "drivers/input/keyboard/atkbd.c"]["reasons"][0]
+    assert all(e["pause_ms"] > 0 for e in outcomes.values() if e["outcome"] == "applied and undone")
+    table = out.with_suffix(".md").read_text()
+    assert "| applied and undone | 5 |" in table
