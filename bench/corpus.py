@@ -47,7 +47,7 @@ def short_reason(reason: str) -> str:
                 "cannot redirect changed function", "Kconfig or Makefiles", "assembly code",
                 "anonymous writable data", "does not match the running kernel",
                 "not in /proc/kallsyms", "identical functions of that name", "code busy",
-                "does not build", "symbols this kernel does not have", "no function's object code"):
+                "does not build alone", "symbols this kernel does not have", "no function's object code"):
         if key in reason:
             return key
     return reason[:60]
@@ -69,8 +69,13 @@ def classify_create(rel: str, old: Path, new: Path, config: Path, out_dir: Path,
         entry.update(outcome="nothing to do", reasons=[str(exc)])
     except LivespliceError as exc:
         text = str(exc)
-        kind = "does not build" if "failed:" in text else text.splitlines()[0][:120]
-        entry.update(outcome="refused at create", reasons=[f"{kind}: {text.splitlines()[0][:200]}"])
+        if "failed:" in text:
+            # A per-file patch of a fix that also changed other files (a header, another .c).
+            errors = [line.strip() for line in text.splitlines() if "error:" in line]
+            reason = "does not build alone: " + (errors[0] if errors else text.splitlines()[0])[:200]
+        else:
+            reason = text.splitlines()[0][:200]
+        entry.update(outcome="refused at create", reasons=[reason])
     entry["create_seconds"] = round(time.monotonic() - t, 1)
     return entry
 
@@ -135,8 +140,11 @@ def write_reports(entries: list[dict], prefix: Path, meta: dict) -> None:
     counts = Counter(e["outcome"] for e in entries)
     reasons = Counter(short_reason(r) for e in entries if e["outcome"].startswith(("refused", "failed"))
                       for r in e.get("reasons", [])[:1])
+    # The share the target is about: patches that build on their own, change object code and
+    # change no data.
     data_free = [e for e in entries if e["outcome"] != "nothing to do" and not any(
-        "changed data object" in r or "changed layout" in r for r in e.get("reasons", []))]
+        key in r for r in e.get("reasons", [])
+        for key in ("changed data object", "changed layout", "does not build alone"))]
     applied = counts["applied and undone"]
     meta.update(counts=dict(counts), reasons=dict(reasons), patches=entries,
                 applied_share_of_data_free=round(applied / len(data_free), 3) if data_free else None)
@@ -145,7 +153,8 @@ def write_reports(entries: list[dict], prefix: Path, meta: dict) -> None:
              f"{meta['date']}, {meta['machine']}. {meta['scope']}", "",
              "| outcome | patches |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(counts.items())]
-    lines += ["", f"Of the {len(data_free)} patches that change code and no data, {applied} were "
+    lines += ["", f"Of the {len(data_free)} patches that build alone and change code but no data, "
+              f"{applied} were "
               f"applied and undone ({100 * applied / max(1, len(data_free)):.0f}%).", "",
               "| reason (first of each refusal or failure) | patches |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in reasons.most_common()]
