@@ -77,6 +77,10 @@ class NewCode:
         return self.strings[text]
 
 
+def is_compiler_clone(name: str) -> bool:
+    return any(f".{kind}." in name for kind in ("constprop", "isra", "part"))
+
+
 class Extractor:
     """Copies what the update needs out of one post object into a NewCode."""
 
@@ -121,8 +125,10 @@ class Extractor:
         data = self.post.data_objects.get(name)
         if data is not None and name not in self.names:
             return self._add_data(data), offset
-        if name in functions and name not in self.names:
-            # A post-only function that is not part of the update: carry it along too.
+        if name in functions and (name not in self.names or is_compiler_clone(name)):
+            # A post-only function that is not part of the update: carry it along too. So also a
+            # compiler clone: only ever called directly, so a copy is as good as the kernel's,
+            # and the kernel often has several of that name (NF_HOOK.constprop.0).
             self.included.add(name)
             return self.add_function(functions[name]), offset
         kernel_name = self.names.get(name, name)
