@@ -154,6 +154,10 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
             raise NothingToDo("no function's object code changed"
                               + (f" (only __LINE__ values moved in {', '.join(shifted)})"
                                  if shifted else ""))
+        if not any(d.changed for d in diffs):
+            added = [c.name for d in diffs for c in d.new]
+            raise NothingToDo("no existing function's object code changed; the new functions "
+                              f"({', '.join(added)}) are called by nothing the kernel runs")
 
         t2 = time.monotonic()
         code = NewCode()

@@ -77,6 +77,14 @@ class NewCode:
         return self.strings[text]
 
 
+def _plain_constant(item: Item) -> bool:
+    """A local read-only object without pointers (a __func__, a table of numbers): a copy is as
+    good as the kernel's, which kallsyms often cannot tell apart from others of its name. Objects
+    with pointers (ops tables) are not copied: code compares their addresses."""
+    return (item.symbol.bind == "STB_LOCAL" and not item.section.flags & SH_FLAGS.SHF_WRITE
+            and not item.relocs and item.section.type != "SHT_NOBITS")
+
+
 def is_compiler_clone(name: str) -> bool:
     return any(f".{kind}." in name for kind in ("constprop", "isra", "part"))
 
@@ -123,7 +131,7 @@ class Extractor:
         if name in functions and name in self.included:
             return self.add_function(functions[name]), offset
         data = self.post.data_objects.get(name)
-        if data is not None and name not in self.names:
+        if data is not None and (name not in self.names or _plain_constant(data)):
             return self._add_data(data), offset
         if name in functions and (name not in self.names or is_compiler_clone(name)):
             # A post-only function that is not part of the update: carry it along too. So also a

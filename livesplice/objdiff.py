@@ -318,6 +318,7 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
         if c.name.endswith(".cold") and c.name[:-5] in new_names:
             diff.new.remove(c)
             next(n for n in diff.new if n.name == c.name[:-5]).parts.append(c.name)
+    diff.refusals += _boot_table_entries(post, {c.name for c in diff.new}, name)
     # Parts of changed functions are carried with them, never redirected on their own.
     for c in diff.changed:
         diff.new = [n for n in diff.new if n.name not in c.parts]
@@ -345,6 +346,23 @@ def _changed_data(pre: ObjectFile, post: ObjectFile, names: dict[str, str], rena
                 _mask_line(pre_item, pre_data) != _mask_line(item, post_data):
             out.append(dname)
     return out
+
+
+def _boot_table_entries(post: ObjectFile, new_functions: set[str], name: str) -> list[str]:
+    """New functions entered in a table the kernel walks at boot or on its own events (PCI
+    fixups, initcalls, parameters, ...): the running kernel has read that table and will never
+    call them, so the update would silently not do what the patch says."""
+    out = []
+    for sec in post.sections:
+        if sec is None or not sec.is_alloc or sec.flags & SH_FLAGS.SHF_EXECINSTR \
+                or sec.name in CODE_TABLES:
+            continue
+        for r in sec.relocs:
+            t = post.target(r)
+            if t.kind == "sym" and t.name in new_functions and post.item_at(sec, r.offset) is None:
+                out.append(f"{name}: new function {t.name} is entered in {sec.name}, a table "
+                           "the running kernel has already read: it would never be called")
+    return sorted(set(out))
 
 
 def _unredirectable(obj: ObjectFile, item: Item) -> str | None:

@@ -24,3 +24,16 @@ def test_compiler_clones_are_carried_not_referenced(tmp_path):
     assert ("t.o", clones[0]) in code.functions
     assert not any(r.name.startswith("work") for r in code.refs.values())
     assert "sink" in {r.name for r in code.refs.values()}  # the clone's own references stay
+
+
+def test_plain_constants_are_carried_not_referenced(tmp_path):
+    # kallsyms has many __func__.N and such: a local constant without pointers is copied.
+    src = ("static const int primes[4] = {2, 3, 5, 7};\n"
+           "int f(int i) { return primes[i & 3] + %d; }\nint g(int i) { return primes[i & 1]; }\n")
+    d = compile_pair(tmp_path, src % 1, src % 2)
+    assert [c.name for c in d.changed] == ["f"] and not d.refusals
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    Extractor(code, "t.o", post, d.names, {"f"}).add_function(post.functions["f"])
+    assert ("t.o", "primes") in code.data
+    assert not any(r.name == "primes" for r in code.refs.values())

@@ -205,3 +205,14 @@ def test_rip_relative_reference_with_immediate(tmp_path):
     targets = [obj.target(r) for r in relocs]
     assert all(t.kind == "sym" for t in targets) and \
         {t.name for t in targets} == {"flag", "sink", "__fentry__"}, targets
+
+
+def test_new_function_in_a_boot_table_is_refused(tmp_path):
+    # As DECLARE_PCI_FIXUP_FINAL writes it: an anonymous entry the kernel walked at boot.
+    pre = "int f(int x) { return x + sink; }\n"
+    post = pre + ("static void quirk(void *dev) { sink = 1; }\n"
+                  "asm(\".section .pci_fixup_final, \\\"a\\\"\\n .balign 16\\n .short 0x1022, 0x15b8\\n"
+                  " .long 0, 0\\n .long quirk - .\\n .previous\\n\");\n"
+                  "void *keep = quirk;\n")
+    d = compile_pair(tmp_path, pre, post)
+    assert any("new function quirk is entered in .pci_fixup_final" in r for r in d.refusals), d.refusals
