@@ -234,10 +234,11 @@ class ObjectFile:
     def target(self, reloc: Reloc) -> Target:
         sym = reloc.symbol
         section = sym.section
-        # Local labels such as .LC0 in a string section are string literals, like section symbols.
+        # Assembler labels the object keeps (.LC0 in a mergeable section) are anonymous places in
+        # their section, like section symbols: a string literal, a constant, part of an object.
         anonymous = sym.type == "STT_SECTION" or (
             sym.type == "STT_NOTYPE" and sym.bind == "STB_LOCAL" and section is not None
-            and section.is_strings)
+            and sym.name.startswith(".L"))
         if not anonymous:
             return Target("sym", sym.name, reloc.addend)
         assert section is not None
@@ -256,7 +257,7 @@ class ObjectFile:
                 break
         if item is not None:
             return Target("sym", item.name, sym.value + reloc.addend - item.start)
-        return Target("sec", section.name, reloc.addend)
+        return Target("sec", section.name, sym.value + reloc.addend)
 
     # --- the kernel's special sections -----------------------------------------------------------
 

@@ -122,6 +122,10 @@ class Matcher:
                                 f"kernel: " + "; ".join(reasons[:3]))
                 continue
             if len(matched) > 1 and any(m[2] != matched[0][2] for m in matched[1:]):
+                if record.get("referenced_only"):
+                    # Only a witness for what the new code uses: it tells nothing, and if the new
+                    # code's reference stays unresolved, resolving it says so.
+                    continue
                 problems.append(f"{record['name']} ({record['object']}): {len(matched)} functions "
                                 "of that name match and they differ in what they refer to")
                 continue

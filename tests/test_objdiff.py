@@ -216,3 +216,16 @@ def test_new_function_in_a_boot_table_is_refused(tmp_path):
                   "void *keep = quirk;\n")
     d = compile_pair(tmp_path, pre, post)
     assert any("new function quirk is entered in .pci_fixup_final" in r for r in d.refusals), d.refusals
+
+
+def test_local_label_in_constant_section_is_anonymous(tmp_path):
+    # .LC labels of mergeable constant sections (.rodata.cst8) are kept as symbols too: they are
+    # places in their section, which the new code copies, not kernel symbols to look up.
+    src = ("long f(void) { long v;\n"
+           "  asm(\".pushsection .rodata.cst8,\\\"aM\\\",@progbits,8\\n.LCk: .quad 42\\n"
+           ".popsection\\n mov .LCk(%%rip), %0\" : \"=r\"(v)); return v; }\n")
+    (tmp_path / "t.c").write_text(PRELUDE + src)
+    subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path, check=True)
+    obj = ObjectFile(tmp_path / "t.o")
+    targets = [obj.target(r) for r in obj.functions["f"].relocs]
+    assert any(t.kind == "sec" and t.name == ".rodata.cst8" for t in targets), targets
