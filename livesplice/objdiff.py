@@ -36,6 +36,7 @@ LINE_TAKING_FUNCTIONS = {"__might_sleep", "__might_resched", "__might_fault", "_
                          "__cant_migrate", "__might_resched_precision", "lockdep_rcu_suspicious",
                          "__warn_printk", "warn_slowpath_fmt", "__mmiowb_spin_unlock"}
 JUMP_SIZE = 5  # jmp rel32
+EXPORT_TABLES = ("___ksymtab", "__ksymtab", "__kcrctab")
 # Dynamic debug descriptors (struct _ddebug): four pointers, then `lineno:18` in the next word.
 DYNDBG_SECTION = "__dyndbg"
 DYNDBG_LINENO = (32, 0x3FFFF)
@@ -355,8 +356,8 @@ def _boot_table_entries(post: ObjectFile, new_functions: set[str], name: str) ->
     out = []
     for sec in post.sections:
         if sec is None or not sec.is_alloc or sec.flags & SH_FLAGS.SHF_EXECINSTR \
-                or sec.name in CODE_TABLES:
-            continue
+                or sec.name in CODE_TABLES or sec.name.startswith(EXPORT_TABLES):
+            continue  # a new export only matters to modules loaded later: left out
         for r in sec.relocs:
             t = post.target(r)
             if t.kind == "sym" and t.name in new_functions and post.item_at(sec, r.offset) is None:
