@@ -208,17 +208,21 @@ def main() -> None:
     elapsed = time.monotonic() - t0
     n_builtin = len(builtin_changed)
     previous = args.out.with_suffix(".json")
+    history = []
     if args.merge and previous.exists():
         old_meta = json.loads(previous.read_text())
+        history = old_meta.get("history", [])
         rerun = {e["file"] for e in entries}
         entries = sorted([e for e in old_meta["patches"] if e["file"] not in rerun] + entries,
                          key=lambda e: e["file"])
+    if files:
+        history.append({"date": time.strftime("%Y-%m-%d"), "files": len(files),
+                        "seconds": round(elapsed)})
     scope = (f"{len(changed)} .c files changed; {n_builtin} are built into vmlinux (kbuild's object "
-             f"list for the stock config); {len(entries)} in this table"
-             + (f", of which {len(files)} rerun in {elapsed:.0f} s" if args.merge
-                else f"; {elapsed:.0f} s in all") + ".")
+             f"list for the stock config); {len(entries)} in this table, from "
+             + ", then ".join(f"{h['files']} files in {h['seconds']} s" for h in history) + ".")
     meta = {"from": args.old, "to": args.new, "kernel": running.abi,
-            "date": time.strftime("%Y-%m-%d"), "scope": scope, "seconds": round(elapsed),
+            "date": time.strftime("%Y-%m-%d"), "scope": scope, "history": history,
             "machine": f"{platform.node()} ({os.cpu_count()} cpus, QEMU/TCG guest)"}
     write_reports(entries, args.out, meta)
     print(scope)
