@@ -358,6 +358,8 @@ def _boot_table_entries(post: ObjectFile, new_functions: set[str], name: str) ->
         if sec is None or not sec.is_alloc or sec.flags & SH_FLAGS.SHF_EXECINSTR \
                 or sec.name in CODE_TABLES or sec.name.startswith(EXPORT_TABLES):
             continue  # a new export only matters to modules loaded later: left out
+        if sec.name.startswith((".rodata", ".data")):
+            continue  # the compiler's own anonymous data (jump tables) goes with the code
         for r in sec.relocs:
             t = post.target(r)
             if t.kind == "sym" and t.name in new_functions and post.item_at(sec, r.offset) is None:

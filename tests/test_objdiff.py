@@ -229,3 +229,16 @@ def test_local_label_in_constant_section_is_anonymous(tmp_path):
     obj = ObjectFile(tmp_path / "t.o")
     targets = [obj.target(r) for r in obj.functions["f"].relocs]
     assert any(t.kind == "sec" and t.name == ".rodata.cst8" for t in targets), targets
+
+
+def test_new_function_with_a_jump_table_is_not_a_boot_table_entry(tmp_path):
+    pre = "int f(int x) { return x + sink; }\n"
+    post = ("noinline int pick(int x) { switch (x) { case 0: return sink; case 1: return 5;\n"
+            "  case 2: return sink * 9; case 3: return sink - 2; case 4: return 11; case 5: return sink << 3;\n"
+            "  case 6: return sink ^ 7; default: return 0; } }\n"
+            "int f(int x) { return pick(x) + sink; }\n")
+    d = compile_pair(tmp_path, pre, post)
+    obj = ObjectFile(tmp_path / "post" / "t.o")
+    table = [s for s in obj.sections if s is not None and s.name.startswith(".rodata") and s.relocs]
+    assert table  # the case this is about: an anonymous jump table pointing into pick
+    assert names(d.changed) == ["f"] and names(d.new) == ["pick"] and not d.refusals, d.refusals
