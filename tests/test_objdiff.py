@@ -3,6 +3,8 @@
 import subprocess
 import textwrap
 
+import pytest
+
 
 from livesplice.elfmodel import ObjectFile, base_name
 from livesplice.objdiff import diff_objects
@@ -28,6 +30,12 @@ def compile_pair(tmp_path, pre: str, post: str):
         subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path / tag, check=True)
         objs.append(ObjectFile(tmp_path / tag / "t.o"))
     return diff_objects(objs[0], objs[1], "t.o")
+
+
+def compile_one(tmp_path, src: str) -> ObjectFile:
+    (tmp_path / "t.c").write_text(PRELUDE + textwrap.dedent(src))
+    subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path, check=True)
+    return ObjectFile(tmp_path / "t.o")
 
 
 def names(changes):
@@ -180,26 +188,27 @@ def test_changed_dyndbg_message_is_copied(tmp_path):
     assert names(d.changed) == ["f"] and not d.refusals
 
 
-def test_local_label_in_string_section_is_a_string(tmp_path):
-    # gas keeps .LC labels of mergeable string sections as symbols (the kernel's BUG/WARN asm
-    # does this for __FILE__): a reference to one is a string literal, not a kernel symbol.
-    src = ("int f(void) { const char *p;\n"
-           "  asm(\".pushsection .rodata.f.str1.1,\\\"aMS\\\",@progbits,1\\n.LCx: .string \\\"t.c\\\"\\n"
-           ".popsection\\n lea .LCx(%%rip), %0\" : \"=r\"(p)); return p[1]; }\n")
-    (tmp_path / "t.c").write_text(PRELUDE + src)
-    subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path, check=True)
-    obj = ObjectFile(tmp_path / "t.o")
+@pytest.mark.parametrize("section, flags, data, kind, name", [
+    # The kernel's BUG/WARN asm does this for __FILE__: a string literal, not a kernel symbol.
+    (".rodata.f.str1.1", "aMS", ".string \\\"t.c\\\"", "str", "t.c"),
+    # A constant: a place in its section, which the new code copies.
+    (".rodata.cst8", "aM", ".quad 42", "sec", ".rodata.cst8"),
+])
+def test_local_label_in_mergeable_section(tmp_path, section, flags, data, kind, name):
+    # gas keeps .L labels of mergeable sections as symbols: they are anonymous places.
+    src = (f"long f(void) {{ long v;\n"
+           f"  asm(\".pushsection {section},\\\"{flags}\\\",@progbits,1\\n.LCx: {data}\\n"
+           f".popsection\\n lea .LCx(%%rip), %0\" : \"=r\"(v)); return v; }}\n")
+    obj = compile_one(tmp_path, src)
     targets = [obj.target(r) for r in obj.functions["f"].relocs]
-    assert any(t.kind == "str" and t.name == "t.c" for t in targets), targets
+    assert any(t.kind == kind and t.name == name for t in targets), targets
 
 
 def test_rip_relative_reference_with_immediate(tmp_path):
     # `cmpb $0, flag(%rip)` has addend -5: still a reference to the static variable, not to
     # an anonymous piece of its section.
     src = "static char flag;\nvoid set(void) { flag = 1; }\nint f(void) { return flag == 7 ? sink : 0; }\n"
-    (tmp_path / "t.c").write_text(PRELUDE + src)
-    subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path, check=True)
-    obj = ObjectFile(tmp_path / "t.o")
+    obj = compile_one(tmp_path, src)
     relocs = [r for name in ("set", "f") for r in obj.functions[name].relocs]
     assert any(r.addend < -4 for r in relocs)  # the case this is about
     targets = [obj.target(r) for r in relocs]
@@ -216,19 +225,6 @@ def test_new_function_in_a_boot_table_is_refused(tmp_path):
                   "void *keep = quirk;\n")
     d = compile_pair(tmp_path, pre, post)
     assert any("new function quirk is entered in .pci_fixup_final" in r for r in d.refusals), d.refusals
-
-
-def test_local_label_in_constant_section_is_anonymous(tmp_path):
-    # .LC labels of mergeable constant sections (.rodata.cst8) are kept as symbols too: they are
-    # places in their section, which the new code copies, not kernel symbols to look up.
-    src = ("long f(void) { long v;\n"
-           "  asm(\".pushsection .rodata.cst8,\\\"aM\\\",@progbits,8\\n.LCk: .quad 42\\n"
-           ".popsection\\n mov .LCk(%%rip), %0\" : \"=r\"(v)); return v; }\n")
-    (tmp_path / "t.c").write_text(PRELUDE + src)
-    subprocess.run(["gcc", *CFLAGS, "t.c", "-o", "t.o"], cwd=tmp_path, check=True)
-    obj = ObjectFile(tmp_path / "t.o")
-    targets = [obj.target(r) for r in obj.functions["f"].relocs]
-    assert any(t.kind == "sec" and t.name == ".rodata.cst8" for t in targets), targets
 
 
 def test_new_function_with_a_jump_table_is_not_a_boot_table_entry(tmp_path):
