@@ -80,6 +80,15 @@ def classify_create(rel: str, old: Path, new: Path, config: Path, out_dir: Path,
     return entry
 
 
+CLI = [sys.executable, "-m", "livesplice"]
+
+
+def applied_ids(session: Session) -> list[str]:
+    """What `livesplice list` says is applied in the guest."""
+    r = session.run([*CLI, "list", "--json"], timeout=120, cwd=str(REPO))
+    return [u["id"] for u in json.loads(r.out or "[]")]
+
+
 def run_in_vm(entries: list[dict], exchange: Path, kernel: str) -> None:
     todo = [e for e in entries if e["outcome"] == "created"]
     session = None
@@ -90,34 +99,30 @@ def run_in_vm(entries: list[dict], exchange: Path, kernel: str) -> None:
                 session.start()
             mark = len(session.dmesg().splitlines())
             try:
-                cli = [sys.executable, "-m", "livesplice"]
-                r = session.run([*cli, "apply", e["package"], "--json"], timeout=600, cwd=str(REPO))
+                r = session.run([*CLI, "apply", e["package"], "--json"], timeout=600, cwd=str(REPO))
                 if r.status != 0:
                     # A refusal must leave the kernel exactly as it was: nothing listed, dmesg clean.
-                    left = session.run([*cli, "list", "--json"], timeout=120, cwd=str(REPO))
+                    left = applied_ids(session)
                     problems = session.dmesg_problems(mark)
-                    if r.status == 3 and not problems and not json.loads(left.out or "[]"):
+                    if r.status == 3 and not problems and not left:
                         e.update(outcome="refused at apply", reasons=[r.err.strip()])
                         continue
                     e.update(outcome="failed", reasons=[
                         f"apply exited {r.status}: {r.err.strip()[:300]}; dmesg {problems[:3]}; "
-                        f"left applied {left.out.strip()[:100]}"])
+                        f"left applied {left}"])
                     session.close()
                     session = None
                     continue
                 e["pause_ms"] = round(json.loads(r.out)["pause_ns"] / 1e6, 3)
-                listed = session.run([*cli, "list", "--json"], timeout=120, cwd=str(REPO))
-                live = [u["id"] for u in json.loads(listed.out or "[]")]
+                live = applied_ids(session)
                 smoke = session.run(["sh", "-c", "ls / >/dev/null && cat /proc/version"], timeout=120)
-                u = session.run([*cli, "undo", e["id"]], timeout=600, cwd=str(REPO))
+                u = session.run([*CLI, "undo", e["id"]], timeout=600, cwd=str(REPO))
                 problems = session.dmesg_problems(mark)
-                left = session.run([*cli, "list", "--json"], timeout=120, cwd=str(REPO))
-                if (live != [e["id"]] or smoke.status != 0 or u.status != 0 or problems
-                        or json.loads(left.out or "[]")):
+                left = applied_ids(session)
+                if live != [e["id"]] or smoke.status != 0 or u.status != 0 or problems or left:
                     e.update(outcome="failed", reasons=[
                         f"listed after apply {live}, smoke {smoke.status}, undo {u.status} "
-                        f"{u.err.strip()[:200]}, dmesg {problems[:3]}, "
-                        f"left applied {left.out.strip()[:100]}"])
+                        f"{u.err.strip()[:200]}, dmesg {problems[:3]}, left applied {left}"])
                     session.close()
                     session = None
                     continue

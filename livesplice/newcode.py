@@ -21,8 +21,8 @@ from elftools.elf.constants import SH_FLAGS
 
 from .elfmodel import (CODE_TABLES, ORC_ENTRY_SIZE, ElfWriter, Item, ObjectFile, OutSection,
                        OutSymbol, Reloc, Section)
-from .objdiff import DYNDBG_SECTION
 from .errors import LivespliceError, Refused
+from .objdiff import DYNDBG_SECTION, read_only
 
 PLACEHOLDER_PREFIX = "__livesplice_sym_"
 TABLES = {k: v for k, v in CODE_TABLES.items() if k not in ("__tracepoints_ptrs", ".ibt_endbr_seal")}
@@ -81,8 +81,8 @@ def _plain_constant(item: Item) -> bool:
     """A local read-only object without pointers (a __func__, a table of numbers): a copy is as
     good as the kernel's, which kallsyms often cannot tell apart from others of its name. Objects
     with pointers (ops tables) are not copied: code compares their addresses."""
-    return (item.symbol.bind == "STB_LOCAL" and not item.section.flags & SH_FLAGS.SHF_WRITE
-            and not item.relocs and item.section.type != "SHT_NOBITS")
+    return (item.symbol.bind == "STB_LOCAL" and read_only(item) and not item.relocs
+            and item.section.type != "SHT_NOBITS")
 
 
 def is_compiler_clone(name: str) -> bool:

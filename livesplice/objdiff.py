@@ -128,7 +128,7 @@ def _content_key(obj: ObjectFile, item: Item) -> tuple:
         data[off:off + r.width] = bytes(r.width)
         t = obj.target(r)
         ref = obj.data_objects.get(t.name) if t.kind == "sym" else None
-        if ref is not None and _read_only(ref):
+        if ref is not None and read_only(ref):
             targets.append((off, r.type, "data", ref.data, t.offset))
         else:
             targets.append((off, r.type, t.kind, base_name(t.name) if t.kind == "sym" else t.name,
@@ -144,14 +144,14 @@ def _mask_line(item: Item, data: bytes) -> bytes:
     return data[:off] + word.to_bytes(4, "little") + data[off + 4:]
 
 
-def _read_only(item: Item) -> bool:
+def read_only(item: Item) -> bool:
     return not item.section.flags & SH_FLAGS.SHF_WRITE
 
 
 def _copyable(item: Item) -> bool:
     """Data the new code may use a copy of: nothing outside this object can reach it, and either
     nothing writes it or it is a dynamic debug descriptor (whose flags only debugfs writes)."""
-    return item.symbol.bind == "STB_LOCAL" and (_read_only(item) or
+    return item.symbol.bind == "STB_LOCAL" and (read_only(item) or
                                                 item.section.name == DYNDBG_SECTION)
 
 
@@ -265,8 +265,11 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
 
     # Changed data the new code can have a copy of becomes new data: uncorrelated, so that every
     # function referring to it differs. Copies can make more copies (a const table of strings).
-    while copies := [d for d in _changed_data(pre, post, names, rename_post)
-                     if _copyable(post.data_objects[d])]:
+    while True:
+        changed_data = _changed_data(pre, post, names, rename_post)
+        copies = [d for d in changed_data if _copyable(post.data_objects[d])]
+        if not copies:
+            break
         for dname in copies:
             diff.notes.append(f"{dname}: changed {post.data_objects[dname].section.name} data, "
                               "the new code gets its own copy")
@@ -324,7 +327,7 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
     for c in diff.changed:
         diff.new = [n for n in diff.new if n.name not in c.parts]
 
-    for dname in _changed_data(pre, post, names, rename_post):
+    for dname in changed_data:  # what is left is data no copy can stand in for
         item, pre_item = post.data_objects[dname], pre.data_objects[names[dname]]
         what = (f"size {pre_item.size} -> {item.size}" if pre_item.size != item.size
                 else "contents differ")

@@ -72,17 +72,17 @@ class Matcher:
                 continue
             value = int.from_bytes(memory[off:off + width], "little", signed=rtype in SIGNED)
             target = value + (live + off if rtype in PC_RELATIVE else 0)
+            # 64-bit wrap-around: sign-extended absolute fields (mov $sym, %esi) are negative.
+            address = (target - offset) & 0xFFFFFFFFFFFFFFFF
             if kind == "str":
-                where = (target - offset) & 0xFFFFFFFFFFFFFFFF
                 text = name.encode("latin-1") + b"\0"
                 try:
-                    if self.mem.read(where, len(text)) != text:
-                        return f"offset {off:#x}: string literal {name[:40]!r} is not at {where:#x}", {}
+                    if self.mem.read(address, len(text)) != text:
+                        return f"offset {off:#x}: string literal {name[:40]!r} is not at {address:#x}", {}
                 except (OSError, LivespliceError) as exc:
-                    return (f"offset {off:#x}: string literal {name[:40]!r} at {where:#x} "
+                    return (f"offset {off:#x}: string literal {name[:40]!r} at {address:#x} "
                             f"is unreadable: {exc}"), {}
                 continue
-            address = (target - offset) & 0xFFFFFFFFFFFFFFFF
             key = _key(record["object"], name, local)
             known = bindings.get(key, found.get(key))
             if known is not None and known != address:
