@@ -1,44 +1,85 @@
-"""`apply`, `undo`, `list`, `view`: switch the running kernel to an update's code, and back.
+"""`apply`, `undo`, `list`, `view`, `cleanup`: switch the running kernel to an update's code, and back.
 
 apply: check the package and that it targets this kernel; match its pre code against the running
 kernel (runpre); load the core module if needed and the new code with its kernel references set to
-the addresses matching found; then ask the core to switch, under stop_machine, when no thread is in
-the code being replaced. On any failure everything loaded for this apply is unloaded again.
-What is applied is the core's state (debugfs), so `list` is right even after the tool crashed;
-the manifests kept in /run (gone at reboot, like the updates themselves) add the patch text.
+the addresses matching found; then ask the core to switch, with every CPU stopped, when no thread
+is in the code being replaced. On any failure everything loaded for this apply is unloaded again.
+What is applied is the core's state, so `list` is right even after the tool crashed; the manifests
+kept in /run (gone at reboot, like the updates themselves) add the patch text. Commands that change
+or read the updates hold one lock, so two of them never interleave.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
-import struct
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from . import kernel
-from .errors import BadInput, LivespliceError, NothingToDo, Refused
-from .newcode import PLACEHOLDER_PREFIX
+from . import coreproto, kernel
+from .errors import BadInput, NothingToDo, Refused
 from .package import Package
-from .runpre import Matcher
+from .runpre import Matcher, MatchResult
 
 STATE_DIR = Path(os.environ.get("LIVESPLICE_STATE", "/run/livesplice"))
 SKIP_TARGET_CHECK = "LIVESPLICE_UNSAFE_SKIP_TARGET_CHECK"  # tests only: reach run-pre matching
-SHN_ABS = 0xFFF1
+UPDATE_MODULE_PREFIX = "livesplice_"
 
 
-def core_call(request: str, refusals: tuple[str, ...] = ("busy", "mismatch")) -> dict[str, int]:
-    """Send a request to the core; its figures (pause_ns=...) on success. A refusal of a safety
-    check (busy, mismatch, stacked) raises Refused, anything else LivespliceError."""
-    result = kernel.core_request(request)
-    if result.startswith("ok"):
-        return {k: int(v) for k, v in (p.split("=", 1) for p in result.split()[3:])}
-    message = result.split(" ", 1)[1] if " " in result else result
-    if result.startswith(refusals):
-        raise Refused(message)
-    raise LivespliceError(f"the core refused: {message}")
+@contextlib.contextmanager
+def locked():
+    """One livesplice command at a time changes or reads the kernel's updates. The lock is an
+    flock on a file in /run, so a killed command releases it."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(STATE_DIR / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _leftover_modules(applied: list[coreproto.AppliedUpdate]) -> list[str]:
+    """Update modules loaded but not applied: what a killed apply left behind."""
+    in_use = {u.module for u in applied}
+    return [d.name for d in sorted(Path("/sys/module").glob(UPDATE_MODULE_PREFIX + "*"))
+            if d.name != coreproto.CORE_MODULE and d.name not in in_use
+            and (d / "sections").is_dir()]
+
+
+def cleanup() -> list[str]:
+    """Unload what a killed command left loaded but not switched: update modules the core does
+    not know as applied, and an idle core. Call with the lock held; returns what was unloaded."""
+    removed = []
+    for name in _leftover_modules(coreproto.state()):
+        kernel.rmmod(name)
+        removed.append(name)
+    if coreproto.core_loaded() and not coreproto.state():
+        kernel.rmmod(coreproto.CORE_MODULE)
+        removed.append(coreproto.CORE_MODULE)
+    return removed
+
+
+def check_lockdown() -> None:
+    """livesplice's modules are not signed with a key the kernel trusts: where the kernel insists
+    on signatures, refuse before loading anything."""
+    security = Path("/sys/kernel/security")
+    if not os.path.ismount(security):
+        subprocess.run(["mount", "-t", "securityfs", "securityfs", str(security)],
+                       capture_output=True)
+    lockdown = security / "lockdown"
+    if lockdown.exists():
+        mode = re.search(r"\[(\w+)\]", lockdown.read_text())
+        if mode and mode.group(1) != "none":
+            raise Refused(f"the kernel is locked down ({mode.group(1)}): it loads only modules "
+                          "signed with a trusted key, and livesplice's are not; nothing was changed")
+    enforce = Path("/sys/module/module/parameters/sig_enforce")
+    if enforce.exists() and enforce.read_text().strip() == "Y":
+        raise Refused("the kernel enforces module signatures (module.sig_enforce): it loads only "
+                      "modules signed with a trusted key, and livesplice's are not; nothing was "
+                      "changed")
 
 
 def check_target(package: Package) -> None:
@@ -60,28 +101,6 @@ def check_target(package: Package) -> None:
             raise BadInput(f"package {package.id} is for '{banner}'; this kernel is '{version}'")
 
 
-def resolve_module(ko: bytes, addresses: dict[str, int]) -> bytes:
-    """The new-code module with each placeholder symbol made absolute at its kernel address."""
-    from elftools.elf.elffile import ELFFile
-    import io
-
-    elf = ELFFile(io.BytesIO(ko))
-    symtab = elf.get_section_by_name(".symtab")
-    out = bytearray(ko)
-    base = symtab["sh_offset"]
-    missing = []
-    for i, sym in enumerate(symtab.iter_symbols()):
-        if sym.name.startswith(PLACEHOLDER_PREFIX):
-            if sym.name not in addresses:
-                missing.append(sym.name)
-                continue
-            entry = base + i * symtab["sh_entsize"]
-            struct.pack_into("<HQ", out, entry + 6, SHN_ABS, addresses[sym.name])
-    if missing:
-        raise LivespliceError(f"no address for {', '.join(missing)}")
-    return bytes(out)
-
-
 def section_name(function: str) -> str:
     return ".text.livesplice." + re.sub(r"[^A-Za-z0-9_.]", "_", function)
 
@@ -90,14 +109,19 @@ def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
     kernel.require_root()
     package = Package.read(path)
     check_target(package)
+    with locked():
+        cleanup()
+        return _apply(package, retries, retry_delay)
+
+
+def _apply(package: Package, retries: int, retry_delay: float) -> dict:
     manifest = package.manifest
-    applied = kernel.core_state()
+    applied = coreproto.state()
     if any(u.id == package.id for u in applied):
         raise NothingToDo(f"update {package.id} is already applied")
     t0 = time.monotonic()
     ks = kernel.Kallsyms()
-    memory = kernel.KernelMemory()
-    matcher = Matcher(ks, memory, applied)
+    matcher = Matcher(ks, kernel.KernelMemory(), applied)
     match = matcher.match(package.pre["functions"])
     addresses, unresolved = {}, []
     for ref in manifest["kernel_refs"]:
@@ -111,112 +135,111 @@ def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
         raise Refused("the new code refers to symbols this kernel does not have", unresolved)
     t_match = time.monotonic() - t0
 
-    records = {(r["object"], r["name"]): r for r in package.pre["functions"]}
     module = manifest["module"]["name"]
     if kernel.module_loaded(module):
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
-    with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
-        loaded_core = _load_core(package, ks)
-        ko = Path(tmp) / f"{module}.ko"
-        ko.write_bytes(resolve_module(package.members[manifest["module"]["file"]], addresses))
-        try:
-            kernel.insmod(ko)
-        except LivespliceError:
-            _unload_core_if_idle(loaded_core)
-            raise
+    check_lockdown()
+    new_code = kernel.link_unexported(package.members[manifest["module"]["file"]], ks, addresses)
+    loaded_core = _load_core(package, ks)
     try:
-        figures = core_call(_apply_request(package, match, records, ks, memory, retries,
-                                           retry_delay))
+        _insmod_bytes(module, new_code)
+        switches, ranges = _switches(package, match)
+        figures = coreproto.call(
+            coreproto.apply_request(package.id, module, switches, ranges, max(1, retries),
+                                    int(retry_delay * 1000)), "apply", package.id)
     except BaseException:
-        _cleanup(module, loaded_core)
+        if kernel.module_loaded(module):
+            kernel.rmmod(module)
+        if loaded_core:
+            _unload_core_if_idle()
         raise
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
     (STATE_DIR / f"{package.id}.json").write_text(json.dumps(manifest))
-    return {"id": package.id, "module": module, "functions": [r["name"] for r in manifest["replaced"]],
+    return {"id": package.id, "module": module,
+            "functions": [r["name"] for r in manifest["replaced"]],
             "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
             "attempts": figures.get("attempts", 1), "match_seconds": t_match,
             "total_seconds": time.monotonic() - t0}
 
 
-def _apply_request(package, match, records, ks, memory, retries, retry_delay) -> str:
+def _switches(package: Package, match: MatchResult
+              ) -> tuple[list[coreproto.Switch], list[coreproto.CodeRange]]:
+    """The jumps to write, and the old code no thread may be in when they are written."""
     manifest = package.manifest
     module = manifest["module"]["name"]
-    this_module = kernel.module_section(module, ".gnu.linkonce.this_module")  # its struct module
-    lines = [f"apply {package.id} {this_module:x} {module} {max(1, retries)} "
-             f"{int(retry_delay * 1000)}"]
-    ranges, new_ranges = [], []
-    sizes = _section_sizes(package.members[manifest["module"]["file"]])
+    switches, ranges = [], []
     for i, r in enumerate(manifest["replaced"]):
         fm = match.functions[(r["object"], r["name"])]
-        record = records[(r["object"], r["name"])]
-        site = fm.original + (5 if record.get("fentry") == 0 else 0)
         target = kernel.module_section(module, section_name(r["new_name"]))
-        expect = memory.read(site, 5)
-        lines.append(f"f {r['name']} {site:x} {target:x} {expect.hex()}")
-        ranges.append(f"r {fm.original:x} {fm.original + fm.size:x} {i}")
+        switches.append(coreproto.Switch(r["name"], fm.site, target, fm.expect))
+        ranges.append(coreproto.CodeRange(fm.original, fm.original + fm.size, i))
         if fm.live != fm.original:
-            ranges.append(f"r {fm.live:x} {fm.live + fm.size:x} {i}")
+            ranges.append(coreproto.CodeRange(fm.live, fm.live + fm.size, i))
         for part in r["parts"]:
             pm = match.functions.get((r["object"], part))
             if pm is not None:
-                ranges.append(f"r {pm.live:x} {pm.live + pm.size:x} {i}")
-        new_ranges.append(f"n {target:x} {target + r['new_size']:x} {i}")
-        for part in r["new_parts"]:
-            start = kernel.module_section(module, section_name(part))
-            new_ranges.append(f"n {start:x} {start + sizes[section_name(part)]:x} {i}")
-    return "\n".join(lines + ranges + new_ranges) + "\n"
+                ranges.append(coreproto.CodeRange(pm.live, pm.live + pm.size, i))
+    return switches, ranges
+
+
+def _insmod_bytes(name: str, ko: bytes) -> None:
+    with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
+        path = Path(tmp) / f"{name}.ko"
+        path.write_bytes(ko)
+        kernel.insmod(path)
 
 
 def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
-    """Load the package's core module unless a core is loaded; whether this call loaded it."""
-    if kernel.module_loaded(kernel.CORE_MODULE):
+    """Load the package's core module unless a core is loaded; whether this call loaded it.
+    A loaded core is used whichever package brought it, provided it speaks this livesplice's
+    protocol (coreproto.state checks): it holds the state of every applied update."""
+    if coreproto.core_loaded():
+        coreproto.state()
         return False
-    with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
-        core = Path(tmp) / "livesplice_core.ko"
-        core.write_bytes(package.members["modules/livesplice_core.ko"])
-        kernel.insmod(core, f"text_poke_addr={ks.address('text_poke_kgdb'):#x}")
+    _insmod_bytes(coreproto.CORE_MODULE,
+                  kernel.link_unexported(package.members["modules/livesplice_core.ko"], ks))
     return True
 
 
-def _section_sizes(ko: bytes) -> dict[str, int]:
-    import io
-
-    from elftools.elf.elffile import ELFFile
-    return {s.name: s["sh_size"] for s in ELFFile(io.BytesIO(ko)).iter_sections()}
-
-
-def _cleanup(module: str, loaded_core: bool) -> None:
-    if kernel.module_loaded(module):
-        kernel.rmmod(module)
-    _unload_core_if_idle(loaded_core)
-
-
-def _unload_core_if_idle(loaded_core: bool = True) -> None:
-    if kernel.module_loaded(kernel.CORE_MODULE) and not kernel.core_state():
-        kernel.rmmod(kernel.CORE_MODULE)
+def _unload_core_if_idle() -> None:
+    if coreproto.core_loaded() and not coreproto.state():
+        kernel.rmmod(coreproto.CORE_MODULE)
 
 
 def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0) -> dict:
     kernel.require_root()
-    applied = kernel.core_state()
-    update = next((u for u in applied if u.id == update_id), None)
-    if update is None:
-        known = ", ".join(u.id for u in applied) or "none"
-        raise BadInput(f"no applied update {update_id!r} (applied: {known})")
-    figures = core_call(f"undo {update_id} {max(1, retries)} {int(retry_delay * 1000)}\n",
-                        ("busy", "stacked", "mismatch"))
-    kernel.rmmod(update.module)
-    _unload_core_if_idle()
-    (STATE_DIR / f"{update_id}.json").unlink(missing_ok=True)
+    with locked():
+        cleanup()
+        applied = coreproto.state()
+        update = next((u for u in applied if u.id == update_id), None)
+        if update is None:
+            known = ", ".join(u.id for u in applied) or "none"
+            raise BadInput(f"no applied update {update_id!r} (applied: {known})")
+        figures = coreproto.call(coreproto.undo_request(update_id, max(1, retries),
+                                                        int(retry_delay * 1000)),
+                                 "undo", update_id)
+        kernel.rmmod(update.module)
+        _unload_core_if_idle()
+        (STATE_DIR / f"{update_id}.json").unlink(missing_ok=True)
     return {"id": update_id, "pause_ns": figures.get("pause_ns", 0),
             "attempts": figures.get("attempts", 1)}
+
+
+def cleanup_command() -> list[str]:
+    kernel.require_root()
+    with locked():
+        return cleanup()
+
+
+def _applied() -> list[coreproto.AppliedUpdate]:
+    with locked():
+        return coreproto.state()
 
 
 def list_applied() -> list[dict]:
     kernel.require_root()
     out = []
-    for u in kernel.core_state():
+    for u in _applied():
         out.append({"id": u.id, "module": u.module, "functions": [f.name for f in u.funcs],
                     "pause_ns": u.pause_ns})
     return out
@@ -224,7 +247,7 @@ def list_applied() -> list[dict]:
 
 def view_applied(update_id: str | None) -> list[dict] | dict:
     kernel.require_root()
-    applied = kernel.core_state()
+    applied = _applied()
     if update_id is None:
         return [{"id": u.id, "module": u.module,
                  "functions": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
@@ -246,9 +269,10 @@ def empty_pause(package_path: Path, runs: int = 20) -> dict:
     kernel.require_root()
     package = Package.read(package_path)
     check_target(package)
-    loaded = _load_core(package, kernel.Kallsyms())
-    try:
-        return core_call(f"bench {runs}\n")
-    finally:
-        if loaded:
-            _unload_core_if_idle()
+    with locked():
+        loaded = _load_core(package, kernel.Kallsyms())
+        try:
+            return coreproto.call(coreproto.bench_request(runs), "bench")
+        finally:
+            if loaded:
+                _unload_core_if_idle()

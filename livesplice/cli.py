@@ -269,6 +269,19 @@ def list_cmd(as_json: bool) -> None:
         click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}")
 
 
+@main.command("cleanup")
+@click.option("--json", "as_json", is_flag=True)
+def cleanup_cmd(as_json: bool) -> None:
+    """Unload what an interrupted command left loaded but not applied."""
+    from .apply import cleanup_command
+
+    removed = cleanup_command()
+    if as_json:
+        _print_json({"removed": removed})
+    else:
+        click.echo("removed " + ", ".join(removed) if removed else "nothing to clean up")
+
+
 @main.command("demo")
 @click.option("--kernel", default=debian.DEFAULT_KERNEL, show_default=True,
               help="Stock kernel to run the demo on.")

@@ -1,5 +1,5 @@
 """The running kernel, as root sees it: symbols (/proc/kallsyms), memory (/proc/kcore), loaded
-modules (/sys/module), and the core module's control and state files (debugfs)."""
+modules (/sys/module); linking a module against the kernel's unexported symbols."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from pathlib import Path
 
 from .errors import BadInput, LivespliceError
 
-DEBUGFS = Path("/sys/kernel/debug")
-CORE_DIR = DEBUGFS / "livesplice"
-CORE_MODULE = "livesplice_core"
+SHN_ABS = 0xFFF1
 
 
 @dataclass(frozen=True)
@@ -136,60 +134,36 @@ def rmmod(name: str) -> None:
         raise LivespliceError(f"rmmod {name} failed: {proc.stderr.strip()}")
 
 
-def ensure_debugfs() -> None:
-    """The core's files are in debugfs, which most systems mount; mount it where not."""
-    if not os.path.ismount(DEBUGFS):
-        proc = subprocess.run(["mount", "-t", "debugfs", "debugfs", str(DEBUGFS)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise LivespliceError(f"cannot mount debugfs on {DEBUGFS}: {proc.stderr.strip()}")
+def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None = None) -> bytes:
+    """The module with undefined symbols made absolute: those in `names` at the address given,
+    and every one the kernel does not export at its (unique) vmlinux address in kallsyms. The
+    module loader then leaves them as they are, as for any SHN_ABS symbol; exported ones it
+    resolves itself, with their version checks."""
+    import io
 
+    from elftools.elf.elffile import ELFFile
 
-@dataclass
-class AppliedFunc:
-    name: str
-    site: int
-    target: int
-    saved: bytes
-
-
-@dataclass
-class AppliedUpdate:
-    id: str
-    module: str
-    pause_ns: int
-    work_ns: int
-    funcs: list[AppliedFunc]
-
-
-def core_state() -> list[AppliedUpdate]:
-    """The applied updates, oldest first, as the core module knows them."""
-    if not module_loaded(CORE_MODULE):
-        return []
-    ensure_debugfs()
-    state = (CORE_DIR / "state").read_text()
-    updates: dict[str, AppliedUpdate] = {}
-    for line in state.splitlines():
-        parts = line.split()
-        if parts[0] == "update":
-            kv = dict(p.split("=", 1) for p in parts[4:])
-            updates[parts[1]] = AppliedUpdate(parts[1], parts[2], int(kv.get("pause_ns", 0)),
-                                              int(kv.get("work_ns", 0)), [])
-        elif parts[0] == "func":
-            updates[parts[1]].funcs.append(AppliedFunc(parts[2], int(parts[3], 16),
-                                                       int(parts[4], 16), bytes.fromhex(parts[5])))
-    return list(updates.values())
-
-
-def core_request(request: str) -> str:
-    """Send a request to the core; return its result line (first word: ok, busy, ...)."""
-    ensure_debugfs()
-    control = CORE_DIR / "control"
-    fd = os.open(control, os.O_WRONLY)
-    try:
-        os.write(fd, request.encode())
-    except OSError:
-        pass  # the result line says why
-    finally:
-        os.close(fd)
-    return control.read_text().strip()
+    elf = ELFFile(io.BytesIO(ko))
+    symtab = elf.get_section_by_name(".symtab")
+    out = bytearray(ko)
+    missing = []
+    for i, sym in enumerate(symtab.iter_symbols()):
+        if not sym.name or sym["st_shndx"] != "SHN_UNDEF":
+            continue
+        if names is not None and sym.name in names:
+            address = names[sym.name]
+        elif kallsyms.by_name.get("__ksymtab_" + sym.name):
+            continue
+        else:
+            candidates = kallsyms.lookup(sym.name)  # vmlinux's
+            found = [c for c in candidates if c.is_global] or candidates
+            if len(found) != 1:
+                missing.append(sym.name)
+                continue
+            address = found[0].address
+        entry = symtab["sh_offset"] + i * symtab["sh_entsize"]
+        struct.pack_into("<HQ", out, entry + 6, SHN_ABS, address)
+    if missing:
+        raise LivespliceError("the running kernel has no single symbol for "
+                              + ", ".join(sorted(missing)))
+    return bytes(out)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from .elfmodel import PC_RELATIVE, R, RELOC_WIDTH
 from .errors import LivespliceError, Refused
-from .kernel import AppliedUpdate, Kallsyms, KernelMemory
+from .coreproto import AppliedUpdate, make_jump
+from .kernel import Kallsyms, KernelMemory
 
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
 
@@ -30,6 +31,8 @@ class FunctionMatch:
     original: int  # the function's address in vmlinux (where a trampoline goes)
     live: int  # where its current code runs: `original`, or a stacked update's new code
     size: int
+    site: int  # where the jump goes
+    expect: bytes  # what run-pre matching found there: the code it matched, or the jump stacked on
 
 
 @dataclass
@@ -49,17 +52,27 @@ class Matcher:
         # Sites already redirected by an applied update: the code that runs is the jump's target.
         self.redirected = {f.site: f.target for u in applied for f in u.funcs}
 
-    def live_address(self, original: int, record: dict) -> int:
-        site = original + (5 if record.get("fentry") == 0 else 0)
-        return self.redirected.get(site, original)
+    @staticmethod
+    def site(original: int, record: dict) -> int:
+        return original + (5 if record.get("fentry") == 0 else 0)
 
-    def compare(self, record: dict, live: int, bindings: dict) -> tuple[str | None, dict]:
-        """None if `record` matches the code at `live` (with the bindings it implies), else why."""
+    def live_address(self, original: int, record: dict) -> int:
+        return self.redirected.get(self.site(original, record), original)
+
+    def expected_at_site(self, original: int, record: dict, memory: bytes) -> bytes:
+        site = self.site(original, record)
+        if site in self.redirected:
+            return make_jump(site, self.redirected[site])
+        return memory[site - original:site - original + 5]
+
+    def compare(self, record: dict, live: int, bindings: dict) -> tuple[str | None, dict, bytes]:
+        """None if `record` matches the code at `live` (with the bindings it implies), else why;
+        and the bytes compared."""
         code = base64.b64decode(record["code"])
         try:
             memory = self.mem.read(live, len(code))
         except Exception as exc:
-            return f"cannot read its code: {exc}", {}
+            return f"cannot read its code: {exc}", {}, b""
         ignore = bytearray(len(code))
         for off, length in record["masks"]:
             ignore[off:off + length] = b"\1" * length
@@ -78,25 +91,25 @@ class Matcher:
                 text = name.encode("latin-1") + b"\0"
                 try:
                     if self.mem.read(address, len(text)) != text:
-                        return f"offset {off:#x}: string literal {name[:40]!r} is not at {address:#x}", {}
+                        return f"offset {off:#x}: string literal {name[:40]!r} is not at {address:#x}", {}, b""
                 except (OSError, LivespliceError) as exc:
                     return (f"offset {off:#x}: string literal {name[:40]!r} at {address:#x} "
-                            f"is unreadable: {exc}"), {}
+                            f"is unreadable: {exc}"), {}, b""
                 continue
             key = _key(record["object"], name, local)
             known = bindings.get(key, found.get(key))
             if known is not None and known != address:
                 return (f"offset {off:#x}: reference to {name} gives {address:#x}, elsewhere "
-                        f"{known:#x}"), {}
+                        f"{known:#x}"), {}, b""
             candidates = self.ks.lookup(name)
             if candidates and address not in {c.address for c in candidates}:
                 return (f"offset {off:#x}: reference to {name} gives {address:#x}, which "
-                        f"/proc/kallsyms does not have for it"), {}
+                        f"/proc/kallsyms does not have for it"), {}, b""
             found[key] = address
         for i, (a, b) in enumerate(zip(code, memory)):
             if a != b and not ignore[i]:
-                return f"byte at offset {i:#x} differs (package {a:#04x}, kernel {b:#04x})", {}
-        return None, found
+                return f"byte at offset {i:#x} differs (package {a:#04x}, kernel {b:#04x})", {}, b""
+        return None, found, memory
 
     def match(self, records: list[dict]) -> MatchResult:
         result = MatchResult()
@@ -112,9 +125,9 @@ class Matcher:
             reasons = []
             for c in candidates:
                 live = self.live_address(c.address, record)
-                why, found = self.compare(record, live, result.bindings)
+                why, found, memory = self.compare(record, live, result.bindings)
                 if why is None:
-                    matched.append((c.address, live, found))
+                    matched.append((c.address, live, found, memory))
                 else:
                     reasons.append(f"at {c.address:#x}: {why}")
             if not matched:
@@ -129,14 +142,15 @@ class Matcher:
                 problems.append(f"{record['name']} ({record['object']}): {len(matched)} functions "
                                 "of that name match and they differ in what they refer to")
                 continue
-            original, live, found = matched[0]
+            original, live, found, memory = matched[0]
             if len(matched) > 1 and not record.get("referenced_only"):
                 problems.append(f"{record['name']} ({record['object']}): {len(matched)} identical "
                                 "functions of that name; cannot tell which one the patch changes")
                 continue
             result.bindings.update(found)
             result.functions[(record["object"], record["name"])] = FunctionMatch(
-                record["object"], record["name"], original, live, record["size"])
+                record["object"], record["name"], original, live, record["size"],
+                self.site(original, record), self.expected_at_site(original, record, memory))
             result.bindings[_key(record["object"], record["name"], record["local"])] = original
         if problems:
             raise Refused("run-pre matching failed: the package's pre code is not what this "

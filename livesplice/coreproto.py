@@ -1,0 +1,194 @@
+"""The core module's request/answer protocol (docs/core-protocol.md), the one place that speaks it.
+
+The core (kmod/livesplice_core.c) is a character device, /dev/livesplice: each open file takes
+one request, written whole, and then reads back that request's answer, so two commands can never
+read each other's answers. Answers start `STATUS OP ID`; this side checks OP and ID against the
+request it sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LivespliceError, Refused
+
+PROTOCOL = 2
+CORE_MODULE = "livesplice_core"
+DEVICE = Path("/dev/livesplice")
+MISC_SYSFS = Path("/sys/class/misc/livesplice/dev")
+JUMP_SIZE = 5
+# Answers that are a safety check's refusal (exit 3), as opposed to errors.
+REFUSALS = ("busy", "mismatch", "stacked", "refused")
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One jump: at `site` (in the running kernel), to `target` (the new code)."""
+
+    name: str
+    site: int
+    target: int
+    expect: bytes  # the bytes run-pre matching found at site
+
+
+@dataclass(frozen=True)
+class CodeRange:
+    """[start, end): code no thread may be in when the update switches; `func` indexes the switches."""
+
+    start: int
+    end: int
+    func: int
+
+
+@dataclass
+class Answer:
+    status: str  # ok, busy, mismatch, stacked, refused, unknown, error
+    op: str
+    id: str
+    message: str
+    figures: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "Answer":
+        head, _, rest = text.partition("\n")
+        parts = head.split(" ", 3)
+        if len(parts) < 3:
+            raise LivespliceError(f"the core gave a malformed answer: {text[:200]!r}")
+        status, op, id_ = parts[:3]
+        message = parts[3] if len(parts) > 3 else ""
+        figures = {}
+        if status == "ok":
+            for p in message.split():
+                k, eq, v = p.partition("=")
+                if eq and v.isdigit():
+                    figures[k] = int(v)
+        return cls(status, op, id_, message if not rest else message + "\n" + rest, figures)
+
+
+def apply_request(update_id: str, module: str, switches: list[Switch], ranges: list[CodeRange],
+                  tries: int, delay_ms: int) -> str:
+    lines = [f"apply {update_id} {module} {tries} {delay_ms}"]
+    lines += [f"f {s.name} {s.site:x} {s.target:x} {s.expect.hex()}" for s in switches]
+    lines += [f"r {r.start:x} {r.end:x} {r.func}" for r in ranges]
+    return "\n".join(lines) + "\n"
+
+
+def undo_request(update_id: str, tries: int, delay_ms: int) -> str:
+    return f"undo {update_id} {tries} {delay_ms}\n"
+
+
+def bench_request(runs: int) -> str:
+    return f"bench {runs}\n"
+
+
+def make_jump(site: int, target: int) -> bytes:
+    rel = (target - (site + JUMP_SIZE)) & 0xFFFFFFFF
+    return b"\xe9" + rel.to_bytes(4, "little")
+
+
+def core_loaded() -> bool:
+    return Path(f"/sys/module/{CORE_MODULE}").is_dir()
+
+
+def _device() -> Path:
+    """/dev/livesplice; where no devtmpfs made it, a node of our own under /run."""
+    if DEVICE.exists():
+        return DEVICE
+    try:
+        major, minor = (int(x) for x in MISC_SYSFS.read_text().split(":"))
+    except OSError:
+        raise LivespliceError(
+            f"module {CORE_MODULE} is loaded but has no device: it is an older core "
+            f"(protocol < {PROTOCOL}); undo its updates with the livesplice that applied them") \
+            from None
+    node = Path("/run/livesplice/dev-livesplice")
+    node.parent.mkdir(parents=True, exist_ok=True)
+    if node.exists():
+        node.unlink()
+    os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(major, minor))
+    return node
+
+
+def request(text: str, op: str, update_id: str = "-") -> Answer:
+    """Send one request; its answer, checked to be this request's."""
+    fd = os.open(_device(), os.O_RDWR)
+    try:
+        data = text.encode()
+        try:
+            written = os.write(fd, data)
+        except OSError as exc:
+            if exc.errno == errno.E2BIG:
+                raise LivespliceError("the request is too large for the core") from None
+            raise
+        if written != len(data):
+            raise LivespliceError("the core took only part of the request")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    answer = Answer.parse(b"".join(chunks).decode(errors="replace"))
+    if answer.op != op or (update_id != "-" and answer.id not in (update_id, "-")):
+        raise LivespliceError(f"the core answered {answer.op} {answer.id} to {op} {update_id}")
+    return answer
+
+
+def call(text: str, op: str, update_id: str = "-") -> dict[str, int]:
+    """A request that must succeed: its figures, or Refused (a safety check said no) or
+    LivespliceError (anything else)."""
+    answer = request(text, op, update_id)
+    if answer.status == "ok":
+        return answer.figures
+    if answer.status in REFUSALS:
+        raise Refused(answer.message)
+    raise LivespliceError(f"the core refused: {answer.message}")
+
+
+@dataclass
+class AppliedFunc:
+    name: str
+    site: int
+    target: int
+    saved: bytes
+
+    @property
+    def jump(self) -> bytes:
+        return make_jump(self.site, self.target)
+
+
+@dataclass
+class AppliedUpdate:
+    id: str
+    module: str
+    pause_ns: int
+    work_ns: int
+    funcs: list[AppliedFunc]
+
+
+def state() -> list[AppliedUpdate]:
+    """The applied updates, oldest first, as the core knows them."""
+    if not core_loaded():
+        return []
+    answer = request("state\n", "state")
+    head, *lines = answer.message.splitlines() if answer.message else [""]
+    proto = dict(p.split("=", 1) for p in head.split() if "=" in p).get("protocol")
+    if proto != str(PROTOCOL):
+        raise LivespliceError(f"the loaded core speaks protocol {proto}; this livesplice speaks "
+                              f"{PROTOCOL}")
+    updates: dict[str, AppliedUpdate] = {}
+    for line in lines:
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "update":
+            kv = dict(p.split("=", 1) for p in parts[4:] if "=" in p)
+            updates[parts[1]] = AppliedUpdate(parts[1], parts[2], int(kv.get("pause_ns", 0)),
+                                              int(kv.get("work_ns", 0)), [])
+        elif parts[0] == "func":
+            updates[parts[1]].funcs.append(AppliedFunc(parts[2], int(parts[3], 16),
+                                                       int(parts[4], 16), bytes.fromhex(parts[5])))
+    return list(updates.values())
