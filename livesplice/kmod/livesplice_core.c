@@ -43,6 +43,9 @@
 #include <linux/memory.h>
 #include <linux/rcupdate.h>
 #include <linux/kprobes.h>
+#include <linux/task_work.h>
+#include <linux/wait.h>
+#include <linux/completion.h>
 #include <asm/sync_core.h>
 #include <asm/text-patching.h>
 #include <asm/unwind.h>
@@ -427,14 +430,50 @@ NOKPROBE_SYMBOL(ls_stopped);
 
 static const char *why_text[] = {
 	[LS_RUNNING] = "running",
-	[LS_SLEEPING] = "sleeping; woken to restart its system call",
+	[LS_SLEEPING] = "sleeping in a system call; asked to restart it",
 	[LS_BLOCKED] = "in uninterruptible sleep: cannot be moved",
-	[LS_KTHREAD] = "a kernel thread; woken",
+	[LS_KTHREAD] = "a kernel thread: woken, it did not leave",
 	[LS_UNRELIABLE] = "its stack cannot be walked reliably: found by a scan of every word",
 };
 
-static void release_busy(struct ls_switch *s, bool wake)
+/*
+ * Parking. A task asleep in a system call inside the code (a shell in do_wait() waiting for
+ * livesplice itself) is asked, as livepatch asks the tasks that block its transition, to leave
+ * its interruptible sleep without a signal: it returns towards user space with -ERESTARTSYS.
+ * There a task work stops it, off the code, until the switch is done; then its system call
+ * restarts, through the new code. Without the stop it would be back inside before the next try.
+ */
+struct ls_park {
+	struct callback_head work;
+	struct list_head list;
+	struct task_struct *task;	/* referenced */
+	bool released;
+	struct completion left;		/* the task work is done with this struct */
+};
+
+static DECLARE_WAIT_QUEUE_HEAD(park_wq);
+
+static void ls_park_fn(struct callback_head *work)
 {
+	struct ls_park *p = container_of(work, struct ls_park, work);
+
+	wait_event_killable_timeout(park_wq, READ_ONCE(p->released), 60 * HZ);
+	complete(&p->left);
+}
+
+static bool parked(struct list_head *parks, struct task_struct *t)
+{
+	struct ls_park *p;
+
+	list_for_each_entry(p, parks, list)
+		if (p->task == t)
+			return true;
+	return false;
+}
+
+static void park_busy(struct ls_switch *s, struct list_head *parks)
+{
+	struct ls_park *p;
 	int i;
 
 	for (i = 0; i < s->nbusy; i++) {
@@ -442,15 +481,53 @@ static void release_busy(struct ls_switch *s, bool wake)
 
 		if (!t)
 			continue;
-		/* As livepatch does for tasks that block its transition: no signal, but the task
-		 * leaves its interruptible sleep and its system call restarts, through the new code. */
-		if (wake) {
-			if (t->flags & PF_KTHREAD)
-				wake_up_state(t, TASK_INTERRUPTIBLE);
-			else
-				set_notify_signal(t);
+		if (t->flags & PF_KTHREAD) {
+			wake_up_state(t, TASK_INTERRUPTIBLE);
+			continue;
 		}
-		put_task_struct(t);
+		if (parked(parks, t))
+			continue;
+		p = kzalloc(sizeof(*p), GFP_KERNEL);
+		if (!p)
+			continue;
+		init_task_work(&p->work, ls_park_fn);
+		init_completion(&p->left);
+		get_task_struct(t);
+		p->task = t;
+		if (task_work_add(t, &p->work, TWA_SIGNAL)) {
+			put_task_struct(t);
+			kfree(p);
+			continue;
+		}
+		list_add(&p->list, parks);
+	}
+}
+
+static void unpark_all(struct list_head *parks)
+{
+	struct ls_park *p, *tmp;
+
+	list_for_each_entry(p, parks, list)
+		WRITE_ONCE(p->released, true);
+	wake_up_all(&park_wq);
+	list_for_each_entry_safe(p, tmp, parks, list) {
+		/* Not run yet (the task never left its sleep): take the work back; else wait until
+		 * the task is done with it. */
+		if (!task_work_cancel(p->task, &p->work))
+			wait_for_completion(&p->left);
+		list_del(&p->list);
+		put_task_struct(p->task);
+		kfree(p);
+	}
+}
+
+static void release_busy(struct ls_switch *s)
+{
+	int i;
+
+	for (i = 0; i < s->nbusy; i++) {
+		if (s->busy[i].task)
+			put_task_struct(s->busy[i].task);
 		s->busy[i].task = NULL;
 	}
 }
@@ -466,13 +543,14 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 	struct ls_switch *s;
 	const char *op = undo ? "undo" : "apply";
 	int attempt, ret = -EBUSY, i;
+	LIST_HEAD(parks);
 	u64 t0;
 
 	s = kzalloc(sizeof(*s), GFP_KERNEL);
 	if (!s)
 		return -ENOMEM;
 	for (attempt = 1; attempt <= tries; attempt++) {
-		release_busy(s, false);
+		release_busy(s);
 		memset(s, 0, sizeof(*s));
 		raw_spin_lock_init(&s->busy_lock);
 		s->u = u;
@@ -492,10 +570,11 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		if (ret != -EBUSY)
 			break;
 		if (attempt < tries) {
-			release_busy(s, true);
+			park_busy(s, &parks);
 			msleep(delay_ms);
 		}
 	}
+	unpark_all(&parks);
 	if (ret == 0) {
 		say(a, "ok %s %s pause_ns=%llu work_ns=%llu attempts=%d\n", op, u->id, u->pause_ns,
 		    u->work_ns, attempt);
@@ -523,7 +602,7 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 	} else {
 		say(a, "error %s %s stop_machine: %d\n", op, u->id, ret);
 	}
-	release_busy(s, false);
+	release_busy(s);
 	kfree(s);
 	return ret;
 }
