@@ -6,6 +6,7 @@ import json
 import pytest
 
 from livesplice import debian
+from livesplice.buildid import elf_build_id, gnu_build_id
 from livesplice.package import Package
 from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 
@@ -45,16 +46,17 @@ def dmesg_mark(vm) -> int:
 
 
 def test_image_build_id_is_the_running_kernels(vm, stock_kernel):
-    """What create records (from the cached vmlinuz) is what the booted kernel shows."""
+    """What create records (from the cached vmlinuz) is what the booted kernel shows; a loaded
+    module's build id is its .ko file's."""
     expected = debian.image_build_id(stock_kernel)
     assert expected and len(expected) == 40
     notes = vm.run(["cat", "/sys/kernel/notes"], check=True).stdout
-    from livesplice.buildid import gnu_build_id
     assert gnu_build_id(notes) == expected
-    r = vm.run([GUEST_CLI[0], "-c", "from livesplice import kernel; print(kernel.running_build_id())"],
-               cwd=str(REPO))
+    code = "from livesplice import kernel; print(kernel.running_build_id(), kernel.module_build_id('9p'))"
+    r = vm.run([GUEST_CLI[0], "-c", code], cwd=str(REPO))
     assert r.status == 0, r.err
-    assert r.out.strip() == expected
+    ko = stock_kernel.modules / "kernel" / "fs" / "9p" / "9p.ko"
+    assert r.out.split() == [expected, elf_build_id(ko)]
 
 
 def test_packages_record_the_build_id(stock_kernel, packages):
@@ -62,6 +64,35 @@ def test_packages_record_the_build_id(stock_kernel, packages):
         target = Package.read(path).manifest["target"]
         assert target["build_id"] == debian.image_build_id(stock_kernel)
         assert target["release"] == stock_kernel.kernel.abi
+
+
+def rewrite_target(path, out, **target):
+    package = Package.read(path)
+    package.manifest["target"].update(target)
+    package.manifest["target"] = {k: v for k, v in package.manifest["target"].items()
+                                  if v is not ...}
+    package.write(out)
+    return out
+
+
+def test_other_build_is_refused_and_old_packages_still_apply(vm, packages, stock_kernel):
+    mark = dmesg_mark(vm)
+    running = debian.image_build_id(stock_kernel)
+    other = rewrite_target(packages["prctl"], vm.exchange / "other.tar.gz", build_id="ab" * 20)
+    r = guest_cli(vm, "apply", str(other))
+    assert r.status == 2, r.err
+    assert (f"is for kernel {stock_kernel.kernel.abi}; this kernel is {stock_kernel.kernel.abi} "
+            f"(package: build id {'ab' * 20}; running: build id {running})") in r.err
+    # A package without a build id (from before, or for a self-built kernel without vmlinux):
+    # the release and version banner as before.
+    old = rewrite_target(packages["prctl"], vm.exchange / "old.tar.gz", build_id=...)
+    assert "build_id" not in Package.read(old).manifest["target"]
+    r = guest_cli(vm, "apply", str(old))
+    assert r.status == 0, r.err
+    assert guest_cli(vm, "undo", "prctl").status == 0
+    assert applied(vm) == []
+    problems = vm.dmesg_problems(mark)
+    assert not problems, problems
 
 
 def test_update_that_changes_proc_version(vm, packages):
