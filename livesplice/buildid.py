@@ -63,7 +63,8 @@ def parse_notes(blob: bytes) -> list[Note]:
 def gnu_build_id(blob: bytes) -> str | None:
     """The GNU build id (lower-case hex) in a note blob, None if it has none. Type 3 means a build
     id only in notes named "GNU" (Xen's type 3 is something else)."""
-    ids = {n.desc.hex() for n in parse_notes(blob) if n.name == b"GNU" and n.type == NT_GNU_BUILD_ID}
+    ids = {n.desc.hex() for n in parse_notes(blob)
+           if n.name == b"GNU" and n.type == NT_GNU_BUILD_ID}
     if len(ids) > 1:
         raise NoteError(f"note blob: several different GNU build ids ({', '.join(sorted(ids))})")
     build_id = ids.pop() if ids else None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from livesplice import apply, buildid, debian, kernel
+from livesplice import apply, debian, kernel
 from livesplice.buildid import (Note, NoteError, bzimage_payload, bzimage_vmlinux, elf_build_id,
                                 gnu_build_id, parse_notes)
 from livesplice.create import tree_build_id

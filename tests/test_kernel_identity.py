@@ -52,7 +52,8 @@ def test_image_build_id_is_the_running_kernels(vm, stock_kernel):
     assert expected and len(expected) == 40
     notes = vm.run(["cat", "/sys/kernel/notes"], check=True).stdout
     assert gnu_build_id(notes) == expected
-    code = "from livesplice import kernel; print(kernel.running_build_id(), kernel.module_build_id('9p'))"
+    code = ("from livesplice import kernel; "
+            "print(kernel.running_build_id(), kernel.module_build_id('9p'))")
     r = vm.run([GUEST_CLI[0], "-c", code], cwd=str(REPO))
     assert r.status == 0, r.err
     ko = stock_kernel.modules / "kernel" / "fs" / "9p" / "9p.ko"
