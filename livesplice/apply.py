@@ -83,10 +83,28 @@ def check_lockdown() -> None:
 
 
 def check_target(package: Package) -> None:
+    """That the package is for this very kernel: the same build id (the GNU build-id note of
+    vmlinux, which /sys/kernel/notes shows); the release only names it. A package without a build
+    id (made for a self-built kernel whose vmlinux was not at hand) is checked by its release and
+    version banner against /proc/version, whose text an applied update may have changed."""
     target = package.manifest["target"]
     if os.environ.get(SKIP_TARGET_CHECK) == "1":
         return
     release = kernel.running_release()
+    wanted = target.get("build_id")
+    if wanted is not None:
+        if not (isinstance(wanted, str) and re.fullmatch(r"[0-9a-fA-F]{2,}", wanted)):
+            raise BadInput(f"damaged package {package.id}: target build id {wanted!r} is not hex")
+        running = kernel.running_build_id()
+        if running is None:
+            raise BadInput(f"package {package.id} is for kernel {target['release']} with build id "
+                           f"{wanted}; this kernel ({release}) shows no build id in "
+                           f"{kernel.KERNEL_NOTES}, so that cannot be checked")
+        if running != wanted.lower():
+            raise BadInput(f"package {package.id} is for kernel {target['release']}; this kernel "
+                           f"is {release} (package: build id {wanted}; running: build id "
+                           f"{running})")
+        return
     if target["release"] != release:
         raise BadInput(f"package {package.id} is for kernel {target['release']}; "
                        f"this kernel is {release}")

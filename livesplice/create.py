@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import debian
-from .build import WorkTree, build_pre_post, config_hash, kernel_release, patch_files
+from .build import WorkTree, build_pre_post, config_hash, console, kernel_release, patch_files
 from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
 from .layout import layout_changes
@@ -33,6 +33,10 @@ class Target:
     version: str | None  # the image's version banner (release (builder) #N ...), if known
     headers: Path
     stock: str | None = None
+    # The GNU build id of the target's vmlinux, its identity for apply's check (None: unknown,
+    # `build_id_note` says why; apply then falls back to the release and version banner).
+    build_id: str | None = None
+    build_id_note: str | None = None
 
 
 @dataclass
@@ -56,13 +60,42 @@ def find_target(tree: WorkTree, target_abi: str | None) -> Target:
         files = debian.kernel_files(target_abi)
         if not (files.root / ".complete").exists() or not files.headers.exists():
             files = debian.fetch_kernel(target_abi, with_source=False)
-        return Target(target_abi, debian.image_version(files.vmlinuz), files.headers, target_abi)
+        return Target(target_abi, debian.image_version(files.vmlinuz), files.headers, target_abi,
+                      debian.image_build_id(files))
     release = kernel_release(tree.src, tree.config)
     headers = Path(f"/lib/modules/{release}/build")
     if not headers.exists():
         raise BadInput(f"no headers for kernel {release} at {headers}: pass --target with a "
                        "stock kernel, or install that kernel's headers")
-    return Target(release, None, headers)
+    build_id, note = tree_build_id(tree.source / "vmlinux", release)
+    return Target(release, None, headers, None, build_id, note)
+
+
+def tree_build_id(vmlinux: Path, release: str) -> tuple[str | None, str | None]:
+    """The build id of a self-built kernel, from the vmlinux in its tree if that is a build of
+    `release`; otherwise none, and why."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    from .buildid import NoteError, elf_build_id
+
+    fallback = "apply will identify the kernel by its release only"
+    if not vmlinux.is_file():
+        return None, f"no build id recorded: no {vmlinux}; {fallback}"
+    try:
+        with open(vmlinux, "rb") as f:
+            rodata = ELFFile(f).get_section_by_name(".rodata")
+            banner = rodata is not None and \
+                f"Linux version {release} (".encode() in rodata.data()
+        if not banner:
+            return None, (f"no build id recorded: {vmlinux} is not a build of {release} (its "
+                          f"banner says otherwise); {fallback}")
+        build_id = elf_build_id(vmlinux)
+    except (NoteError, OSError, ELFError) as exc:
+        return None, f"no build id recorded: {vmlinux} cannot be read ({exc}); {fallback}"
+    if build_id is None:
+        return None, f"no build id recorded: {vmlinux} has no GNU build-id note; {fallback}"
+    return build_id, None
 
 
 def _refusals_for_files(files: list[str]) -> list[str]:
@@ -129,6 +162,8 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
             tree.prepare()
             timings["prepare"] = time.monotonic() - t0
             target = find_target(tree, target_abi)
+            if target.build_id_note:
+                console.print(f"[yellow]warning:[/] {target.build_id_note}", highlight=False)
             pair = build_pre_post(tree, patch, work)
         timings["build"] = time.monotonic() - t0 - timings["prepare"]
 
@@ -248,7 +283,8 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
         "format": FORMAT_VERSION,
         "id": update_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "target": {"release": target.release, "version": target.version, "stock": target.stock},
+        "target": {"release": target.release, "version": target.version, "stock": target.stock,
+                   "build_id": target.build_id},
         "source": {"tree": str(tree.source), "debian_version": source_version,
                    "kernelversion": kernel_release(tree.src, {})},
         "config_sha256": config_hash(tree.config_path),
@@ -259,5 +295,6 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
                 for d in diffs for c in d.new],
         "kernel_refs": [r.to_json() for r in code.refs.values()],
         "line_only": [f for d in diffs for f in d.line_only],
-        "notes": [n for d in diffs for n in d.notes],
+        "notes": [n for d in diffs for n in d.notes]
+        + ([f"target: {target.build_id_note}"] if target.build_id_note else []),
     }

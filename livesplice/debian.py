@@ -98,6 +98,11 @@ class KernelFiles:
         return headers_root(self.kernel) / "usr" / "src" / f"linux-headers-{self.kernel.abi}"
 
     @property
+    def build_id_file(self) -> Path:
+        """Where image_build_id keeps the image's build id, once computed."""
+        return self.root / f"vmlinux-{self.kernel.abi}.build-id"
+
+    @property
     def source_tree(self) -> Path:
         return source_root(self.kernel.version) / "linux-source-6.1"
 
@@ -271,3 +276,22 @@ def image_version(vmlinuz: Path) -> str:
         raise LivespliceError(f"{vmlinuz} is not a bzImage")
     pointer = int.from_bytes(data[0x20E:0x210], "little") + 0x200
     return data[pointer:data.index(b"\0", pointer)].decode(errors="replace")
+
+
+def image_build_id(files: KernelFiles) -> str | None:
+    """The GNU build id of a stock image's vmlinux (what its /sys/kernel/notes shows), from the
+    bzImage's payload; computed once and kept next to the unpacked image."""
+    from .buildid import bzimage_vmlinux, elf_build_id
+
+    cached = files.build_id_file
+    if cached.exists():
+        text = cached.read_text().strip()
+        return text or None
+    build_id = elf_build_id(bzimage_vmlinux(files.vmlinuz.read_bytes()))
+    try:
+        part = cached.with_name(cached.name + ".part")
+        part.write_text((build_id or "") + "\n")
+        part.rename(cached)
+    except OSError:
+        pass  # a read-only cache: compute it again next time
+    return build_id

@@ -167,3 +167,23 @@ def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None 
         raise LivespliceError("the running kernel has no single symbol for "
                               + ", ".join(sorted(missing)))
     return bytes(out)
+
+
+def running_build_id() -> str | None:
+    """The running kernel's GNU build id (vmlinux's, lower-case hex), None if it shows none."""
+    from .buildid import gnu_build_id
+
+    try:
+        return gnu_build_id(KERNEL_NOTES.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def module_build_id(name: str) -> str | None:
+    """A loaded module's GNU build id, None if the module is not loaded or has none."""
+    from .buildid import gnu_build_id
+
+    try:
+        return gnu_build_id(Path(f"/sys/module/{name}/notes/.note.gnu.build-id").read_bytes())
+    except FileNotFoundError:
+        return None
