@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import signing
-from .errors import BadInput
+from .errors import BadInput, Refused
 
 FORMAT_VERSION = 1
 SUMS = "SHA256SUMS"
@@ -218,6 +218,8 @@ class _Reader:
             try:
                 self.signature = signing.parse_signature(data)
             except BadInput as exc:
+                if self.trusted.required:  # a package that must be signed and is not, really
+                    raise Refused(f"package {self.path}: its {exc}") from None
                 raise self.bad(str(exc)) from None
         elif name == SUMS:
             self.sums = data
@@ -391,8 +393,8 @@ def _boolean(value, field) -> None:
 
 def _choice(*options: str) -> Check:
     def check(value, field):
-        if value not in options or not isinstance(value, str):
-            raise _Invalid(field, f"{_show(value)} is not one of {', '.join(options)}")
+        if not isinstance(value, str) or value not in options:
+            raise _Invalid(field, f"expected one of {', '.join(options)}, not {_show(value)}")
     return check
 
 

@@ -46,7 +46,7 @@ MANIFEST = {
 PRE = {"functions": [{
     "object": "kernel/sys.o", "name": "prctl_set_auxv", "size": 16, "local": True,
     "type": "STT_FUNC", "code": base64.b64encode(CODE).decode(),
-    "relocs": [[5, 4, "sym", "foo", -4, False], [8, 2, "str", "hello\n", 0, True]],
+    "relocs": [[5, 4, "sym", "foo", -4, False], [10, 2, "str", "hello\n", 0, True]],
     "masks": [[4, 5]], "fentry": None, "section": ".text.prctl_set_auxv",
     "referenced_only": False}]}
 
@@ -83,17 +83,19 @@ def sums_for(entries: list[tuple[str, bytes]]) -> bytes:
 
 
 def pack(path: Path, entries: list, fmt=tarfile.USTAR_FORMAT) -> Path:
-    """A .tar.gz of (name, bytes) or TarInfo-with-data entries, exactly as given: hostile ones."""
+    """A .tar.gz of entries exactly as given (hostile ones too): (name, bytes), a TarInfo
+    without data, or (TarInfo, bytes)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
         for e in entries:
             if isinstance(e, tarfile.TarInfo):
-                tar.addfile(e, io.BytesIO(getattr(e, "data", b"")) if e.isfile() else None)
-            else:
-                name, data = e
-                info = tarfile.TarInfo(name)
+                tar.addfile(e)
+                continue
+            info, data = e
+            if not isinstance(info, tarfile.TarInfo):
+                info = tarfile.TarInfo(info)
                 info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            tar.addfile(info, io.BytesIO(data))
     path.write_bytes(gzip.compress(buf.getvalue()))
     return path
 
