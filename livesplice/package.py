@@ -51,24 +51,28 @@ PLACEHOLDER_PREFIX = "__livesplice_sym_"  # newcode.PLACEHOLDER_PREFIX (not impo
 # --- caps ---------------------------------------------------------------------------------------
 # Real packages are far below these: a manifest of a few KiB plus the patch, pre code of a few
 # KiB per function, modules of a few hundred KiB with debug info. Peak memory while reading is
-# about MAX_UNPACKED_BYTES for the members plus the parsed JSON.
+# at most MAX_UNPACKED_BYTES for the members plus the parsed JSON: at most MAX_JSON_CONTAINERS
+# lists and objects per JSON member, and scalars (measured with tracemalloc on the worst cases
+# tests/test_package.py makes: under 100 MiB in all).
 MiB = 1024 * 1024
-MAX_PACKAGE_BYTES = 64 * MiB  # the .tar.gz file itself
-MAX_UNPACKED_BYTES = 64 * MiB  # the decompressed tar stream: headers, padding and all members
+MAX_PACKAGE_BYTES = 48 * MiB  # the .tar.gz file itself
+MAX_UNPACKED_BYTES = 48 * MiB  # the decompressed tar stream: headers, padding and all members
 MAX_MEMBERS = 6  # tar entries, the five members and SIGNATURE
 MAX_EXTENDED_HEADER = 64 * 1024  # a pax or GNU long-name header's data
 MAX_SIGNATURE_BYTES = 4 * 1024
 MAX_SUMS_BYTES = 4 * 1024
-MAX_MANIFEST_BYTES = 8 * MiB  # mostly the patch text
-MAX_PRE_BYTES = 16 * MiB
+MAX_MANIFEST_BYTES = 4 * MiB  # mostly the patch text
+MAX_PRE_BYTES = 8 * MiB
 MAX_MODULE_BYTES = 24 * MiB  # each module
 MAX_FUNCTION_SIZE = 16 * MiB  # bytes of one function, in the manifest and the pre code
 MAX_LIST = 100_000  # entries of any list in the manifest or the pre code
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects; the real formats need 5
+MAX_JSON_CONTAINERS = 250_000  # arrays and objects in one JSON member (a relocation is one)
 CHUNK = 64 * 1024  # bytes read at a time from a member
 
 _NEW_MODULE = re.compile(r"modules/(livesplice_[A-Za-z0-9_]{1,40})\.ko")
 _SUMS_LINE = re.compile(r"([0-9a-f]{64})  (\S{1,200})")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]+|\\.)*"')
 
 
 def _member_cap(name: str) -> int:
@@ -211,6 +215,8 @@ class _Reader:
         elif name not in self.listed:
             raise self.bad(f"member {name!r} is not listed in {SUMS}")
         cap = _member_cap(name)
+        if info.size < 0:
+            raise self.bad(f"member {name!r} has a negative size")
         if info.size > cap:
             raise self.bad(f"member {name!r} has {info.size} bytes, more than the {cap} allowed")
         data = self._read(tar, info, name, cap)
@@ -302,12 +308,31 @@ class _Reader:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise self.bad(f"{name} is not UTF-8 ({exc})") from None
+        if _json_containers(data) > MAX_JSON_CONTAINERS:
+            raise self.bad(f"{name} has more than {MAX_JSON_CONTAINERS} arrays and objects")
         try:
             value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:
             raise self.bad(f"{name} is not valid JSON ({str(exc)[:200]})") from None
         _check_depth(value, name, self.path)
         return value
+
+
+def _json_containers(data: bytes) -> int:
+    """How many arrays and objects JSON text has, counted before parsing (each costs far more
+    memory parsed than its two bytes of text), up to just over MAX_JSON_CONTAINERS."""
+    count = data.count(b"[") + data.count(b"{")
+    if count <= MAX_JSON_CONTAINERS:  # strings included: an upper bound, enough for real files
+        return count
+    count, pos = 0, 0
+    for m in _JSON_STRING.finditer(data):  # else only what is outside strings counts
+        count += data.count(b"[", pos, m.start()) + data.count(b"{", pos, m.start())
+        if count > MAX_JSON_CONTAINERS:
+            break
+        pos = m.end()
+    else:
+        count += data.count(b"[", pos) + data.count(b"{", pos)
+    return count
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -324,15 +349,13 @@ def _no_constant(name: str):
 
 
 def _check_depth(value, member: str, path: str) -> None:
-    stack = [(value, 1)]
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         v, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise BadInput(f"damaged package {path}: {member} nests deeper than {MAX_JSON_DEPTH}")
-        if isinstance(v, dict):
-            stack.extend((x, depth + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, depth + 1) for x in v)
+        items = v.values() if isinstance(v, dict) else v
+        stack.extend((x, depth + 1) for x in items if isinstance(x, (dict, list)))
 
 
 # --- manifest and pre code validation -----------------------------------------------------------
@@ -430,7 +453,8 @@ def _object(**fields: Check) -> Check:
             c(value[key], _sub(field, key))
         for key in value:
             if key not in fields:
-                raise _Invalid(_sub(field, str(key)[:80]), "unknown field")
+                shown = key if re.fullmatch(r"[A-Za-z0-9_]{1,80}", key) else _show(key)
+                raise _Invalid(_sub(field, shown), "unknown field")
     return check
 
 

@@ -308,11 +308,11 @@ def assert_bounded(path: Path, *fragments: str, peak_mib: float, seconds: float 
 
 
 def test_bomb_member_declared_huge(tmp_path):
-    """A 1 GiB member of zeros (1 MiB compressed): refused at its header, nothing read."""
+    """A 256 MiB member of zeros (256 KiB compressed): refused at its header, nothing read."""
     sums = valid_entries()[0][1]
     path = write_stream(tmp_path / "bomb.tar.gz", [
         _header("SHA256SUMS", len(sums)), sums + bytes(_pad(len(sums))),
-        _header("pre.json", 1024 * MiB), 1024 * MiB])
+        _header("pre.json", 256 * MiB), 256 * MiB])
     assert path.stat().st_size < 2 * MiB
     assert_bounded(path, "more than the", peak_mib=4)
 
@@ -356,7 +356,7 @@ def test_member_caps(tmp_path, monkeypatch):
         "modules/livesplice_fix1.ko": 3 * MiB})
     monkeypatch.setattr(pkg, "MAX_UNPACKED_BYTES", 10 * MiB)
     assert_bounded(path, "unpacks to more than", peak_mib=16)
-    monkeypatch.setattr(pkg, "MAX_UNPACKED_BYTES", 64 * MiB)
+    monkeypatch.setattr(pkg, "MAX_UNPACKED_BYTES", 48 * MiB)
     for name in ("MAX_MANIFEST_BYTES", "MAX_PRE_BYTES", "MAX_MODULE_BYTES"):
         monkeypatch.setattr(pkg, name, 2 * MiB)
         assert_bounded(path, "has 3145728 bytes, more than the 2097152 allowed", peak_mib=12)
@@ -403,6 +403,63 @@ def _package_with(tmp_path: Path, manifest_bytes: bytes | None = None,
 ])
 def test_bad_json(tmp_path, data, expect):
     assert_bad(_package_with(tmp_path, data), expect)
+
+
+def _read_peak(path: Path) -> tuple[Exception | None, int]:
+    tracemalloc.start()
+    try:
+        try:
+            Package.read(path)
+            error = None
+        except (BadInput, Refused) as exc:
+            error = exc
+        return error, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_json_memory_bounded(tmp_path):
+    """JSON whose parsed form is far bigger than its text: too many arrays and objects are
+    refused before parsing; the worst scalars a member may hold stay within bounds."""
+    cap = pkg.MAX_PRE_BYTES
+    many = b"[" + b"[]," * ((cap - 10) // 3) + b"[]]"
+    error, peak = _read_peak(_package_with(tmp_path, pre_bytes=many, name="lists.tar.gz"))
+    assert "more than 250000 arrays and objects" in str(error)
+    assert peak < 3 * cap
+    many = b"[" + b'{"": ""},' * 250_001 + b"{}]"  # strings of braces do not count
+    assert "arrays and objects" in str(_read_peak(_package_with(
+        tmp_path, pre_bytes=many, name="objs.tar.gz"))[0])
+    strings = b"[" + b'"[{",' * 130_000 + b"1]"
+    assert "arrays and objects" not in str(_read_peak(_package_with(
+        tmp_path, pre_bytes=strings, name="str.tar.gz"))[0])
+    # the most expensive scalars: short distinct strings and big numbers, a full member each
+    n = (cap - 10) // 9
+    worst = b"[" + b",".join(b'"%06x"' % (i % 2 ** 24) for i in range(n)) + b"]"
+    error, peak = _read_peak(_package_with(tmp_path, pre_bytes=worst, name="s.tar.gz"))
+    assert "pre.json field" in str(error)
+    assert peak < 128 * MiB, f"{peak / MiB:.0f} MiB"
+    ints = b"[" + b"0," * ((cap - 10) // 2) + b"1]"
+    error, peak = _read_peak(_package_with(tmp_path, pre_bytes=ints, name="i.tar.gz"))
+    assert peak < 128 * MiB, f"{peak / MiB:.0f} MiB"
+
+
+def test_negative_size(tmp_path):
+    """A base-256 negative size in a member's header."""
+    entries = valid_entries()
+    raw = bytearray(tarfile.TarInfo("manifest.json").tobuf(tarfile.GNU_FORMAT))
+    raw[124:136] = b"\xff" * 12  # -1 in GNU base-256
+    raw[148:156] = b" " * 8
+    raw[148:155] = b"%06o\0" % sum(raw)
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.GNU_FORMAT) as t:
+        info = tarfile.TarInfo("SHA256SUMS")
+        info.size = len(entries[0][1])
+        t.addfile(info, io.BytesIO(entries[0][1]))
+    body = tar.getvalue().rstrip(b"\0")
+    body += bytes(-len(body) % 512) + bytes(raw) + bytes(1024)
+    path = tmp_path / "neg.tar.gz"
+    path.write_bytes(gzip.compress(body))
+    assert_bad(path, "damaged package")
 
 
 def test_bad_pre_json(tmp_path):
