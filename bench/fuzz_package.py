@@ -15,7 +15,6 @@ Run after scripts/setup.sh:  .venv/bin/python bench/fuzz_package.py [-n 20000] [
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import io
 import json
