@@ -119,11 +119,16 @@ def _print_json(data) -> None:
               "whose config this is].")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine summary on stdout.")
 @click.option("-j", "jobs", type=click.IntRange(1, 256), help="Parallel compile jobs.")
+@click.option("--sign-key", type=click.Path(path_type=Path), help="Sign the package with this "
+              "Ed25519 private key (PEM or OpenSSH, unencrypted; see `livesplice keygen`).")
 def create_cmd(source, debian_version, config, patch_file, diffext, update_id, output, target_abi,
-               as_json, jobs) -> None:
+               as_json, jobs, sign_key) -> None:
     """Build an update package from a source patch (pre/post object code comparison)."""
     from .build import diffext_patch
     from .create import create
+    from .signing import load_private_key
+
+    signing_key = load_private_key(sign_key) if sign_key is not None else None  # before building
 
     if (source is None) == (debian_version is None):
         raise BadInput("give exactly one of --source DIR and --debian-version VERSION")
@@ -146,7 +151,8 @@ def create_cmd(source, debian_version, config, patch_file, diffext, update_id, o
         patch = diffext_patch(source, diffext)
     if target_abi:
         debian.lookup_kernel(target_abi)
-    result = create(source, config, patch, update_id, output, jobs, target_abi, debian_version)
+    result = create(source, config, patch, update_id, output, jobs, target_abi, debian_version,
+                    signing_key=signing_key)
     if as_json:
         _print_json(summary(result.package.manifest, str(result.path)))
     else:
@@ -168,36 +174,67 @@ def summary(manifest: dict, path: str | None = None) -> dict:
 def show_package(manifest: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"update {manifest['id']} for {manifest['target']['release']}")
+    table = Table(title=escape(f"update {manifest['id']} for {manifest['target']['release']}"))
     table.add_column("object")
     table.add_column("function")
     table.add_column("change")
     table.add_column("size", justify="right")
-    for r in manifest["replaced"]:
+    for r in manifest["replaced"]:  # names are printable (package.validate_manifest), not markup
         extra = f" (+{', '.join(r['parts'])})" if r["parts"] else ""
-        table.add_row(r["object"], r["name"] + extra, "replaced", f"{r['size']} -> {r['new_size']}")
+        table.add_row(escape(r["object"]), escape(r["name"] + extra), "replaced",
+                      f"{r['size']} -> {r['new_size']}")
     for n in manifest["new"]:
-        table.add_row(n["object"], n["name"], "new", str(n["size"]))
+        table.add_row(escape(n["object"]), escape(n["name"]), "new", str(n["size"]))
     Console().print(table)
+
+
+def signature_status(package, trusted) -> dict:
+    """Who signed a package and whether that key is trusted here (not enforced: for showing)."""
+    from .errors import Refused
+    from .signing import verify
+
+    if package.signature is None:
+        return {"signed": False, "key_id": None, "trusted": False}
+    try:
+        trusted_ok = trusted.required and verify(package.sums, package.signature, trusted,
+                                                 "package") is not None
+    except Refused:
+        trusted_ok = False
+    return {"signed": True, "key_id": package.signature.key_id, "trusted": trusted_ok}
 
 
 @main.command("view")
 @click.argument("what", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def view_cmd(what: str | None, as_json: bool) -> None:
+@click.option("--verify", is_flag=True, help="With a package: refuse it (exit 3) unless one of the "
+              "trusted keys signed it, as apply does ($LIVESPLICE_TRUSTED_KEYS or "
+              "/etc/livesplice/trusted-keys).")
+def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
     """Show what a package would replace (WHAT is a file), or what is applied (WHAT is an ID)."""
     from .apply import view_applied
-    from .package import Package
+    from .package import Package, visible
+    from .signing import load_trusted_keys
 
     if what is not None and (Path(what).exists() or what.endswith(".tar.gz")):
-        package = Package.read(what)
+        trusted = load_trusted_keys()
+        if verify and not trusted.required:
+            raise BadInput(f"--verify: no trusted keys in {trusted.directory}")
+        package = Package.read(what, trusted.directory if verify else None)
+        status = signature_status(package, trusted)
         if as_json:
             data = summary(package.manifest, what)
             data["patch"] = package.manifest["patch"]
+            data["signature"] = status
             _print_json(data)
         else:
             show_package(package.manifest)
-            click.echo(package.manifest["patch"])
+            if not status["signed"]:
+                click.echo("unsigned")
+            else:
+                click.echo(f"signed by key {status['key_id']} " + (
+                    "(trusted)" if status["trusted"] else "(not verified: no trusted keys here)"
+                    if not trusted.required else "(NOT by a trusted key, or changed since)"))
+            click.echo(visible(package.manifest["patch"]))
         return
     data = view_applied(what)
     if as_json:
@@ -212,7 +249,8 @@ def view_cmd(what: str | None, as_json: bool) -> None:
         for f in data["functions"]:
             click.echo(f"  {f['name']} at {f['site']} -> {f['new']}")
         if data.get("patch"):
-            click.echo(data["patch"])
+            from .package import visible
+            click.echo(visible(str(data["patch"])))
 
 
 def _retry_options(f):
@@ -228,7 +266,8 @@ def _retry_options(f):
 @_retry_options
 @click.option("--json", "as_json", is_flag=True)
 def apply_cmd(package: Path, retries: int, retry_delay: float, as_json: bool) -> None:
-    """Switch the running kernel to an update's new code."""
+    """Switch the running kernel to an update's new code. Once a trusted key is configured
+    ($LIVESPLICE_TRUSTED_KEYS or /etc/livesplice/trusted-keys), the package must be signed by one."""
     from .apply import apply
 
     result = apply(package, retries, retry_delay)
@@ -280,6 +319,30 @@ def cleanup_cmd(as_json: bool) -> None:
         _print_json({"removed": removed})
     else:
         click.echo("removed " + ", ".join(removed) if removed else "nothing to clean up")
+
+
+@main.command("keygen")
+@click.argument("private_key", type=click.Path(path_type=Path))
+def keygen_cmd(private_key: Path) -> None:
+    """Make an Ed25519 key pair for signing packages: PRIVATE_KEY (PEM, mode 0600) for
+    `create --sign-key`, PRIVATE_KEY.pub (OpenSSH) for the targets' trusted-keys directory."""
+    import os
+
+    from .signing import generate_key, key_id, private_pem, public_openssh
+
+    public = private_key.with_name(private_key.name + ".pub")
+    for p in (private_key, public):
+        if p.exists() or p.is_symlink():
+            raise BadInput(f"{p} exists; not overwriting it")
+    if not private_key.parent.is_dir():
+        raise BadInput(f"directory {private_key.parent} does not exist")
+    key = generate_key()
+    fd = os.open(private_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem(key))
+    public.write_bytes(public_openssh(key, f"livesplice-{key_id(key)[:16]}"))
+    click.echo(f"key {key_id(key)}\nprivate: {private_key}\npublic:  {public} "
+               "(copy it into /etc/livesplice/trusted-keys/ on the targets)")
 
 
 @main.command("demo")

@@ -136,7 +136,8 @@ def default_id(patch: str, config: Path) -> str:
 
 def create(source: Path, config: Path, patch: str, update_id: str | None = None,
            output: Path | None = None, jobs: int | None = None, target_abi: str | None = None,
-           source_version: str | None = None) -> CreateResult:
+           source_version: str | None = None, signing_key=None) -> CreateResult:
+    """`signing_key`: an Ed25519 private key (signing.load_private_key) to sign the package with."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     if not patch.strip():
@@ -220,7 +221,7 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
         package = Package(manifest, {"functions": pre_code},
                           {f"modules/{module_name}.ko": ko.read_bytes(),
                            "modules/livesplice_core.ko": core.read_bytes()})
-        package.write(output)
+        package.write(output, signing_key)
         timings["total"] = time.monotonic() - t0
         manifest["timings"] = timings
         return CreateResult(package, output, diffs, timings)

@@ -169,6 +169,9 @@ def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None 
     return bytes(out)
 
 
+KERNEL_NOTES = Path("/sys/kernel/notes")
+
+
 def running_build_id() -> str | None:
     """The running kernel's GNU build id (vmlinux's, lower-case hex), None if it shows none."""
     from .buildid import gnu_build_id
