@@ -443,12 +443,24 @@ def _tuple(*items: tuple[str, Check]) -> Check:
     return check
 
 
+class _Optional:
+    """A field an object may leave out (added in a later version of the same format)."""
+
+    def __init__(self, check: Check):
+        self.check = check
+
+    def __call__(self, value, field) -> None:
+        self.check(value, field)
+
+
 def _object(**fields: Check) -> Check:
     def check(value, field):
         if not isinstance(value, dict):
             raise _Invalid(field or "(top level)", "expected an object")
         for key, c in fields.items():
             if key not in value:
+                if isinstance(c, _Optional):
+                    continue
                 raise _Invalid(_sub(field, key), "missing")
             c(value[key], _sub(field, key))
         for key in value:
@@ -486,7 +498,7 @@ _manifest_schema = _object(
         release=_string(_RELEASE, "a kernel release (6.1.0-53-amd64)"),
         version=_string(max_len=512, nullable=True, printable=True),
         stock=_string(_RELEASE, "a kernel release (6.1.0-53-amd64)", nullable=True),
-        build_id=_string(r"[0-9a-f]{2,128}", "a GNU build id in hex", nullable=True)),
+        build_id=_Optional(_string(r"[0-9a-f]{2,128}", "a GNU build id in hex", nullable=True))),
     source=_object(
         tree=_string(printable=True),
         debian_version=_string(r"[A-Za-z0-9.+~:-]{1,64}", "a Debian version", nullable=True),
