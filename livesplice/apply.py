@@ -137,6 +137,7 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
     applied = coreproto.state()
     if any(u.id == package.id for u in applied):
         raise NothingToDo(f"update {package.id} is already applied")
+    check_lockdown()
     t0 = time.monotonic()
     ks = kernel.Kallsyms()
     matcher = Matcher(ks, kernel.KernelMemory(), applied)
@@ -152,12 +153,16 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
     if unresolved:
         raise Refused("the new code refers to symbols this kernel does not have", unresolved)
     t_match = time.monotonic() - t0
+    redirected = kernel.ipmodify_functions() & {r["name"] for r in manifest["replaced"]}
+    if redirected:
+        raise Refused("another live patch already redirects these functions (livepatch, kpatch or "
+                      "another ftrace user that modifies the instruction pointer): its code, not "
+                      "livesplice's, would run", sorted(redirected))
 
     module = manifest["module"]["name"]
     if kernel.module_loaded(module):
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
-    check_lockdown()
     new_code = kernel.link_unexported(package.members[manifest["module"]["file"]], ks, addresses)
     loaded_core = _load_core(package, ks)
     try:

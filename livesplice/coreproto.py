@@ -115,6 +115,14 @@ def _device() -> Path:
 
 def request(text: str, op: str, update_id: str = "-") -> Answer:
     """Send one request; its answer, checked to be this request's."""
+    answer = Answer.parse(raw_request(text))
+    if answer.op != op or (update_id != "-" and answer.id not in (update_id, "-")):
+        raise LivespliceError(f"the core answered {answer.op} {answer.id} to {op} {update_id}")
+    return answer
+
+
+def raw_request(text: str) -> str:
+    """One request as text, its answer as text."""
     fd = os.open(_device(), os.O_RDWR)
     try:
         data = text.encode()
@@ -131,10 +139,7 @@ def request(text: str, op: str, update_id: str = "-") -> Answer:
             chunks.append(chunk)
     finally:
         os.close(fd)
-    answer = Answer.parse(b"".join(chunks).decode(errors="replace"))
-    if answer.op != op or (update_id != "-" and answer.id not in (update_id, "-")):
-        raise LivespliceError(f"the core answered {answer.op} {answer.id} to {op} {update_id}")
-    return answer
+    return b"".join(chunks).decode(errors="replace")
 
 
 def call(text: str, op: str, update_id: str = "-") -> dict[str, int]:

@@ -190,3 +190,25 @@ def module_build_id(name: str) -> str | None:
         return gnu_build_id(Path(f"/sys/module/{name}/notes/.note.gnu.build-id").read_bytes())
     except FileNotFoundError:
         return None
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def ipmodify_functions() -> set[str]:
+    """Functions an ftrace user already redirects (livepatch, kpatch, BPF trampolines with
+    IPMODIFY): ftrace's `enabled_functions` flags them ` I`. Their callers never reach a jump
+    written after the fentry site."""
+    listing = TRACEFS / "enabled_functions"
+    if not listing.exists() and not os.path.ismount(TRACEFS):
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", str(TRACEFS)], capture_output=True)
+    try:
+        text = listing.read_text()
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        head, _, flags = line.partition(")")
+        if " I" in flags.split("tramp:")[0] and head.split():
+            out.add(head.split()[0])
+    return out

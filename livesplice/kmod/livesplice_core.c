@@ -944,9 +944,13 @@ static ssize_t ls_write(struct file *file, const char __user *buf, size_t len, l
 		return -EBUSY;		/* one request per open file */
 	if (len > MAX_REQUEST)
 		return -E2BIG;
-	req = vmemdup_user(buf, len + 1);
-	if (IS_ERR(req))
-		return PTR_ERR(req);
+	req = kvmalloc(len + 1, GFP_KERNEL);
+	if (!req)
+		return -ENOMEM;
+	if (copy_from_user(req, buf, len)) {
+		kvfree(req);
+		return -EFAULT;
+	}
 	req[len] = '\0';
 	if (memchr(req, '\0', len)) {
 		kvfree(req);

@@ -1,0 +1,321 @@
+"""The core's safety, on the stock 6.1.0-53-amd64 kernel in the VM (safety issue, items 3-9):
+who is inside the code (stack walks, parking, kernel threads, function-graph tracing, stale
+words), undo of an update's own helpers, NMIs during the switch, commands at once, kprobes,
+another live patch, kernel lockdown. Each test checks the kernel log."""
+
+import json
+import re
+import textwrap
+import time
+
+import pytest
+
+from livesplice.testbed import Session
+from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
+
+pytestmark = pytest.mark.vm
+
+PRCTL = {"kernel/sys.c": [("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) {",
+                           "if ((arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) || arg3) {")]}
+# prctl(PR_GET_DUMPABLE, 0x5ee) naps 4 s in a new helper, in uninterruptible sleep.
+NAP = {"kernel/sys.c": [
+    ("SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,",
+     "static noinline void livesplice_test_nap(void)\n{\n\tmsleep(4000);\n}\n\n"
+     "SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,"),
+    ("\tcase PR_GET_DUMPABLE:\n\t\terror = get_dumpable(me->mm);",
+     "\tcase PR_GET_DUMPABLE:\n\t\tif (arg2 == 0x5ee)\n\t\t\tlivesplice_test_nap();\n"
+     "\t\terror = get_dumpable(me->mm);")]}
+# kthreadd never leaves its loop: a kernel thread always inside the code.
+KTHREADD = {"kernel/kthread.c": [
+    ("\tfor (;;) {\n\t\tset_current_state(TASK_INTERRUPTIBLE);\n\t\tif (list_empty(&kthread_create_list))",
+     "\tfor (;;) {\n\t\tasm volatile(\"nop\");\n\t\tset_current_state(TASK_INTERRUPTIBLE);\n"
+     "\t\tif (list_empty(&kthread_create_list))")]}
+# Where a shell waits for the command it started.
+DO_WAIT = {"kernel/exit.c": [
+    ("\tint retval;\n\n\ttrace_sched_process_wait(wo->wo_pid);",
+     "\tint retval;\n\n\tasm volatile(\"nop\");\n\ttrace_sched_process_wait(wo->wo_pid);")]}
+# What every CPU runs in NMI context on `echo l > /proc/sysrq-trigger`.
+NMI = {"lib/nmi_backtrace.c": [
+    ("\tint cpu = smp_processor_id();\n\tunsigned long flags;\n\n\tif (cpumask_test_cpu(",
+     "\tint cpu = smp_processor_id();\n\tunsigned long flags;\n\n\tasm volatile(\"nop\");\n"
+     "\tif (cpumask_test_cpu(")]}
+# What the kernel's sample livepatch module replaces.
+CMDLINE = {"fs/proc/cmdline.c": [("\tseq_puts(m, saved_command_line);",
+                                  "\tseq_puts(m, saved_command_line);\n\tasm volatile(\"nop\");")]}
+
+
+@pytest.fixture(scope="module")
+def packages(stock_kernel, vm):
+    source, out, made = stock_kernel.source_tree, vm.exchange, {}
+    for name, edits in (("prctl", PRCTL), ("nap", NAP), ("kthreadd", KTHREADD),
+                        ("dowait", DO_WAIT), ("nmi", NMI), ("cmdline", CMDLINE)):
+        (out / f"{name}.patch").write_text(edit_patch(source, edits))
+        proc = livesplice_cli("create", "--source", str(source), "--config",
+                              str(stock_kernel.config), "--patch", str(out / f"{name}.patch"),
+                              "--id", name, "-o", str(out / f"{name}.tar.gz"))
+        assert proc.returncode == 0, proc.stderr
+        made[name] = out / f"{name}.tar.gz"
+    return made
+
+
+def applied(vm) -> list[str]:
+    r = guest_cli(vm, "list", "--json")
+    assert r.status == 0, r.err
+    return [u["id"] for u in json.loads(r.out)]
+
+
+def nothing_loaded(vm) -> bool:
+    return applied(vm) == [] and "livesplice" not in vm.run(["cat", "/proc/modules"]).out
+
+
+def mark(vm) -> int:
+    return len(vm.dmesg().splitlines())
+
+
+def assert_clean(vm, since: int) -> None:
+    problems = vm.dmesg_problems(since)
+    assert not problems, problems
+
+
+def tracing(vm, *commands: str) -> None:
+    vm.run("mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing; "
+           "cd /sys/kernel/tracing && " + " && ".join(commands), check=True)
+
+
+def test_kernel_thread_inside_gives_up_cleanly(vm, packages):
+    """kthreadd lives in the replaced function: every try finds it, and the busy message says it
+    is a kernel thread that could not be moved; nothing stays loaded."""
+    since = mark(vm)
+    r = guest_cli(vm, "apply", str(packages["kthreadd"]), "--retries", "3", "--retry-delay", "0.2")
+    assert r.status == 3, r.err
+    assert "code busy: kthreadd in use by kthreadd[2]" in r.err and "kernel thread" in r.err
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
+
+
+def test_function_graph_tracing_does_not_hide_a_thread(vm, packages):
+    """With function_graph tracing schedule(), the return address into kthreadd on its stack is
+    ftrace's return_to_handler; the unwinder recovers the real one, so kthreadd is still seen."""
+    since = mark(vm)
+    tracing(vm, "echo schedule > set_ftrace_filter", "echo function_graph > current_tracer")
+    # Have kthreadd go to sleep once more, now traced: loading dm_mod makes kernel threads.
+    vm.run(["modprobe", "dm_mod"])
+    try:
+        # The first try wakes kthreadd: it sleeps again in schedule(), now traced.
+        r = guest_cli(vm, "apply", str(packages["kthreadd"]), "--retries", "4",
+                      "--retry-delay", "0.3")
+    finally:
+        tracing(vm, "echo nop > current_tracer", "echo > set_ftrace_filter")
+    assert r.status == 3, r.err
+    assert "code busy: kthreadd in use by kthreadd[2]" in r.err
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
+
+
+STALE = textwrap.dedent("""
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = int(sys.argv[1], 16) + 16
+    r, w = os.pipe()
+    buf = ctypes.create_string_buffer(8)
+    print(os.getpid(), flush=True)
+    # read(2) with the address in r10, r8 and r9: saved in the user registers on the kernel stack
+    libc.syscall(0, r, buf, 1, ctypes.c_ulong(addr), ctypes.c_ulong(addr), ctypes.c_ulong(addr))
+""")
+
+
+def test_words_on_a_stack_do_not_block(vm, packages):
+    """An unprivileged process holding an address of the replaced code in its registers while
+    it sleeps in the kernel does not keep the update from applying at its first try."""
+    since = mark(vm)
+    addr = vm.run("grep ' __do_sys_prctl$' /proc/kallsyms", check=True).out.split()[0]
+    vm.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c '{STALE}' {addr} "
+           "> /run/stale.pid 2>&1 &", check=True)
+    time.sleep(1)
+    r = guest_cli(vm, "apply", str(packages["prctl"]), "--retries", "2", "--json")
+    assert r.status == 0, r.err
+    assert json.loads(r.out)["attempts"] == 1
+    assert guest_cli(vm, "undo", "prctl").status == 0
+    vm.run("kill $(head -1 /run/stale.pid)")
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
+
+
+def test_sleeper_is_moved_and_keeps_sleeping(vm, packages, stock_kernel):
+    """A task asleep in a replaced function (a shell in do_wait, waiting for the very livesplice
+    it started) is parked at its return to user space; its system call restarts in the new
+    code, and the shell gets its child's status as usual."""
+    since = mark(vm)
+    cli = " ".join(GUEST_CLI)
+    script = (f"cd {REPO} && {cli} apply {packages['dowait']} --json > /run/dowait.out; "
+              "echo $? > /run/dowait.rc")
+    vm.run(["sh", "-c", script], timeout=300, check=True)
+    assert vm.run(["cat", "/run/dowait.rc"]).out.strip() == "0", vm.run(["cat", "/run/dowait.out"]).out
+    result = json.loads(vm.run(["cat", "/run/dowait.out"]).out)
+    assert result["attempts"] >= 2  # the shell was inside do_wait at the first try
+    assert vm.run(["sh", "-c", "sleep 0.1 & wait; echo $?"]).out.strip() == "0"
+    script = f"cd {REPO} && {cli} undo dowait > /run/dowait.out 2>&1; echo $? > /run/dowait.rc"
+    vm.run(["sh", "-c", script], timeout=300, check=True)
+    assert vm.run(["cat", "/run/dowait.rc"]).out.strip() == "0", vm.run(["cat", "/run/dowait.out"]).out
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
+
+
+def test_undo_waits_for_a_thread_in_a_new_helper(vm, packages):
+    """Undo checks all of the update's code, its new helpers included: a thread asleep in one
+    (uninterruptibly, so it cannot be parked) makes undo refuse, and nothing changes."""
+    since = mark(vm)
+    assert guest_cli(vm, "apply", str(packages["nap"])).status == 0
+    vm.run("python3 -c 'import ctypes; ctypes.CDLL(None).prctl(3, 0x5ee, 0, 0, 0)' &", check=True)
+    time.sleep(1)
+    r = guest_cli(vm, "undo", "nap", "--retries", "2", "--retry-delay", "0.2")
+    assert r.status == 3, r.err
+    assert "code busy: livesplice_test_nap" in r.err and "uninterruptible" in r.err
+    assert applied(vm) == ["nap"]
+    time.sleep(4)
+    r = guest_cli(vm, "undo", "nap")
+    assert r.status == 0, r.err
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
+
+
+def test_two_commands_at_once(vm, packages):
+    """Commands serialize: two applies, then an undo beside a list, all succeed."""
+    since = mark(vm)
+    cli = " ".join(GUEST_CLI)
+    r = vm.run(f"cd {REPO}; {cli} apply {packages['prctl']} & a=$!; {cli} apply {packages['nap']}"
+               f" & b=$!; wait $a; ra=$?; wait $b; rb=$?; echo $ra $rb", timeout=600)
+    assert r.out.split() == ["0", "0"], r.err
+    assert sorted(applied(vm)) == ["nap", "prctl"]
+    r = vm.run(f"cd {REPO}; {cli} undo prctl & a=$!; {cli} list --json > /run/l.json & b=$!; "
+               f"{cli} undo nap & c=$!; wait $a; ra=$?; wait $b; rb=$?; wait $c; rc=$?; "
+               "echo $ra $rb $rc", timeout=600)
+    assert r.out.split() == ["0", "0", "0"], r.err
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
+
+
+def test_kprobe_on_the_site(vm, packages):
+    """A kprobe where the jump would go changes the bytes: apply is refused, nothing written;
+    a kprobe placed on the jump later makes undo refuse until it is gone."""
+    since = mark(vm)
+    probe = "p:livesplice_test __do_sys_prctl"
+    tracing(vm, f"echo '{probe}' > kprobe_events", "echo 1 > events/kprobes/livesplice_test/enable")
+    try:
+        r = guest_cli(vm, "apply", str(packages["prctl"]))
+        assert r.status == 3, r.err
+        assert nothing_loaded(vm)
+    finally:
+        tracing(vm, "echo 0 > events/kprobes/livesplice_test/enable", "echo > kprobe_events")
+    assert guest_cli(vm, "apply", str(packages["prctl"])).status == 0
+    tracing(vm, f"echo '{probe}' > kprobe_events", "echo 1 > events/kprobes/livesplice_test/enable")
+    try:
+        r = guest_cli(vm, "undo", "prctl")
+        assert r.status == 3 and "not the ones matched" in r.err, r.err
+        assert applied(vm) == ["prctl"]
+    finally:
+        tracing(vm, "echo 0 > events/kprobes/livesplice_test/enable", "echo > kprobe_events")
+    assert guest_cli(vm, "undo", "prctl").status == 0
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
+
+
+def test_function_another_live_patch_redirects(vm, packages, stock_kernel, tmp_path_factory):
+    """The kernel's sample livepatch module redirects cmdline_proc_show through ftrace: an
+    update to the same function is refused, naming it."""
+    import shutil
+    import subprocess
+
+    since = mark(vm)
+    build = tmp_path_factory.mktemp("klp")
+    shutil.copy(stock_kernel.source_tree / "samples/livepatch/livepatch-sample.c", build)
+    (build / "Makefile").write_text("obj-m := livepatch-sample.o\n")
+    proc = subprocess.run(["make", "-C", str(stock_kernel.headers), f"M={build}", "modules"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shutil.copy(build / "livepatch-sample.ko", vm.exchange)
+    vm.run(["insmod", str(vm.exchange / "livepatch-sample.ko")], check=True)
+    try:
+        assert "this has been live patched" in vm.run(["cat", "/proc/cmdline"]).out
+        r = guest_cli(vm, "apply", str(packages["cmdline"]))
+        assert r.status == 3 and "another live patch" in r.err and "cmdline_proc_show" in r.err
+        assert nothing_loaded(vm)
+    finally:
+        vm.run("echo 0 > /sys/kernel/livepatch/livepatch_sample/enabled; sleep 1; "
+               "rmmod livepatch_sample", timeout=120)
+    assert_clean(vm, since)
+
+
+def test_core_rejects_malformed_requests(vm, packages):
+    """Requests to the core with wrong pointers, duplicate sites or garbage get an error
+    answer, never an oops."""
+    since = mark(vm)
+    assert guest_cli(vm, "apply", str(packages["prctl"])).status == 0
+    code = textwrap.dedent("""
+        import glob, os
+        from livesplice import coreproto as c, kernel
+        site = kernel.Kallsyms().lookup("__do_sys_prctl")[0].address
+        sec = sorted(glob.glob("/sys/module/livesplice_prctl/sections/.text.livesplice*"))[0]
+        new = int(open(sec).read(), 16)
+        m = "livesplice_prctl"
+        reqs = [
+            f"apply x {m} 1 0\\nf a 1000 2000 0000000000\\n",
+            f"apply x {m} 1 0\\nf a {site:x} ffffffffc0000000 0000000000\\n",
+            f"apply x nosuchmodule 1 0\\nf a {site:x} {new:x} 0000000000\\n",
+            f"apply x {m} 1 0\\nf a {site + 64:x} {new:x} 0000000000\\nf b {site + 64:x} {new:x} 0000000000\\n",
+            f"apply x {m} 1 0\\nf a {site + 64:x} {new:x} 0000000000\\nr {site:x} {site + (1 << 24):x} 0\\n",
+            f"apply ../x {m} 1 0\\nf a 1 2 00\\n",
+            f"apply x {m} 1 0\\nr 10 5 0\\n",
+            f"apply x {m} 999999 0\\n",
+            "undo nosuch 1 0\\n", "undo x y\\n", "bench 0\\n", "garbage\\n", " ",
+            "apply " + "x" * 100000 + "\\n",
+        ]
+        for q in reqs:
+            print(c.raw_request(q).splitlines()[0][:100])
+    """)
+    r = vm.run([GUEST_CLI[0], "-c", code], cwd=str(REPO))
+    assert r.status == 0, r.err
+    statuses = [line.split()[0] for line in r.out.splitlines()]
+    assert statuses and all(s in ("error", "unknown", "refused") for s in statuses), r.out
+    assert applied(vm) == ["prctl"]
+    assert guest_cli(vm, "undo", "prctl").status == 0
+    assert_clean(vm, since)
+
+
+NOT_NMI_NOISE = re.compile(r"Oops|BUG[: ]|WARNING:|general protection|Kernel panic|int3")
+
+
+def test_nmis_during_the_switch(stock_kernel, packages, vm):
+    """`echo l > /proc/sysrq-trigger` makes every CPU run nmi_cpu_backtrace() in NMI context,
+    at any moment, also while the machine is stopped: the jumps into it are written int3-first,
+    so a CPU that reaches a half-written site goes on into the new code. The backtraces print
+    call traces, so this runs in a guest of its own and looks for oopses and BUGs only."""
+    with Session(kernel=stock_kernel.kernel.abi, rwdirs=[str(vm.exchange)]) as guest:
+        guest.run("(while [ ! -e /run/stop-nmi ]; do echo l > /proc/sysrq-trigger; "
+                  "sleep 0.2; done) > /dev/null 2>&1 &", check=True)
+        try:
+            for _ in range(10):
+                r = guest.run([*GUEST_CLI, "apply", str(packages["nmi"]), "--retries", "20",
+                               "--retry-delay", "0.05"], cwd=str(REPO), timeout=300)
+                assert r.status == 0, r.err
+                r = guest.run([*GUEST_CLI, "undo", "nmi", "--retries", "20",
+                               "--retry-delay", "0.05"], cwd=str(REPO), timeout=300)
+                assert r.status == 0, r.err
+        finally:
+            guest.run(["touch", "/run/stop-nmi"])
+        log = guest.dmesg()
+        assert "NMI backtrace" in log
+        bad = [line for line in log.splitlines() if NOT_NMI_NOISE.search(line)]
+        assert not bad, bad
+
+
+def test_lockdown_is_a_clear_refusal(stock_kernel, packages, vm):
+    """Under lockdown=integrity the kernel loads only signed modules: apply refuses with the
+    cause, before loading anything."""
+    with Session(kernel=stock_kernel.kernel.abi, rwdirs=[str(vm.exchange)],
+                 append="lockdown=integrity") as guest:
+        r = guest.run([*GUEST_CLI, "apply", str(packages["prctl"])], cwd=str(REPO), timeout=300)
+        assert r.status == 3, r.err
+        assert "locked down (integrity)" in r.err
+        assert "livesplice" not in guest.run(["cat", "/proc/modules"]).out
+        assert not guest.dmesg_problems()
