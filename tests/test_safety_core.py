@@ -20,7 +20,7 @@ PRCTL = {"kernel/sys.c": [("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_U
 # prctl(PR_GET_DUMPABLE, 0x5ee) naps 4 s in a new helper, in uninterruptible sleep.
 NAP = {"kernel/sys.c": [
     ("SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,",
-     "static noinline void livesplice_test_nap(void)\n{\n\tmsleep(4000);\n}\n\n"
+     "static noinline void livesplice_test_nap(void)\n{\n\tschedule_timeout_uninterruptible(4 * HZ);\n}\n\n"
      "SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,"),
     ("\tcase PR_GET_DUMPABLE:\n\t\terror = get_dumpable(me->mm);",
      "\tcase PR_GET_DUMPABLE:\n\t\tif (arg2 == 0x5ee)\n\t\t\tlivesplice_test_nap();\n"
