@@ -85,7 +85,9 @@ def pre_record(obj: ObjectFile, objname: str, item: Item) -> dict:
     return {"object": objname, "name": item.name, "size": item.size,
             "local": item.symbol.bind == "STB_LOCAL", "type": item.symbol.type,
             "code": base64.b64encode(item.data).decode(), "relocs": relocs,
-            "masks": runtime_patched_sites(obj, item), "fentry": fentry_offset(obj, item),
+            # [offset, length, kind]: kind one of elfmodel.SITE_KINDS (runpre reads the first two)
+            "masks": [[s.offset, s.length, s.kind] for s in runtime_patched_sites(obj, item)],
+            "fentry": fentry_offset(obj, item),
             "section": item.section.name}
 
 
