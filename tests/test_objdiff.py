@@ -277,7 +277,7 @@ yes:
      r"its jump label site on key_a at offset 0x[5-9] \(5 bytes\) lies under the 5-byte jump at "
      r"offset 0x5"),
     ("LOCK_INC(&sink); return x + %d;",
-     r"its lock prefix site at offset 0x[5-9] \(1 bytes\) lies under the 5-byte jump at offset 0x5"),
+     r"its lock prefix site at offset 0x[5-9] \(1 byte\) lies under the 5-byte jump at offset 0x5"),
 ])
 def test_site_the_kernel_rewrites_under_the_jump_is_refused(tmp_path, body, reason):
     src = "int f(int x) { " + body + " }\n"
