@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import kernel
 from .errors import BadInput, LivespliceError, NothingToDo, Refused
-from .newcode import PLACEHOLDER_PREFIX
+from .newcode import PLACEHOLDER_PREFIX, entry_sections
 from .package import Package
 from .runpre import Matcher
 
@@ -80,10 +80,6 @@ def resolve_module(ko: bytes, addresses: dict[str, int]) -> bytes:
     if missing:
         raise LivespliceError(f"no address for {', '.join(missing)}")
     return bytes(out)
-
-
-def section_name(function: str) -> str:
-    return ".text.livesplice." + re.sub(r"[^A-Za-z0-9_.]", "_", function)
 
 
 def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
@@ -151,7 +147,8 @@ def _apply_request(package, match, records, ks, memory, retries, retry_delay) ->
         fm = match.functions[(r["object"], r["name"])]
         record = records[(r["object"], r["name"])]
         site = fm.original + (5 if record.get("fentry") == 0 else 0)
-        target = kernel.module_section(module, section_name(r["new_name"]))
+        new_section, part_sections = entry_sections(r)
+        target = kernel.module_section(module, new_section)
         expect = memory.read(site, 5)
         lines.append(f"f {r['name']} {site:x} {target:x} {expect.hex()}")
         ranges.append(f"r {fm.original:x} {fm.original + fm.size:x} {i}")
@@ -162,9 +159,9 @@ def _apply_request(package, match, records, ks, memory, retries, retry_delay) ->
             if pm is not None:
                 ranges.append(f"r {pm.live:x} {pm.live + pm.size:x} {i}")
         new_ranges.append(f"n {target:x} {target + r['new_size']:x} {i}")
-        for part in r["new_parts"]:
-            start = kernel.module_section(module, section_name(part))
-            new_ranges.append(f"n {start:x} {start + sizes[section_name(part)]:x} {i}")
+        for part_section in part_sections:
+            start = kernel.module_section(module, part_section)
+            new_ranges.append(f"n {start:x} {start + sizes[part_section]:x} {i}")
     return "\n".join(lines + ranges + new_ranges) + "\n"
 
 
