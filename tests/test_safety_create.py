@@ -72,7 +72,7 @@ def test_dynamic_debug_key_under_the_jump_is_refused(create):
     assert proc.returncode == 3, proc.stderr
     assert "drivers/base/core.o: cannot redirect changed function device_unregister: its jump " \
            "label site on the dynamic debug descriptor __UNIQUE_ID_ddebug" in proc.stderr, proc.stderr
-    assert "at offset 0x9 (5 bytes) lies under the 5-byte jump at offset 0x5" in proc.stderr
+    assert "at offset 0x9 (2 bytes) lies under the 5-byte jump at offset 0x5" in proc.stderr
     assert not package.exists()
 
 
