@@ -127,8 +127,8 @@ class Extractor:
         if key in self.code.functions:
             return self.code.functions[key]
         sec = self.code.writer.add_section(OutSection(
-            section_name(self.objname, item.name), bytearray(item.data), SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR,
-            align=max(item.section.addralign, 16)))
+            section_name(self.objname, item.name), bytearray(item.data),
+            SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR, align=max(item.section.addralign, 16)))
         sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_FUNC",
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym
