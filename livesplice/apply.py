@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import coreproto, kernel
 from .errors import BadInput, NothingToDo, Refused
+from .newcode import entry_sections
 from .package import Package
 from .runpre import Matcher, MatchResult
 
@@ -119,8 +120,6 @@ def check_target(package: Package) -> None:
             raise BadInput(f"package {package.id} is for '{banner}'; this kernel is '{version}'")
 
 
-def section_name(function: str) -> str:
-    return ".text.livesplice." + re.sub(r"[^A-Za-z0-9_.]", "_", function)
 
 
 def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
@@ -193,7 +192,8 @@ def _switches(package: Package, match: MatchResult
     switches, ranges = [], []
     for i, r in enumerate(manifest["replaced"]):
         fm = match.functions[(r["object"], r["name"])]
-        target = kernel.module_section(module, section_name(r["new_name"]))
+        new_section, _ = entry_sections(r)
+        target = kernel.module_section(module, new_section)
         switches.append(coreproto.Switch(r["name"], fm.site, target, fm.expect))
         ranges.append(coreproto.CodeRange(fm.original, fm.original + fm.size, i))
         if fm.live != fm.original:

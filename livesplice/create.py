@@ -20,7 +20,7 @@ from .build import WorkTree, build_pre_post, config_hash, console, kernel_releas
 from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
 from .layout import layout_changes
-from .newcode import Extractor, NewCode, build_core, build_module, check_problems
+from .newcode import Extractor, NewCode, build_core, build_module, check_problems, section_name
 from .objdiff import ObjectDiff, diff_objects, section_kind
 from .package import FORMAT_VERSION, Package
 
@@ -118,7 +118,9 @@ def pre_record(obj: ObjectFile, objname: str, item: Item) -> dict:
     return {"object": objname, "name": item.name, "size": item.size,
             "local": item.symbol.bind == "STB_LOCAL", "type": item.symbol.type,
             "code": base64.b64encode(item.data).decode(), "relocs": relocs,
-            "masks": runtime_patched_sites(obj, item), "fentry": fentry_offset(obj, item),
+            # [offset, length, kind]: kind one of elfmodel.SITE_KINDS (runpre reads the first two)
+            "masks": [[s.offset, s.length, s.kind] for s in runtime_patched_sites(obj, item)],
+            "fentry": fentry_offset(obj, item),
             "section": item.section.name}
 
 
@@ -279,7 +281,10 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
                              "size": c.pre_size, "new_size": c.size, "section": c.section,
                              "parts": [d.names.get(p, p) for p in c.parts],
                              "new_parts": c.parts, "pre_sha256": fingerprint(rec),
-                             "local": rec["local"]})
+                             "local": rec["local"],
+                             # where apply finds the new code: the module's sections
+                             "new_section": section_name(d.object, c.name),
+                             "new_part_sections": [section_name(d.object, p) for p in c.parts]})
     return {
         "format": FORMAT_VERSION,
         "id": update_id,
@@ -292,7 +297,9 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
         "patch": patch,
         "module": {"name": module_name, "file": f"modules/{module_name}.ko"},
         "replaced": replaced,
-        "new": [{"object": d.object, "name": c.name, "size": c.size, "parts": c.parts}
+        "new": [{"object": d.object, "name": c.name, "size": c.size, "parts": c.parts,
+                 "new_section": section_name(d.object, c.name),
+                 "new_part_sections": [section_name(d.object, p) for p in c.parts]}
                 for d in diffs for c in d.new],
         "kernel_refs": [r.to_json() for r in code.refs.values()],
         "line_only": [f for d in diffs for f in d.line_only],

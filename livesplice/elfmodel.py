@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
@@ -296,42 +297,92 @@ CODE_TABLES: dict[str, tuple[int, int]] = {
 ORC_ENTRY_SIZE = 6
 
 
-def runtime_patched_sites(obj: ObjectFile, item: Item) -> list[tuple[int, int]]:
-    """(offset, length) within `item` of every place the running kernel rewrites by itself:
-    fentry calls, alternatives, paravirt calls, jump labels, static calls, retpoline and return
-    thunk sites, lock prefixes. Those bytes are not compared with the running kernel."""
-    sites: list[tuple[int, int]] = []
+class RuntimeSite(NamedTuple):
+    """A place in a function's code that the kernel rewrites by itself."""
+
+    offset: int  # from the function's start
+    length: int
+    kind: str  # one of SITE_KINDS
+    what: str = ""  # what drives it, where the table says: a static key, a static call's key
+
+
+# What each kind of site is, and when the running kernel rewrites it (Linux 6.1, x86-64).
+#
+# Rewritten at any time while the kernel runs, so that no livesplice jump may cover them: the
+# kernel would rewrite (part of) the jump, or find it where it expects its own instruction and
+# BUG() (jump_label_patch(), __static_call_validate()).
+#   fentry call:  ftrace turns it into a call and back when tracing is switched (text_poke_bp).
+#   jump label:   static_key_enable/disable() (tracepoints, dynamic debug, sched features, ...).
+#   static call:  static_call_update() (preempt=dynamic's might_resched/cond_resched, pv clocks,
+#                 tracepoint iterators, ...): __static_call_validate() BUGs on an unknown insn.
+#   lock prefix:  .smp_locks: alternatives_smp_unlock/lock() switch `lock` <-> `ds` when a kernel
+#                 booted with one CPU present brings up a second (alternatives_enable_smp());
+#                 they look at one byte, which under a jump is part of its displacement.
+# Applied once, by alternative_instructions() at boot (for vmlinux: before init runs, so before
+# any update), and never again for vmlinux's code: a jump written over them overwrites their final
+# form, which run-pre matching masks and the core checks byte for byte before writing.
+#   alternative:  apply_alternatives() (CPU features; a late microcode load does not re-run it).
+#   paravirt call: apply_paravirt().
+#   retpoline call, return thunk: apply_retpolines(), apply_returns().
+#   call thunk:   .call_sites (6.2+, call depth tracking): patched at boot and module load only.
+SITES_REWRITTEN_AT_RUN_TIME = frozenset({"fentry call", "jump label", "static call",
+                                         "lock prefix"})
+SITES_PATCHED_AT_BOOT = frozenset({"alternative", "paravirt call", "retpoline call",
+                                   "return thunk", "call thunk"})
+SITE_KINDS = SITES_REWRITTEN_AT_RUN_TIME | SITES_PATCHED_AT_BOOT
+_THUNK_TABLES = {".static_call_sites": "static call", ".retpoline_sites": "retpoline call",
+                 ".return_sites": "return thunk", ".call_sites": "call thunk"}
+
+
+def runtime_patched_sites(obj: ObjectFile, item: Item) -> list[RuntimeSite]:
+    """Every place within `item` the running kernel rewrites by itself: fentry calls,
+    alternatives, paravirt calls, jump labels, static calls, retpoline and return thunk sites,
+    lock prefixes. Those bytes are not compared with the running kernel."""
+    sites: list[RuntimeSite] = []
     end = item.start + item.size
     data = item.section.data
 
     def inside(sec: Section, off: int) -> bool:
         return sec is item.section and item.start <= off < end
 
+    def key(table: str, idx: int, entry: int, field: int) -> str:
+        """The name of what the table entry's field at `field` points at."""
+        sec = obj.section(table)
+        for r in sec.relocs_in(idx * entry + field, idx * entry + field + 1) if sec else ():
+            t = obj.target(r)
+            if t.kind == "sym" and t.name in obj.data_objects and \
+                    obj.data_objects[t.name].section.name == "__dyndbg":
+                return f"the dynamic debug descriptor {t.name}"
+            return t.name
+        return ""
+
     for sec, off, _ in obj.sites("__mcount_loc", 8):
         if inside(sec, off):
-            sites.append((off - item.start, 5))
+            sites.append(RuntimeSite(off - item.start, 5, "fentry call"))
     alt = obj.section(".altinstructions")
     for sec, off, idx in obj.sites(".altinstructions", 12):
         if inside(sec, off) and alt is not None:
             instrlen = alt.data[idx * 12 + 10]
-            sites.append((off - item.start, instrlen))
+            sites.append(RuntimeSite(off - item.start, instrlen, "alternative"))
     para = obj.section(".parainstructions")
     for sec, off, idx in obj.sites(".parainstructions", 16):
         if inside(sec, off) and para is not None:
-            sites.append((off - item.start, para.data[idx * 16 + 9]))
-    for sec, off, _ in obj.sites("__jump_table", 16):
+            sites.append(RuntimeSite(off - item.start, para.data[idx * 16 + 9], "paravirt call"))
+    for sec, off, idx in obj.sites("__jump_table", 16):
         if inside(sec, off):
             two_byte = data[off] == 0xEB or data[off:off + 2] == b"\x66\x90"
-            sites.append((off - item.start, 2 if two_byte else 5))
-    for name in (".static_call_sites", ".retpoline_sites", ".return_sites", ".call_sites"):
+            sites.append(RuntimeSite(off - item.start, 2 if two_byte else 5, "jump label",
+                                     key("__jump_table", idx, 16, 8)))
+    for name, kind in _THUNK_TABLES.items():
         size = CODE_TABLES[name][0]
-        for sec, off, _ in obj.sites(name, size):
+        for sec, off, idx in obj.sites(name, size):
             if inside(sec, off):
                 length = 6 if data[off] == 0x0F else 5  # jcc rel32 to a thunk, else call/jmp rel32
-                sites.append((off - item.start, length))
+                what = key(name, idx, size, 4) if kind == "static call" else ""
+                sites.append(RuntimeSite(off - item.start, length, kind, what))
     for sec, off, _ in obj.sites(".smp_locks", 4):
         if inside(sec, off):
-            sites.append((off - item.start, 1))
+            sites.append(RuntimeSite(off - item.start, 1, "lock prefix"))
     return sorted(sites)
 
 

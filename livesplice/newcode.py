@@ -11,6 +11,7 @@ module against the target kernel's headers.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -25,6 +26,10 @@ from .errors import LivespliceError, Refused
 from .objdiff import DYNDBG_SECTION, read_only
 
 PLACEHOLDER_PREFIX = "__livesplice_sym_"
+SECTION_PREFIX = ".text.livesplice."
+# apply finds each new function through /sys/module/MODULE/sections/SECTION: a sysfs file name,
+# at most NAME_MAX (255) bytes.
+SECTION_NAME_MAX = 200
 TABLES = {k: v for k, v in CODE_TABLES.items() if k not in ("__tracepoints_ptrs", ".ibt_endbr_seal")}
 
 
@@ -77,6 +82,21 @@ class NewCode:
         return self.strings[text]
 
 
+def section_name(objname: str, function: str) -> str:
+    """The new-code module's section for `function` of object `objname`: one of its own per
+    (object, function), since two objects may each have a static function of that name and
+    same-named sections are merged when the module is linked. A short hash of both keeps it
+    unique and stable (the same update gives the same names); the function's name is there for
+    people, cut short if it has to be. Stored in the manifest: apply reads it from there."""
+    tag = hashlib.sha256(f"{objname}\0{function}".encode()).hexdigest()[:10]
+    return (SECTION_PREFIX + tag + "." + re.sub(r"[^A-Za-z0-9_.]", "_", function))[:SECTION_NAME_MAX]
+
+
+def entry_sections(entry: dict) -> tuple[str, list[str]]:
+    """The module sections of a manifest replaced[] entry's new code and of its parts."""
+    return entry["new_section"], list(entry["new_part_sections"])
+
+
 def _plain_constant(item: Item) -> bool:
     """A local read-only object without pointers (a __func__, a table of numbers): a copy is as
     good as the kernel's, which kallsyms often cannot tell apart from others of its name. Objects
@@ -101,10 +121,9 @@ class Extractor:
         key = (self.objname, item.name)
         if key in self.code.functions:
             return self.code.functions[key]
-        secname = ".text.livesplice." + re.sub(r"[^A-Za-z0-9_.]", "_", item.name)
         sec = self.code.writer.add_section(OutSection(
-            secname, bytearray(item.data), SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR,
-            align=max(item.section.addralign, 16)))
+            section_name(self.objname, item.name), bytearray(item.data),
+            SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR, align=max(item.section.addralign, 16)))
         sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_FUNC",
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from elftools.elf.constants import SH_FLAGS
 
-from .elfmodel import CODE_TABLES, Item, ObjectFile, Target, base_name, fentry_offset
+from .elfmodel import (CODE_TABLES, SITES_PATCHED_AT_BOOT, Item, ObjectFile, RuntimeSite, Target,
+                       base_name, fentry_offset, runtime_patched_sites)
 
 # Sections whose functions livesplice does not redirect, with why.
 UNREDIRECTABLE_SECTIONS = {
@@ -371,12 +372,35 @@ def _boot_table_entries(post: ObjectFile, new_functions: set[str], name: str) ->
     return sorted(set(out))
 
 
+def jump_offset(fentry: int | None) -> int:
+    """Where in a function apply writes its jump: right after a fentry call at the entry, else at
+    the entry itself (a notrace function)."""
+    return fentry + 5 if fentry == 0 else 0
+
+
 def _unredirectable(obj: ObjectFile, item: Item) -> str | None:
     for prefix, why in UNREDIRECTABLE_SECTIONS.items():
         if item.section.name.startswith(prefix):
             return why
     fentry = fentry_offset(obj, item)
-    room = item.size - ((fentry + 5) if fentry == 0 else 0)
-    if room < JUMP_SIZE:
+    at = jump_offset(fentry)
+    if item.size - at < JUMP_SIZE:
         return f"{item.size} bytes leave no room for a {JUMP_SIZE}-byte jump after its fentry site"
+    under = [s for s in runtime_patched_sites(obj, item)
+             if s.offset < at + JUMP_SIZE and at < s.offset + s.length]
+    rewritten = [s for s in under if s.kind not in SITES_PATCHED_AT_BOOT]
+    if rewritten:
+        return "; ".join(_site_under_jump(s, at) for s in rewritten)
     return None
+
+
+def _site_under_jump(site: RuntimeSite, at: int) -> str:
+    what = site.what
+    if what.startswith("__SCK__"):
+        what = f" to {what[len('__SCK__'):]}"
+    elif what:
+        what = f" on {what}"
+    size = f"{site.length} byte{'s' if site.length != 1 else ''}"
+    return (f"its {site.kind} site{what} at offset {site.offset:#x} ({size}) lies "
+            f"under the {JUMP_SIZE}-byte jump at offset {at:#x}, and the kernel rewrites that "
+            "site while it runs")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import signing
+from .elfmodel import SITE_KINDS
 from .errors import BadInput, Refused
 
 FORMAT_VERSION = 2  # 2: build id in the target, core protocol 2, signatures
@@ -511,8 +512,10 @@ _manifest_schema = _object(
     replaced=_list(_object(
         object=_object_path, name=_symbol, new_name=_symbol, size=_code_size, new_size=_size,
         section=_symbol, parts=_list(_symbol), new_parts=_list(_symbol),
+        new_section=_symbol, new_part_sections=_list(_symbol),
         pre_sha256=_string(_HEX64, "a SHA-256 in hex"), local=_boolean), min_len=1),
-    new=_list(_object(object=_object_path, name=_symbol, size=_size, parts=_list(_symbol))),
+    new=_list(_object(object=_object_path, name=_symbol, size=_size, parts=_list(_symbol),
+                      new_section=_symbol, new_part_sections=_list(_symbol))),
     kernel_refs=_list(_object(
         placeholder=_string(re.escape(PLACEHOLDER_PREFIX) + r"\d{1,9}",
                             f"a placeholder ({PLACEHOLDER_PREFIX}N)"),
@@ -528,7 +531,8 @@ _pre_schema = _object(functions=_list(_object(
     relocs=_list(_tuple(("offset", _integer(0, MAX_FUNCTION_SIZE)), ("type", _integer(0, 255)),
                         ("kind", _choice("sym", "sec", "str")), ("name", _string(max_len=65536)),
                         ("addend", _integer(-2**63, 2**63 - 1)), ("local", _boolean))),
-    masks=_list(_tuple(("offset", _integer(0, MAX_FUNCTION_SIZE)), ("length", _integer(0, 255)))),
+    masks=_list(_tuple(("offset", _integer(0, MAX_FUNCTION_SIZE)), ("length", _integer(0, 255)),
+                       ("kind", _choice(*sorted(SITE_KINDS))))),
     fentry=_integer(0, MAX_FUNCTION_SIZE, nullable=True),
     section=_symbol,
     referenced_only=_boolean,
@@ -599,7 +603,7 @@ def validate_pre(pre: object, manifest: dict, path: str = "") -> None:
                         raise _Invalid(f"{rfield}[3] (name)", "not a string literal's text")
                 else:
                     _symbol(name, f"{rfield}[3] (name)")
-            for j, (off, _) in enumerate(rec["masks"]):
+            for j, (off, *_) in enumerate(rec["masks"]):
                 if off >= rec["size"]:
                     raise _Invalid(f"{field}.masks[{j}][0] (offset)",
                                    f"{off} is outside the function")

@@ -74,7 +74,7 @@ class Matcher:
         except Exception as exc:
             return f"cannot read its code: {exc}", {}, b""
         ignore = bytearray(len(code))
-        for off, length in record["masks"]:
+        for off, length, *_kind in record["masks"]:  # [offset, length(, kind)]
             ignore[off:off + length] = b"\1" * length
         found: dict[tuple[str, str], int] = {}
         for off, rtype, kind, name, offset, local in record["relocs"]:

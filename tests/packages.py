@@ -33,8 +33,10 @@ MANIFEST = {
     "module": {"name": "livesplice_fix1", "file": "modules/livesplice_fix1.ko"},
     "replaced": [{"object": "kernel/sys.o", "name": "prctl_set_auxv", "new_name": "prctl_set_auxv",
                   "size": 16, "new_size": 24, "section": ".text.prctl_set_auxv", "parts": [],
-                  "new_parts": [], "pre_sha256": "cd" * 32, "local": True}],
-    "new": [{"object": "kernel/sys.o", "name": "helper", "size": 8, "parts": []}],
+                  "new_parts": [], "new_section": ".text.livesplice.0123456789.prctl_set_auxv",
+                  "new_part_sections": [], "pre_sha256": "cd" * 32, "local": True}],
+    "new": [{"object": "kernel/sys.o", "name": "helper", "size": 8, "parts": [],
+             "new_section": ".text.livesplice.abcdef0123.helper", "new_part_sections": []}],
     "kernel_refs": [{"placeholder": "__livesplice_sym_0", "name": "foo", "object": "",
                      "local": False, "kind": "func"},
                     {"placeholder": "__livesplice_sym_1", "name": "bar", "object": "kernel/sys.o",
@@ -47,7 +49,7 @@ PRE = {"functions": [{
     "object": "kernel/sys.o", "name": "prctl_set_auxv", "size": 16, "local": True,
     "type": "STT_FUNC", "code": base64.b64encode(CODE).decode(),
     "relocs": [[5, 4, "sym", "foo", -4, False], [10, 2, "str", "hello\n", 0, True]],
-    "masks": [[4, 5]], "fentry": None, "section": ".text.prctl_set_auxv",
+    "masks": [[4, 5, "alternative"]], "fentry": None, "section": ".text.prctl_set_auxv",
     "referenced_only": False}]}
 
 

@@ -37,3 +37,33 @@ def test_plain_constants_are_carried_not_referenced(tmp_path):
     Extractor(code, "t.o", post, d.names, {"f"}).add_function(post.functions["f"])
     assert ("t.o", "primes") in code.data
     assert not any(r.name == "primes" for r in code.refs.values())
+
+
+def test_section_name_is_unique_per_object_and_function():
+    from livesplice.newcode import SECTION_NAME_MAX, section_name
+    a = section_name("arch/x86/kernel/cpu/proc.o", "c_start")
+    b = section_name("fs/proc/consoles.o", "c_start")
+    assert a != b and a.startswith(".text.livesplice.") and a.endswith(".c_start")
+    assert a == section_name("arch/x86/kernel/cpu/proc.o", "c_start")  # stable
+    assert section_name("fs/proc/consoles.o", "c_next") != b
+    long_a, long_b = (section_name("x.o", "f" * 300 + tail) for tail in ("1", "2"))
+    assert long_a != long_b and max(len(long_a), len(long_b)) <= SECTION_NAME_MAX
+    assert section_name("x.o", "f.cold").endswith(".f.cold")
+    assert "[" not in section_name("x.o", "weird[1]")
+
+
+def test_same_named_functions_of_two_objects_get_sections_of_their_own(tmp_path):
+    from livesplice.newcode import entry_sections, section_name
+    code = NewCode()
+    for i, objname in enumerate(("a/one.o", "b/two.o")):
+        src = "static noinline int helper(int x) { return x * %d + sink; }\nint f%d(int x) { return helper(x); }\n"
+        (tmp_path / str(i)).mkdir()
+        d = compile_pair(tmp_path / str(i), src % (3, i), src % (5, i))
+        post = ObjectFile(tmp_path / str(i) / "post" / "t.o")
+        assert [c.name for c in d.changed] == ["helper"]
+        Extractor(code, objname, post, d.names, {"helper"}).add_function(post.functions["helper"])
+    sections = [s.name for s in code.writer.sections if s.name.startswith(".text.livesplice.")]
+    assert sorted(sections) == sorted([section_name("a/one.o", "helper"),
+                                       section_name("b/two.o", "helper")])
+    # apply reads the names from the manifest
+    assert entry_sections({"new_section": "s", "new_part_sections": ["p"]}) == ("s", ["p"])

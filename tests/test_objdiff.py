@@ -1,5 +1,6 @@
 """The object diff's rules, on pre/post object pairs compiled here from small C files."""
 
+import re
 import subprocess
 import textwrap
 
@@ -238,3 +239,71 @@ def test_new_function_with_a_jump_table_is_not_a_boot_table_entry(tmp_path):
     table = [s for s in obj.sections if s is not None and s.name.startswith(".rodata") and s.relocs]
     assert table  # the case this is about: an anonymous jump table pointing into pick
     assert names(d.changed) == ["f"] and names(d.new) == ["pick"] and not d.refusals, d.refusals
+
+
+# Sites the kernel rewrites, as its macros lay them out (objtool writes .static_call_sites for
+# calls to __SCT__ trampolines; here the asm does).
+SITES = r"""
+struct static_key { int enabled; } key_a;
+static inline __attribute__((always_inline)) int key_on(struct static_key *k) {
+    asm goto("1: .byte 0x0f,0x1f,0x44,0x00,0x00\n\t.pushsection __jump_table, \"aw\"\n\t"
+             ".balign 8\n\t.long 1b - ., %l[yes] - .\n\t.quad %c0 - .\n\t.popsection"
+             : : "i"(k) : : yes);
+    return 0;
+yes:
+    return 1;
+}
+#define STATIC_CALL(name) asm volatile("1: call __SCT__" #name "\n\t.pushsection "  \
+    ".static_call_sites, \"aw\"\n\t.long 1b - ., __SCK__" #name " - .\n\t.popsection"  \
+    : : : "memory", "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
+#define LOCK_INC(p) asm volatile(".pushsection .smp_locks, \"a\"\n\t.balign 4\n\t"  \
+    ".long 671f - .\n\t.popsection\n671:\n\tlock incl %0" : "+m"(*(p)))
+#define ALTERNATIVE_NOP() asm volatile("661: .byte 0x0f,0x1f,0x44,0x00,0x00\n662:\n\t"  \
+    ".pushsection .altinstructions, \"a\"\n\t.long 661b - .\n\t.long 663f - .\n\t.word 42\n\t"  \
+    ".byte 662b - 661b\n\t.byte 664f - 663f\n\t.popsection\n\t"  \
+    ".pushsection .altinstr_replacement, \"ax\"\n663: .byte 0x90,0x90,0x90,0x90,0x90\n664:\n\t"  \
+    ".popsection")
+"""
+
+
+@pytest.mark.parametrize("body, reason", [
+    # synchronize_net: might_sleep()'s static call to might_resched right after fentry
+    ("STATIC_CALL(might_resched); return sink * %d;",
+     r"its static call site to might_resched at offset 0x5 \(5 bytes\) lies under the 5-byte jump "
+     r"at offset 0x5, and the kernel rewrites that site while it runs"),
+    # __consume_stateless_skb, device_unregister: a tracepoint's or pr_debug()'s static key (here
+    # after a 2-byte mov: partly under the jump)
+    ("if (key_on(&key_a)) return x + sink; return x - %d;",
+     r"its jump label site on key_a at offset 0x[5-9] \(5 bytes\) lies under the 5-byte jump at "
+     r"offset 0x5"),
+    ("LOCK_INC(&sink); return x + %d;",
+     r"its lock prefix site at offset 0x[5-9] \(1 byte\) lies under the 5-byte jump at offset 0x5"),
+])
+def test_site_the_kernel_rewrites_under_the_jump_is_refused(tmp_path, body, reason):
+    src = "int f(int x) { " + body + " }\n"
+    d = compile_pair(tmp_path, SITES + src % 3, SITES + src % 5)
+    assert not d.changed
+    assert [r for r in d.refusals
+            if re.search("^t.o: cannot redirect changed function f: " + reason, r)], d.refusals
+
+
+@pytest.mark.parametrize("body", [
+    # Patched once at boot, before any update: the jump may cover it.
+    "ALTERNATIVE_NOP(); return x * %d + sink;",
+    # Further in: the jump leaves it alone.
+    "int y = printk(\"x\"); y += sink * 7; if (key_on(&key_a)) return x + y; return x - %d;",
+])
+def test_site_the_kernel_leaves_alone_is_not_refused(tmp_path, body):
+    src = "int f(int x) { " + body + " }\n"
+    d = compile_pair(tmp_path, SITES + src % 3, SITES + src % 5)
+    assert names(d.changed) == ["f"] and not d.refusals, d.refusals
+
+
+def test_pre_record_masks_name_their_kind(tmp_path):
+    from livesplice.create import pre_record
+    obj = compile_one(tmp_path, SITES + "int f(int x) { if (key_on(&key_a)) return x + sink; "
+                      "STATIC_CALL(might_resched); LOCK_INC(&sink); return x; }\n")
+    masks = pre_record(obj, "t.o", obj.functions["f"])["masks"]
+    assert [0, 5, "fentry call"] in masks
+    assert {m[2] for m in masks} == {"fentry call", "jump label", "static call", "lock prefix"}
+    assert all(len(m) == 3 for m in masks)

@@ -525,7 +525,7 @@ def _reloc_field(path) -> str:
     name = field_name(path)
     if len(path) == 5 and path[2] in ("relocs", "masks"):
         names = (["offset", "type", "kind", "name", "addend", "local"] if path[2] == "relocs"
-                 else ["offset", "length"])
+                 else ["offset", "length", "kind"])
         name += f" ({names[path[4]]})"
     return name
 
