@@ -20,10 +20,10 @@ PRCTL = {"kernel/sys.c": [("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_U
 # prctl(PR_GET_DUMPABLE, 0x5ee) naps 4 s in a new helper, in uninterruptible sleep.
 NAP = {"kernel/sys.c": [
     ("SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,",
-     "static noinline void livesplice_test_nap(void)\n{\n\tschedule_timeout_uninterruptible(4 * HZ);\n}\n\n"
+     "static noinline long livesplice_test_nap(void)\n{\n\tschedule_timeout_uninterruptible(4 * HZ);\n\treturn 0x5ee;\n}\n\n"
      "SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,"),
     ("\tcase PR_GET_DUMPABLE:\n\t\terror = get_dumpable(me->mm);",
-     "\tcase PR_GET_DUMPABLE:\n\t\tif (arg2 == 0x5ee)\n\t\t\tlivesplice_test_nap();\n"
+     "\tcase PR_GET_DUMPABLE:\n\t\tif (arg2 == 0x5ee)\n\t\t\treturn livesplice_test_nap();\n"
      "\t\terror = get_dumpable(me->mm);")]}
 # kthreadd never leaves its loop: a kernel thread always inside the code.
 KTHREADD = {"kernel/kthread.c": [
@@ -56,6 +56,14 @@ def packages(stock_kernel, vm):
         assert proc.returncode == 0, proc.stderr
         made[name] = out / f"{name}.tar.gz"
     return made
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_applied(vm):
+    """A failing test leaves nothing behind for the next one."""
+    yield
+    for update in reversed(applied(vm)):
+        guest_cli(vm, "undo", update)
 
 
 def applied(vm) -> list[str]:
@@ -166,13 +174,21 @@ def test_undo_waits_for_a_thread_in_a_new_helper(vm, packages):
     (uninterruptibly, so it cannot be parked) makes undo refuse, and nothing changes."""
     since = mark(vm)
     assert guest_cli(vm, "apply", str(packages["nap"])).status == 0
-    vm.run("python3 -c 'import ctypes; ctypes.CDLL(None).prctl(3, 0x5ee, 0, 0, 0)' &", check=True)
-    time.sleep(1)
+    nap = "import ctypes; libc = ctypes.CDLL(None); print(flush=True); libc.prctl(3, 0x5ee, 0, 0, 0)"
+    vm.run(f"python3 -c '{nap}' > /run/nap.out & echo $! > /run/nap.pid", check=True)
+    # Until it naps: started (python starts slowly under emulation, and in uninterruptible
+    # sleep while it reads its files over 9p), then asleep.
+    for _ in range(200):
+        if vm.run("cat /run/nap.out").out and vm.run(
+                "cut -d' ' -f3 /proc/$(cat /run/nap.pid)/stat").out.strip() == "D":
+            break
+        time.sleep(0.05)
     r = guest_cli(vm, "undo", "nap", "--retries", "2", "--retry-delay", "0.2")
     assert r.status == 3, r.err
-    assert "code busy: livesplice_test_nap" in r.err and "uninterruptible" in r.err
+    assert "code busy: livesplice_test_nap [livesplice_nap] in use by python3[" in r.err
+    assert "uninterruptible" in r.err
     assert applied(vm) == ["nap"]
-    time.sleep(4)
+    vm.run("while [ -e /proc/$(cat /run/nap.pid) ]; do sleep 0.2; done", timeout=30)
     r = guest_cli(vm, "undo", "nap")
     assert r.status == 0, r.err
     assert nothing_loaded(vm)
@@ -183,12 +199,12 @@ def test_two_commands_at_once(vm, packages):
     """Commands serialize: two applies, then an undo beside a list, all succeed."""
     since = mark(vm)
     cli = " ".join(GUEST_CLI)
-    r = vm.run(f"cd {REPO}; {cli} apply {packages['prctl']} & a=$!; {cli} apply {packages['nap']}"
-               f" & b=$!; wait $a; ra=$?; wait $b; rb=$?; echo $ra $rb", timeout=600)
+    r = vm.run(f"cd {REPO}; {cli} apply {packages['prctl']} >&2 & a=$!; "
+               f"{cli} apply {packages['dowait']} >&2 & b=$!; wait $a; ra=$?; wait $b; rb=$?; echo $ra $rb", timeout=600)
     assert r.out.split() == ["0", "0"], r.err
-    assert sorted(applied(vm)) == ["nap", "prctl"]
+    assert sorted(applied(vm)) == ["dowait", "prctl"]
     r = vm.run(f"cd {REPO}; {cli} undo prctl & a=$!; {cli} list --json > /run/l.json & b=$!; "
-               f"{cli} undo nap & c=$!; wait $a; ra=$?; wait $b; rb=$?; wait $c; rc=$?; "
+               f"{cli} undo dowait & c=$!; wait $a; ra=$?; wait $b; rb=$?; wait $c; rc=$?; "
                "echo $ra $rb $rc", timeout=600)
     assert r.out.split() == ["0", "0", "0"], r.err
     assert nothing_loaded(vm)
@@ -196,26 +212,32 @@ def test_two_commands_at_once(vm, packages):
 
 
 def test_kprobe_on_the_site(vm, packages):
-    """A kprobe where the jump would go changes the bytes: apply is refused, nothing written;
-    a kprobe placed on the jump later makes undo refuse until it is gone."""
+    """A kprobe where the jump would go changes the bytes: apply is refused, nothing written.
+    A kprobe placed on the jump later makes undo refuse until it is gone (or the kernel refuses
+    the probe itself)."""
     since = mark(vm)
-    probe = "p:livesplice_test __do_sys_prctl"
-    tracing(vm, f"echo '{probe}' > kprobe_events", "echo 1 > events/kprobes/livesplice_test/enable")
+    probe = "p:livesplice_test do_wait+5"
+    enable = "echo 1 > events/kprobes/livesplice_test/enable"
+    remove = "echo 0 > events/kprobes/livesplice_test/enable; echo > kprobe_events"
+    tracing(vm, f"echo '{probe}' > kprobe_events", enable)
     try:
-        r = guest_cli(vm, "apply", str(packages["prctl"]))
-        assert r.status == 3, r.err
+        r = guest_cli(vm, "apply", str(packages["dowait"]))
+        assert r.status == 3 and "run-pre matching failed" in r.err, r.err
+        assert "do_wait" in r.err and "offset 0x5" in r.err
         assert nothing_loaded(vm)
     finally:
-        tracing(vm, "echo 0 > events/kprobes/livesplice_test/enable", "echo > kprobe_events")
-    assert guest_cli(vm, "apply", str(packages["prctl"])).status == 0
-    tracing(vm, f"echo '{probe}' > kprobe_events", "echo 1 > events/kprobes/livesplice_test/enable")
-    try:
-        r = guest_cli(vm, "undo", "prctl")
-        assert r.status == 3 and "not the ones matched" in r.err, r.err
-        assert applied(vm) == ["prctl"]
-    finally:
-        tracing(vm, "echo 0 > events/kprobes/livesplice_test/enable", "echo > kprobe_events")
-    assert guest_cli(vm, "undo", "prctl").status == 0
+        tracing(vm, remove)
+    assert guest_cli(vm, "apply", str(packages["dowait"])).status == 0
+    tracing(vm, f"echo '{probe}' > kprobe_events")
+    if vm.run(f"cd /sys/kernel/tracing && {enable}").status == 0:
+        try:
+            r = guest_cli(vm, "undo", "dowait")
+            assert r.status == 3 and "not the ones matched" in r.err, r.err
+            assert applied(vm) == ["dowait"]
+        finally:
+            tracing(vm, remove)
+    tracing(vm, "echo > kprobe_events")
+    assert guest_cli(vm, "undo", "dowait").status == 0
     assert nothing_loaded(vm)
     assert_clean(vm, since)
 
