@@ -174,15 +174,11 @@ def test_undo_waits_for_a_thread_in_a_new_helper(vm, packages):
     (uninterruptibly, so it cannot be parked) makes undo refuse, and nothing changes."""
     since = mark(vm)
     assert guest_cli(vm, "apply", str(packages["nap"])).status == 0
-    nap = "import ctypes; libc = ctypes.CDLL(None); print(flush=True); libc.prctl(3, 0x5ee, 0, 0, 0)"
-    vm.run(f"python3 -c '{nap}' > /run/nap.out & echo $! > /run/nap.pid", check=True)
-    # Until it naps: started (python starts slowly under emulation, and in uninterruptible
-    # sleep while it reads its files over 9p), then asleep.
-    for _ in range(200):
-        if vm.run("cat /run/nap.out").out and vm.run(
-                "cut -d' ' -f3 /proc/$(cat /run/nap.pid)/stat").out.strip() == "D":
-            break
-        time.sleep(0.05)
+    vm.run("python3 -c 'import ctypes; ctypes.CDLL(None).prctl(3, 0x5ee, 0, 0, 0)' & "
+           "echo $! > /run/nap.pid", check=True)
+    # Until it naps (python starts slowly under emulation, faulting its pages in over 9p).
+    vm.run("until grep -q livesplice_test_nap /proc/$(cat /run/nap.pid)/stack; do sleep 0.05; done",
+           timeout=60, check=True)
     r = guest_cli(vm, "undo", "nap", "--retries", "2", "--retry-delay", "0.2")
     assert r.status == 3, r.err
     assert "code busy: livesplice_test_nap [livesplice_nap] in use by python3[" in r.err
@@ -203,8 +199,8 @@ def test_two_commands_at_once(vm, packages):
                f"{cli} apply {packages['dowait']} >&2 & b=$!; wait $a; ra=$?; wait $b; rb=$?; echo $ra $rb", timeout=600)
     assert r.out.split() == ["0", "0"], r.err
     assert sorted(applied(vm)) == ["dowait", "prctl"]
-    r = vm.run(f"cd {REPO}; {cli} undo prctl & a=$!; {cli} list --json > /run/l.json & b=$!; "
-               f"{cli} undo dowait & c=$!; wait $a; ra=$?; wait $b; rb=$?; wait $c; rc=$?; "
+    r = vm.run(f"cd {REPO}; {cli} undo prctl >&2 & a=$!; {cli} list --json > /run/l.json & b=$!; "
+               f"{cli} undo dowait >&2 & c=$!; wait $a; ra=$?; wait $b; rb=$?; wait $c; rc=$?; "
                "echo $ra $rb $rc", timeout=600)
     assert r.out.split() == ["0", "0", "0"], r.err
     assert nothing_loaded(vm)
