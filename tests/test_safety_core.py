@@ -177,7 +177,8 @@ def test_undo_waits_for_a_thread_in_a_new_helper(vm, packages):
     vm.run("python3 -c 'import ctypes; ctypes.CDLL(None).prctl(3, 0x5ee, 0, 0, 0)' & "
            "echo $! > /run/nap.pid", check=True)
     # Until it naps (python starts slowly under emulation, faulting its pages in over 9p).
-    vm.run("until grep -q livesplice_test_nap /proc/$(cat /run/nap.pid)/stack; do sleep 0.05; done",
+    # /proc/PID/syscall: "157 ..." once it is inside prctl (157).
+    vm.run("until grep -q '^157 ' /proc/$(cat /run/nap.pid)/syscall; do sleep 0.05; done",
            timeout=60, check=True)
     r = guest_cli(vm, "undo", "nap", "--retries", "2", "--retry-delay", "0.2")
     assert r.status == 3, r.err
