@@ -229,7 +229,7 @@ def _unload_core_if_idle() -> None:
         kernel.rmmod(coreproto.CORE_MODULE)
 
 
-def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0) -> dict:
+def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0, force: bool = False) -> dict:
     kernel.require_root()
     with locked():
         cleanup()
@@ -238,6 +238,13 @@ def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0) -> dict:
         if update is None:
             known = ", ".join(u.id for u in applied) or "none"
             raise BadInput(f"no applied update {update_id!r} (applied: {known})")
+        saved = STATE_DIR / f"{update_id}.json"
+        pending = json.loads(saved.read_text()).get("callbacks", []) if saved.exists() else []
+        if pending and not force:
+            raise Refused(f"update {update_id}'s new code takes the address of functions it "
+                          "brings (timer, work or other callbacks, which no stack shows): if one "
+                          "is still queued, undo would free code it will run; undo --force once "
+                          "you know none is", pending)
         figures = coreproto.call(coreproto.undo_request(update_id, max(1, retries),
                                                         int(retry_delay * 1000)),
                                  "undo", update_id)

@@ -283,11 +283,13 @@ def apply_cmd(package: Path, retries: int, retry_delay: float, as_json: bool) ->
 @click.argument("update_id")
 @_retry_options
 @click.option("--json", "as_json", is_flag=True)
-def undo_cmd(update_id: str, retries: int, retry_delay: float, as_json: bool) -> None:
+@click.option("--force", is_flag=True, help="Undo even though the update's new code may have "
+              "queued callbacks (timers, works) into itself.")
+def undo_cmd(update_id: str, retries: int, retry_delay: float, as_json: bool, force: bool) -> None:
     """Take an applied update out again (the latest of those stacked on the same code first)."""
     from .apply import undo
 
-    result = undo(update_id, retries, retry_delay)
+    result = undo(update_id, retries, retry_delay, force)
     if as_json:
         _print_json(result)
     else:

@@ -20,7 +20,8 @@ from .build import WorkTree, build_pre_post, config_hash, console, kernel_releas
 from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
 from .layout import layout_changes
-from .newcode import Extractor, NewCode, build_core, build_module, check_problems, section_name
+from .newcode import (Extractor, NewCode, build_core, build_module, callbacks, check_problems,
+                      section_name)
 from .objdiff import ObjectDiff, diff_objects, section_kind
 from .package import FORMAT_VERSION, Package
 
@@ -302,6 +303,7 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
                  "new_part_sections": [section_name(d.object, p) for p in c.parts]}
                 for d in diffs for c in d.new],
         "kernel_refs": [r.to_json() for r in code.refs.values()],
+        "callbacks": callbacks(code),
         "line_only": [f for d in diffs for f in d.line_only],
         "notes": [n for d in diffs for n in d.notes]
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),

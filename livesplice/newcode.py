@@ -21,7 +21,7 @@ from pathlib import Path
 from elftools.elf.constants import SH_FLAGS
 
 from .elfmodel import (CODE_TABLES, ORC_ENTRY_SIZE, ElfWriter, Item, ObjectFile, OutSection,
-                       OutSymbol, Reloc, Section)
+                       OutSymbol, R, Reloc, Section)
 from .errors import LivespliceError, Refused
 from .objdiff import DYNDBG_SECTION, read_only
 
@@ -292,6 +292,34 @@ def build_core(headers: Path, workdir: Path, jobs: int = 2) -> Path:
         raise LivespliceError("building the core module failed:\n"
                               + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
     return ko
+
+
+def _branch(data: bytearray, offset: int) -> bool:
+    """Is the rel32 field at `offset` that of a call, jmp or jcc?"""
+    return (offset >= 1 and data[offset - 1] in (0xE8, 0xE9)) or \
+        (offset >= 2 and data[offset - 2] == 0x0F and 0x80 <= data[offset - 1] <= 0x8F)
+
+
+def callbacks(code: NewCode) -> list[str]:
+    """The new code's functions whose address the new code takes (not only calls): they may be
+    left behind as timer, work or other callbacks, which sit on no stack, so undo cannot see
+    them. A call or tail call is a PLT32 relocation; an address taken is an absolute or
+    RIP-relative reference to the function's start, outside the kernel's own code tables. (Calls
+    to a local function come as PC32 relocations: the opcode before the field tells them.)"""
+    by_symbol = {id(sym): name for (_, name), sym in code.functions.items()}
+    tables = {id(t) for t in code.tables.values()}
+    found = set()
+    for sec in code.writer.sections:
+        if id(sec) in tables:
+            continue
+        for offset, rtype, sym, addend in sec.relocs:
+            name = by_symbol.get(id(sym))
+            if name is None or rtype == R["R_X86_64_PLT32"] or _branch(sec.data, offset):
+                continue
+            start = addend + (4 if rtype == R["R_X86_64_PC32"] else 0)
+            if start == 0:
+                found.add(name)
+    return sorted(found)
 
 
 def check_problems(code: NewCode) -> None:

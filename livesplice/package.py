@@ -520,6 +520,7 @@ _manifest_schema = _object(
         placeholder=_string(re.escape(PLACEHOLDER_PREFIX) + r"\d{1,9}",
                             f"a placeholder ({PLACEHOLDER_PREFIX}N)"),
         name=_symbol, object=_ref_object, local=_boolean, kind=_choice("func", "object", "notype"))),
+    callbacks=_list(_symbol),
     line_only=_list(_symbol),
     notes=_list(_string(printable=True)),
 )

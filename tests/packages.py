@@ -37,6 +37,7 @@ MANIFEST = {
                   "new_part_sections": [], "pre_sha256": "cd" * 32, "local": True}],
     "new": [{"object": "kernel/sys.o", "name": "helper", "size": 8, "parts": [],
              "new_section": ".text.livesplice.abcdef0123.helper", "new_part_sections": []}],
+    "callbacks": [],
     "kernel_refs": [{"placeholder": "__livesplice_sym_0", "name": "foo", "object": "",
                      "local": False, "kind": "func"},
                     {"placeholder": "__livesplice_sym_1", "name": "bar", "object": "kernel/sys.o",

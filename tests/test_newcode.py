@@ -67,3 +67,22 @@ def test_same_named_functions_of_two_objects_get_sections_of_their_own(tmp_path)
                                        section_name("b/two.o", "helper")])
     # apply reads the names from the manifest
     assert entry_sections({"new_section": "s", "new_part_sections": ["p"]}) == ("s", ["p"])
+
+
+def test_functions_whose_address_the_new_code_takes_are_callbacks(tmp_path):
+    # `cb` becomes a callback (its address is stored), `helper` is only called: undo must not
+    # free the first while something may still hold its address.
+    from livesplice.newcode import callbacks
+    src = """
+    static noinline void cb(int *p) { p[1] = sink + %d; }
+    static noinline int helper(int x) { return x * 7 + sink + %d; }
+    void (*slot)(int *);
+    int f(int x) { slot = cb; return helper(x) + %d; }
+    """
+    d = compile_pair(tmp_path, src % (1, 1, 1), src % (2, 2, 2))
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    changed = {c.name for c in d.changed}
+    assert {"f", "cb", "helper"} <= changed
+    Extractor(code, "t.o", post, d.names, changed).add_function(post.functions["f"])
+    assert callbacks(code) == ["cb"]
