@@ -139,7 +139,9 @@ def test_words_on_a_stack_do_not_block(vm, packages):
     addr = vm.run("grep ' __do_sys_prctl$' /proc/kallsyms", check=True).out.split()[0]
     vm.run(f"setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c '{STALE}' {addr} "
            "> /run/stale.pid 2>&1 &", check=True)
-    time.sleep(1)
+    # until it sleeps in read(2) (syscall 0)
+    vm.run("until grep -q '^0 ' /proc/$(head -1 /run/stale.pid)/syscall 2>/dev/null; "
+           "do sleep 0.1; done", timeout=60, check=True)
     r = guest_cli(vm, "apply", str(packages["prctl"]), "--retries", "2", "--json")
     assert r.status == 0, r.err
     assert json.loads(r.out)["attempts"] == 1
