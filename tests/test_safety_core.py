@@ -176,8 +176,8 @@ def test_undo_waits_for_a_thread_in_a_new_helper(vm, packages):
     (uninterruptibly, so it cannot be parked) makes undo refuse, and nothing changes."""
     since = mark(vm)
     assert guest_cli(vm, "apply", str(packages["nap"])).status == 0
-    vm.run("python3 -c 'import ctypes; ctypes.CDLL(None).prctl(3, 0x5ee, 0, 0, 0)' & "
-           "echo $! > /run/nap.pid", check=True)
+    vm.run("python3 -c 'import ctypes; ctypes.CDLL(None).prctl(3, 0x5ee, 0, 0, 0)' "
+           "> /dev/null 2>&1 & echo $! > /run/nap.pid", check=True)
     # Until it naps (python starts slowly under emulation, faulting its pages in over 9p).
     # /proc/PID/syscall: "157 ..." once it is inside prctl (157).
     vm.run("until grep -q '^157 ' /proc/$(cat /run/nap.pid)/syscall; do sleep 0.05; done",
