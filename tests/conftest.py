@@ -59,3 +59,16 @@ GUEST_CLI = [sys.executable, "-m", "livesplice"]
 def guest_cli(vm, *args: str, timeout: float = 300):
     """Run the livesplice command line inside the guest (the same interpreter and checkout)."""
     return vm.run([*GUEST_CLI, *args], timeout=timeout, cwd=str(REPO))
+
+
+def create_packages(stock_kernel, out: Path, edits_by_id: dict[str, dict]) -> dict[str, Path]:
+    """One package per id, each made from the stock source with its edits, into `out`."""
+    made = {}
+    for name, edits in edits_by_id.items():
+        (out / f"{name}.patch").write_text(edit_patch(stock_kernel.source_tree, edits))
+        proc = livesplice_cli("create", "--source", str(stock_kernel.source_tree), "--config",
+                              str(stock_kernel.config), "--patch", str(out / f"{name}.patch"),
+                              "--id", name, "-o", str(out / f"{name}.tar.gz"))
+        assert proc.returncode == 0, proc.stderr
+        made[name] = out / f"{name}.tar.gz"
+    return made

@@ -8,7 +8,7 @@ import pytest
 from livesplice import debian
 from livesplice.buildid import elf_build_id, gnu_build_id
 from livesplice.package import Package
-from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
+from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 pytestmark = pytest.mark.vm
 
@@ -24,15 +24,7 @@ PRCTL = {"kernel/sys.c": [("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_U
 
 @pytest.fixture(scope="module")
 def packages(stock_kernel, vm):
-    source, out, made = stock_kernel.source_tree, vm.exchange, {}
-    for name, edits in (("procver", PROC_VERSION), ("prctl", PRCTL)):
-        (out / f"{name}.patch").write_text(edit_patch(source, edits))
-        proc = livesplice_cli("create", "--source", str(source), "--config",
-                              str(stock_kernel.config), "--patch", str(out / f"{name}.patch"),
-                              "--id", name, "-o", str(out / f"{name}.tar.gz"))
-        assert proc.returncode == 0, proc.stderr
-        made[name] = out / f"{name}.tar.gz"
-    return made
+    return create_packages(stock_kernel, vm.exchange, {"procver": PROC_VERSION, "prctl": PRCTL})
 
 
 def applied(vm) -> list[str]:

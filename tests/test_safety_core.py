@@ -6,12 +6,11 @@ another live patch, kernel lockdown. Each test checks the kernel log."""
 import json
 import re
 import textwrap
-import time
 
 import pytest
 
 from livesplice.testbed import Session
-from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
+from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 pytestmark = pytest.mark.vm
 
@@ -46,16 +45,9 @@ CMDLINE = {"fs/proc/cmdline.c": [("\tseq_puts(m, saved_command_line);",
 
 @pytest.fixture(scope="module")
 def packages(stock_kernel, vm):
-    source, out, made = stock_kernel.source_tree, vm.exchange, {}
-    for name, edits in (("prctl", PRCTL), ("nap", NAP), ("kthreadd", KTHREADD),
-                        ("dowait", DO_WAIT), ("nmi", NMI), ("cmdline", CMDLINE)):
-        (out / f"{name}.patch").write_text(edit_patch(source, edits))
-        proc = livesplice_cli("create", "--source", str(source), "--config",
-                              str(stock_kernel.config), "--patch", str(out / f"{name}.patch"),
-                              "--id", name, "-o", str(out / f"{name}.tar.gz"))
-        assert proc.returncode == 0, proc.stderr
-        made[name] = out / f"{name}.tar.gz"
-    return made
+    return create_packages(stock_kernel, vm.exchange, {
+        "prctl": PRCTL, "nap": NAP, "kthreadd": KTHREADD, "dowait": DO_WAIT, "nmi": NMI,
+        "cmdline": CMDLINE})
 
 
 @pytest.fixture(autouse=True)
