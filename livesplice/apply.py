@@ -269,9 +269,14 @@ def _applied() -> list[coreproto.AppliedUpdate]:
 def list_applied() -> list[dict]:
     kernel.require_root()
     out = []
-    for u in _applied():
+    applied = _applied()
+    # A live patch enabled after an update redirects at the fentry site, before the jump: its
+    # code runs, not the update's. Say so rather than list the update as if it ran.
+    redirected = kernel.ipmodify_functions() if applied else set()
+    for u in applied:
         out.append({"id": u.id, "module": u.module, "functions": [f.name for f in u.funcs],
-                    "pause_ns": u.pause_ns})
+                    "pause_ns": u.pause_ns,
+                    "overridden": sorted({f.name for f in u.funcs} & redirected)})
     return out
 
 

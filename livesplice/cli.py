@@ -308,6 +308,10 @@ def list_cmd(as_json: bool) -> None:
         return
     for u in data:
         click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}")
+        if u["overridden"]:
+            err_console.print(f"[yellow]warning:[/] another live patch redirects "
+                              f"{', '.join(u['overridden'])}: its code runs, not {u['id']}'s",
+                              highlight=False)
 
 
 @main.command("cleanup")

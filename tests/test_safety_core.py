@@ -237,7 +237,8 @@ def test_kprobe_on_the_site(vm, packages):
 
 def test_function_another_live_patch_redirects(vm, packages, stock_kernel, tmp_path_factory):
     """The kernel's sample livepatch module redirects cmdline_proc_show through ftrace: an
-    update to the same function is refused, naming it."""
+    update to the same function is refused, naming it; enabled after an update, `list` says the
+    update's code no longer runs there."""
     import shutil
     import subprocess
 
@@ -249,9 +250,15 @@ def test_function_another_live_patch_redirects(vm, packages, stock_kernel, tmp_p
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     shutil.copy(build / "livepatch-sample.ko", vm.exchange)
+    # A livepatch enabled after the update: list says its code runs, not the update's.
+    assert guest_cli(vm, "apply", str(packages["cmdline"])).status == 0
     vm.run(["insmod", str(vm.exchange / "livepatch-sample.ko")], check=True)
     try:
         assert "this has been live patched" in vm.run(["cat", "/proc/cmdline"]).out
+        listed = json.loads(guest_cli(vm, "list", "--json").out)
+        assert listed[0]["overridden"] == ["cmdline_proc_show"]
+        assert "another live patch redirects cmdline_proc_show" in guest_cli(vm, "list").err
+        assert guest_cli(vm, "undo", "cmdline").status == 0
         r = guest_cli(vm, "apply", str(packages["cmdline"]))
         assert r.status == 3 and "another live patch" in r.err and "cmdline_proc_show" in r.err
         assert nothing_loaded(vm)
