@@ -46,6 +46,9 @@
 #include <linux/task_work.h>
 #include <linux/wait.h>
 #include <linux/completion.h>
+#include <linux/ftrace.h>
+#include <linux/nmi.h>
+#include <linux/rethook.h>
 #include <asm/sync_core.h>
 #include <asm/text-patching.h>
 #include <asm/unwind.h>
@@ -59,6 +62,7 @@
 #define ID_LEN 48
 #define MAX_BUSY 8
 #define MAX_RANGE_SIZE (1 << 20)
+#define MAX_WAIT_MS (10 * 60 * 1000)	/* tries x delay: the lock is held meanwhile */
 
 struct ls_func {
 	char name[KSYM_NAME_LEN];
@@ -156,6 +160,14 @@ static notrace bool addr_in_update(struct ls_switch *s, unsigned long addr, int 
 		*func = 0;
 		return m == u->mod;
 	}
+	for (i = 0; i < u->nfuncs; i++) {
+		/* The jump's own bytes, whatever ranges user space sent: a task stopped inside them
+		 * would resume in the middle of the jump. */
+		if (addr > u->funcs[i].site && addr < u->funcs[i].site + JMP_SIZE) {
+			*func = i;
+			return true;
+		}
+	}
 	for (i = 0; i < u->nranges; i++) {
 		/* Inclusive end: a return address after a call that ends the function. */
 		if (addr >= u->ranges[i].start && addr <= u->ranges[i].end) {
@@ -230,6 +242,14 @@ static notrace bool check_task(struct ls_switch *s, struct task_struct *t, bool 
 
 	if (!try_get_task_stack(t))
 		return false;
+#ifdef CONFIG_RETHOOK
+	/* Recovering a kretprobe's return address WARNs for a runnable task that is not current:
+	 * scan such a stack word by word instead. */
+	if (!running && task_is_running(t) && !llist_empty(&t->rethooks)) {
+		reliable = false;
+		goto scan;
+	}
+#endif
 	for (unwind_start(&state, t, NULL, NULL); !unwind_done(&state);
 	     unwind_next_frame(&state)) {
 		struct pt_regs *regs = unwind_get_entry_regs(&state, NULL);
@@ -249,6 +269,10 @@ static notrace bool check_task(struct ls_switch *s, struct task_struct *t, bool 
 	busy = false;
 	if (reliable)
 		goto out;
+#ifdef CONFIG_RETHOOK
+scan:
+#endif
+	busy = false;
 	sp = running ? current_stack_pointer : t->thread.sp;
 	if (!scan_words(s, t, sp, &func, &addr))
 		goto out;
@@ -361,6 +385,8 @@ static notrace int ls_int3(struct notifier_block *nb, unsigned long val, void *d
 	return NOTIFY_DONE;
 }
 
+NOKPROBE_SYMBOL(ls_int3);
+
 static struct notifier_block ls_int3_nb = {
 	.notifier_call = ls_int3,
 	.priority = INT_MAX,
@@ -407,8 +433,10 @@ static notrace int ls_stopped(void *data)
 	if (atomic_inc_return(&s->arrived) == 1) {
 		s->master = smp_processor_id();
 		start = ktime_get_ns();
-		while (atomic_read(&s->arrived) < n)
+		while (atomic_read(&s->arrived) < n) {
+			touch_nmi_watchdog();
 			cpu_relax();
+		}
 		s->result = switch_stopped(s);
 		s->work_ns = ktime_get_ns() - start;
 		smp_store_release(&s->done, 1);
@@ -421,6 +449,8 @@ static notrace int ls_stopped(void *data)
 			seen = gen;
 			atomic_inc(&s->acks);
 		}
+		/* Nothing is called here (no watchdog touch either): it may be the code being
+		 * written. The wait is a few milliseconds. */
 		cpu_relax();
 	}
 	sync_core();
@@ -503,6 +533,11 @@ static void park_busy(struct ls_switch *s, struct list_head *parks)
 	}
 }
 
+static bool same_work(struct callback_head *cb, void *data)
+{
+	return cb == data;
+}
+
 static void unpark_all(struct list_head *parks)
 {
 	struct ls_park *p, *tmp;
@@ -513,7 +548,7 @@ static void unpark_all(struct list_head *parks)
 	list_for_each_entry_safe(p, tmp, parks, list) {
 		/* Not run yet (the task never left its sleep): take the work back; else wait until
 		 * the task is done with it. */
-		if (!task_work_cancel(p->task, &p->work))
+		if (!task_work_cancel_match(p->task, same_work, &p->work))
 			wait_for_completion(&p->left);
 		list_del(&p->list);
 		put_task_struct(p->task);
@@ -652,7 +687,8 @@ static bool valid_id(const char *id)
 	return true;
 }
 
-/* Code of the running kernel (vmlinux or a module), all of [start, end). */
+/* Code of the running kernel (vmlinux or a module), all of [start, end): ranges are only
+ * compared with, never written. */
 static bool kernel_code(unsigned long start, unsigned long end)
 {
 	return start < end && end - start <= MAX_RANGE_SIZE && kernel_text_address(start) &&
@@ -684,11 +720,18 @@ static int check_funcs(struct ls_update *u, struct ls_answer *a)
 		struct ls_func *f = &u->funcs[i];
 		void *site = (void *)f->site, *last = site + JMP_SIZE - 1;
 
-		if (!kernel_code(f->site, f->site + JMP_SIZE) || text_module(f->site) == u->mod ||
-		    text_module(f->site) == THIS_MODULE) {
-			say(a, "error apply %s bad site %lx of %s: not code of the running kernel\n", u->id,
+		/* vmlinux's own code (not init text, not a module, a BPF image or a trampoline that
+		 * can go away under the jump); what the kernel would not let a kprobe write either
+		 * (the int3 path, noinstr and entry code) is refused. */
+		if (!core_kernel_text(f->site) || !core_kernel_text(f->site + JMP_SIZE - 1)) {
+			say(a, "error apply %s bad site %lx of %s: not vmlinux code\n", u->id,
 			    f->site, f->name);
 			return -EINVAL;
+		}
+		if (within_kprobe_blacklist(f->site) || ftrace_text_reserved(site, last)) {
+			say(a, "refused apply %s %s: %pS is code the kernel lets no probe write (its int3 or entry path, noinstr code, or an ftrace site)\n",
+			    u->id, f->name, site);
+			return -EPERM;
 		}
 		if (text_module(f->target) != u->mod || text_module(f->target + JMP_SIZE - 1) != u->mod) {
 			say(a, "error apply %s bad target %lx of %s: not in module %s\n", u->id, f->target,
@@ -755,7 +798,7 @@ static int handle_apply(char *req, struct ls_answer *a)
 		goto nomem;
 	if (sscanf(line, "apply %47s %55s %d %d", u->id, modname, &tries, &delay) != 4 ||
 	    !valid_id(u->id) || !valid_token(modname, MODULE_NAME_LEN) || tries < 1 || tries > 1000 ||
-	    delay < 0 || delay > 60000) {
+	    delay < 0 || delay > 60000 || (u64)tries * delay > MAX_WAIT_MS) {
 		say(a, "error apply - bad apply line\n");
 		goto out;
 	}
@@ -835,7 +878,8 @@ static int handle_undo(char *req, struct ls_answer *a)
 	struct ls_update *u, *later;
 
 	if (sscanf(req, "undo %47s %d %d", id, &tries, &delay) != 3 || !valid_id(id) ||
-	    tries < 1 || tries > 1000 || delay < 0 || delay > 60000) {
+	    tries < 1 || tries > 1000 || delay < 0 || delay > 60000 ||
+	    (u64)tries * delay > MAX_WAIT_MS) {
 		say(a, "error undo - bad undo line\n");
 		return -EINVAL;
 	}
@@ -864,6 +908,9 @@ static int handle_undo(char *req, struct ls_answer *a)
 	/* No jump leads into the update any more and no thread is in it; callbacks it queued with
 	 * call_rcu() may still be pending: wait for them before its code can go. */
 	rcu_barrier();
+	/* And for any task still between instructions of it that no stack showed (an exiting
+	 * thread past release_task()): a tasks-RCU grace period. */
+	synchronize_rcu_tasks();
 	module_put(u->mod);
 	free_update(u);
 	module_put(THIS_MODULE);
@@ -940,8 +987,6 @@ static ssize_t ls_write(struct file *file, const char __user *buf, size_t len, l
 	char *req;
 	size_t cap;
 
-	if (a->buf)
-		return -EBUSY;		/* one request per open file */
 	if (len > MAX_REQUEST)
 		return -E2BIG;
 	req = kvmalloc(len + 1, GFP_KERNEL);
@@ -956,17 +1001,26 @@ static ssize_t ls_write(struct file *file, const char __user *buf, size_t len, l
 		kvfree(req);
 		return -EINVAL;
 	}
-	mutex_lock(&ls_mutex);
+	if (mutex_lock_killable(&ls_mutex)) {
+		kvfree(req);
+		return -EINTR;
+	}
+	if (a->buf) {			/* one request per open file */
+		mutex_unlock(&ls_mutex);
+		kvfree(req);
+		return -EBUSY;
+	}
 	/* Enough for the state of every applied update. */
 	cap = 4096;
 	if (!strncmp(req, "state", 5)) {
 		struct ls_update *u;
 
 		list_for_each_entry(u, &updates, list)
-			cap += 128 + u->nfuncs * (KSYM_NAME_LEN + 96);
+			cap += 256 + u->nfuncs * (KSYM_NAME_LEN + 128);
 	}
 	a->buf = kvzalloc(cap, GFP_KERNEL);
 	a->cap = cap;
+	a->len = 0;
 	if (!a->buf) {
 		mutex_unlock(&ls_mutex);
 		kvfree(req);
@@ -990,10 +1044,12 @@ static ssize_t ls_write(struct file *file, const char __user *buf, size_t len, l
 static ssize_t ls_read(struct file *file, char __user *buf, size_t len, loff_t *ppos)
 {
 	struct ls_answer *a = file->private_data;
+	ssize_t ret;
 
-	if (!a->buf)
-		return -ENODATA;
-	return simple_read_from_buffer(buf, len, ppos, a->buf, a->len);
+	mutex_lock(&ls_mutex);
+	ret = a->buf ? simple_read_from_buffer(buf, len, ppos, a->buf, a->len) : -ENODATA;
+	mutex_unlock(&ls_mutex);
+	return ret;
 }
 
 static const struct file_operations ls_fops = {
@@ -1028,6 +1084,8 @@ static void __exit livesplice_core_exit(void)
 {
 	misc_deregister(&ls_dev);
 	unregister_die_notifier(&ls_int3_nb);
+	/* A parked task may still be returning from ls_park_fn(). */
+	synchronize_rcu_tasks();
 }
 
 module_init(livesplice_core_init);
