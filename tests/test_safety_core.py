@@ -33,7 +33,12 @@ KTHREADD = {"kernel/kthread.c": [
 DO_WAIT = {"kernel/exit.c": [
     ("\tint retval;\n\n\ttrace_sched_process_wait(wo->wo_pid);",
      "\tint retval;\n\n\tasm volatile(\"nop\");\n\ttrace_sched_process_wait(wo->wo_pid);")]}
-# What every CPU runs in NMI context on `echo l > /proc/sysrq-trigger`.
+# What every CPU runs in NMI context on `echo l > /proc/sysrq-trigger` (nmi_cpu_backtrace calls it).
+SHOW_REGS = {"arch/x86/kernel/dumpstack.c": [
+    ("\tenum show_regs_mode print_kernel_regs;\n\n\tshow_regs_print_info(KERN_DEFAULT);",
+     "\tenum show_regs_mode print_kernel_regs;\n\n\tasm volatile(\"nop\");\n"
+     "\tshow_regs_print_info(KERN_DEFAULT);")]}
+# nmi_cpu_backtrace itself is on the kernel's kprobe blacklist (NOKPROBE_SYMBOL): refused.
 NMI = {"lib/nmi_backtrace.c": [
     ("\tint cpu = smp_processor_id();\n\tunsigned long flags;\n\n\tif (cpumask_test_cpu(",
      "\tint cpu = smp_processor_id();\n\tunsigned long flags;\n\n\tasm volatile(\"nop\");\n"
@@ -47,6 +52,7 @@ CMDLINE = {"fs/proc/cmdline.c": [("\tseq_puts(m, saved_command_line);",
 def packages(stock_kernel, vm):
     return create_packages(stock_kernel, vm.exchange, {
         "prctl": PRCTL, "nap": NAP, "kthreadd": KTHREADD, "dowait": DO_WAIT, "nmi": NMI,
+        "showregs": SHOW_REGS,
         "cmdline": CMDLINE})
 
 
@@ -308,7 +314,7 @@ NOT_NMI_NOISE = re.compile(r"Oops|BUG[: ]|WARNING:|general protection|Kernel pan
 
 
 def test_nmis_during_the_switch(stock_kernel, packages, vm):
-    """`echo l > /proc/sysrq-trigger` makes every CPU run nmi_cpu_backtrace() in NMI context,
+    """`echo l > /proc/sysrq-trigger` makes every CPU run show_regs() in NMI context,
     at any moment, also while the machine is stopped: the jumps into it are written int3-first,
     so a CPU that reaches a half-written site goes on into the new code. The backtraces print
     call traces, so this runs in a guest of its own and looks for oopses and BUGs only."""
@@ -317,10 +323,10 @@ def test_nmis_during_the_switch(stock_kernel, packages, vm):
                   "sleep 0.2; done) > /dev/null 2>&1 &", check=True)
         try:
             for _ in range(10):
-                r = guest.run([*GUEST_CLI, "apply", str(packages["nmi"]), "--retries", "20",
+                r = guest.run([*GUEST_CLI, "apply", str(packages["showregs"]), "--retries", "20",
                                "--retry-delay", "0.05"], cwd=str(REPO), timeout=300)
                 assert r.status == 0, r.err
-                r = guest.run([*GUEST_CLI, "undo", "nmi", "--retries", "20",
+                r = guest.run([*GUEST_CLI, "undo", "showregs", "--retries", "20",
                                "--retry-delay", "0.05"], cwd=str(REPO), timeout=300)
                 assert r.status == 0, r.err
         finally:
@@ -329,6 +335,17 @@ def test_nmis_during_the_switch(stock_kernel, packages, vm):
         assert "NMI backtrace" in log
         bad = [line for line in log.splitlines() if NOT_NMI_NOISE.search(line)]
         assert not bad, bad
+
+
+def test_code_the_kernel_keeps_from_probes_is_refused(vm, packages):
+    """nmi_cpu_backtrace is on the kernel's kprobe blacklist (the int3 and NMI paths): the core
+    refuses to write there, and nothing stays loaded."""
+    since = mark(vm)
+    r = guest_cli(vm, "apply", str(packages["nmi"]))
+    assert r.status == 3, r.err
+    assert "nmi_cpu_backtrace" in r.err and "no probe" in r.err
+    assert nothing_loaded(vm)
+    assert_clean(vm, since)
 
 
 def test_lockdown_is_a_clear_refusal(stock_kernel, packages, vm):
