@@ -34,10 +34,10 @@ DO_WAIT = {"kernel/exit.c": [
     ("\tint retval;\n\n\ttrace_sched_process_wait(wo->wo_pid);",
      "\tint retval;\n\n\tasm volatile(\"nop\");\n\ttrace_sched_process_wait(wo->wo_pid);")]}
 # What every CPU runs in NMI context on `echo l > /proc/sysrq-trigger` (nmi_cpu_backtrace ->
-# show_regs -> show_regs_print_info -> dump_stack_print_info).
-SHOW_REGS = {"lib/dump_stack.c": [
-    ("void dump_stack_print_info(const char *log_lvl)\n{\n",
-     "void dump_stack_print_info(const char *log_lvl)\n{\n\tasm volatile(\"nop\");\n")]}
+# show_regs -> show_regs_print_info -> dump_stack_print_info -> print_tainted).
+SHOW_REGS = {"kernel/panic.c": [
+    ("\tBUILD_BUG_ON(ARRAY_SIZE(taint_flags) != TAINT_FLAGS_COUNT);\n",
+     "\tBUILD_BUG_ON(ARRAY_SIZE(taint_flags) != TAINT_FLAGS_COUNT);\n\tasm volatile(\"nop\");\n")]}
 # nmi_cpu_backtrace itself is on the kernel's kprobe blacklist (NOKPROBE_SYMBOL): refused.
 NMI = {"lib/nmi_backtrace.c": [
     ("\tint cpu = smp_processor_id();\n\tunsigned long flags;\n\n\tif (cpumask_test_cpu(",
@@ -314,7 +314,7 @@ NOT_NMI_NOISE = re.compile(r"Oops|BUG[: ]|WARNING:|general protection|Kernel pan
 
 
 def test_nmis_during_the_switch(stock_kernel, packages, vm):
-    """`echo l > /proc/sysrq-trigger` makes every CPU run dump_stack_print_info() in NMI context,
+    """`echo l > /proc/sysrq-trigger` makes every CPU run print_tainted() in NMI context,
     at any moment, also while the machine is stopped: the jumps into it are written int3-first,
     so a CPU that reaches a half-written site goes on into the new code. The backtraces print
     call traces, so this runs in a guest of its own and looks for oopses and BUGs only."""
