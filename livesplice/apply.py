@@ -57,8 +57,7 @@ def cleanup() -> list[str]:
     for name in _leftover_modules(coreproto.state()):
         kernel.rmmod(name)
         removed.append(name)
-    if coreproto.core_loaded() and not coreproto.state():
-        kernel.rmmod(coreproto.CORE_MODULE)
+    if _unload_core_if_idle():
         removed.append(coreproto.CORE_MODULE)
     return removed
 
@@ -224,9 +223,12 @@ def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
     return True
 
 
-def _unload_core_if_idle() -> None:
+def _unload_core_if_idle() -> bool:
+    """Unload the core if no update depends on it; whether it did."""
     if coreproto.core_loaded() and not coreproto.state():
         kernel.rmmod(coreproto.CORE_MODULE)
+        return True
+    return False
 
 
 def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0, force: bool = False) -> dict:

@@ -160,10 +160,6 @@ class AppliedFunc:
     target: int
     saved: bytes
 
-    @property
-    def jump(self) -> bytes:
-        return make_jump(self.site, self.target)
-
 
 @dataclass
 class AppliedUpdate:

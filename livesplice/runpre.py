@@ -20,6 +20,7 @@ from .elfmodel import PC_RELATIVE, R, RELOC_WIDTH
 from .errors import LivespliceError, Refused
 from .coreproto import AppliedUpdate, make_jump
 from .kernel import Kallsyms, KernelMemory
+from .objdiff import jump_offset
 
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
 
@@ -54,7 +55,7 @@ class Matcher:
 
     @staticmethod
     def site(original: int, record: dict) -> int:
-        return original + (5 if record.get("fentry") == 0 else 0)
+        return original + jump_offset(record.get("fentry"))
 
     def live_address(self, original: int, record: dict) -> int:
         return self.redirected.get(self.site(original, record), original)
