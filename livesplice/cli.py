@@ -124,7 +124,7 @@ def _print_json(data) -> None:
 def create_cmd(source, debian_version, config, patch_file, diffext, update_id, output, target_abi,
                as_json, jobs, sign_key) -> None:
     """Build an update package from a source patch (pre/post object code comparison)."""
-    from .build import diffext_patch
+    from .patches import diffext_patch
     from .create import create
     from .signing import load_private_key
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import debian
-from .build import diffext_patch, file_patch
+from .patches import diffext_patch, file_patch
 from .create import create
 from .errors import LivespliceError
 from .testbed import Session

@@ -9,6 +9,7 @@ describe. `ElfWriter` writes a new relocatable object, for the update module's n
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ R_NAMES = {v: k for k, v in R.items()}
 RELOC_WIDTH = {R["R_X86_64_64"]: 8, R["R_X86_64_PC64"]: 8, R["R_X86_64_PC32"]: 4,
                R["R_X86_64_PLT32"]: 4, R["R_X86_64_32"]: 4, R["R_X86_64_32S"]: 4}
 PC_RELATIVE = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_PC64"]}
+
+
+def reloc_width(rtype: int) -> int:
+    """Bytes a relocation of type `rtype` writes (RELOC_WIDTH; any other type is taken as 4)."""
+    return RELOC_WIDTH.get(rtype, 4)
 
 # Compiler-made names: "foo.isra.0", "foo.constprop.3", "foo.part.1", "foo.cold", "rs.12".
 _NUMBERED = re.compile(r"\.(\d+)(?=\.|$)")
@@ -99,7 +105,7 @@ class Reloc:
 
     @property
     def width(self) -> int:
-        return RELOC_WIDTH.get(self.type, 4)
+        return reloc_width(self.type)
 
     @property
     def type_name(self) -> str:
@@ -107,7 +113,7 @@ class Reloc:
 
 
 @dataclass(frozen=True)
-class Target:
+class RelocTarget:
     """Where a relocation points, independent of section layout.
 
     kind "sym": symbol `name` at `offset` from its start (offset is the raw addend less the symbol's
@@ -153,16 +159,17 @@ class ObjectFile:
                 self.raw = f.read()
         except OSError as exc:
             raise BadInput(f"cannot read object {self.path}: {exc.strerror}") from None
-        import io
-        self._elf = ELFFile(io.BytesIO(self.raw))
-        if self._elf["e_type"] != "ET_REL" or self._elf["e_machine"] != "EM_X86_64":
+        # Parsed once: the sections, symbols and relocations below, and the DWARF that
+        # structlayout reads, all come from this one ELFFile.
+        self.elf = ELFFile(io.BytesIO(self.raw))
+        if self.elf["e_type"] != "ET_REL" or self.elf["e_machine"] != "EM_X86_64":
             raise BadInput(f"{self.path}: not an x86-64 relocatable object")
         self.sections: list[Section | None] = []
-        for i, s in enumerate(self._elf.iter_sections()):
+        for i, s in enumerate(self.elf.iter_sections()):
             data = bytes(s["sh_size"]) if s["sh_type"] == "SHT_NOBITS" else s.data()
             self.sections.append(Section(i, s.name, s["sh_type"], s["sh_flags"], s["sh_addralign"],
                                          s["sh_entsize"], data))
-        symtab = self._elf.get_section_by_name(".symtab")
+        symtab = self.elf.get_section_by_name(".symtab")
         self.symbols: list[Symbol] = []
         for i, sym in enumerate(symtab.iter_symbols()):
             shndx = sym["st_shndx"]
@@ -172,7 +179,7 @@ class ObjectFile:
                 name = section.name
             self.symbols.append(Symbol(i, name, sym["st_info"]["type"], sym["st_info"]["bind"],
                                        section, sym["st_value"], sym["st_size"], shndx))
-        for s in self._elf.iter_sections():
+        for s in self.elf.iter_sections():
             if s["sh_type"] == "SHT_RELA":
                 target = self.sections[s["sh_info"]]
                 target.relocs = sorted(
@@ -232,7 +239,7 @@ class ObjectFile:
             end = len(data)
         return data[start:end].decode("latin-1"), offset - start
 
-    def target(self, reloc: Reloc) -> Target:
+    def target(self, reloc: Reloc) -> RelocTarget:
         sym = reloc.symbol
         section = sym.section
         # Assembler labels the object keeps (.LC0 in a mergeable section) are anonymous places in
@@ -241,14 +248,14 @@ class ObjectFile:
             sym.type == "STT_NOTYPE" and sym.bind == "STB_LOCAL" and section is not None
             and sym.name.startswith(".L"))
         if not anonymous:
-            return Target("sym", sym.name, reloc.addend)
+            return RelocTarget("sym", sym.name, reloc.addend)
         assert section is not None
         # A PC-relative field sits at the end of its instruction: the byte it means is 4 further.
         adjust = 4 if reloc.type in (R["R_X86_64_PC32"], R["R_X86_64_PLT32"]) else 0
         where = sym.value + reloc.addend + adjust
         if section.is_strings:
             text, inside = self.string_at(section, where)
-            return Target("str", text, inside - adjust)
+            return RelocTarget("str", text, inside - adjust)
         item = self.item_at(section, where)
         for extra in (1, 2, 4) if adjust and item is None else ():
             # An immediate after the displacement (cmpb $0, x(%rip)) moves the field further
@@ -257,8 +264,8 @@ class ObjectFile:
             if item is not None:
                 break
         if item is not None:
-            return Target("sym", item.name, sym.value + reloc.addend - item.start)
-        return Target("sec", section.name, sym.value + reloc.addend)
+            return RelocTarget("sym", item.name, sym.value + reloc.addend - item.start)
+        return RelocTarget("sec", section.name, sym.value + reloc.addend)
 
     # --- the kernel's special sections -----------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Two functions are the same when their bytes are equal once relocation fields are masked, and their
 relocations agree in type, offset, target and addend, with targets named by symbol (see
-`elfmodel.Target`) and compiler-numbered names (`.isra.N`, `.constprop.N`, `.part.N`, `.cold`,
+`elfmodel.RelocTarget`) and compiler-numbered names (`.isra.N`, `.constprop.N`, `.part.N`, `.cold`,
 `name.N` static locals) correlated between the two builds. The entries the kernel's tables hold for a
 function (alternatives, jump labels, exception fixups, ...) are part of what is compared.
 A difference only in the `__LINE__` immediates passed to might_sleep() and friends, or in the line
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from elftools.elf.constants import SH_FLAGS
 
-from .elfmodel import (CODE_TABLES, SITES_PATCHED_AT_BOOT, Item, ObjectFile, RuntimeSite, Target,
-                       base_name, fentry_offset, runtime_patched_sites)
+from .elfmodel import (CODE_TABLES, SITES_PATCHED_AT_BOOT, Item, ObjectFile, RelocTarget,
+                       RuntimeSite, base_name, fentry_offset, runtime_patched_sites)
 
 # Sections whose functions livesplice does not redirect, with why.
 UNREDIRECTABLE_SECTIONS = {
@@ -198,7 +198,7 @@ def _alt_replacement(obj: ObjectFile, alt, idx: int) -> bytes:
     return b""
 
 
-def _norm(target: Target, rename) -> tuple:
+def _norm(target: RelocTarget, rename) -> tuple:
     if target.kind == "sym":
         return ("sym", rename(target.name), target.offset)
     return (target.kind, target.name, target.offset)

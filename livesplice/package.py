@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import signing
-from .elfmodel import SITE_KINDS
+from .elfmodel import SITE_KINDS, reloc_width
 from .errors import BadInput, Refused
 
 FORMAT_VERSION = 2  # 2: build id in the target, core protocol 2, signatures
@@ -539,10 +539,6 @@ _pre_schema = _object(functions=_list(_object(
     referenced_only=_boolean,
 ), min_len=1))
 
-# Bytes a relocation of each type covers (elfmodel.RELOC_WIDTH; others are taken as 4).
-_RELOC_WIDTH = {1: 8, 24: 8, 2: 4, 4: 4, 10: 4, 11: 4}
-
-
 def validate_manifest(manifest: object, path: str = "") -> None:
     """Every field of a manifest present, of its type and well-formed; BadInput naming the first
     field that is not ("manifest field replaced[2].name: expected a string")."""
@@ -597,7 +593,7 @@ def validate_pre(pre: object, manifest: dict, path: str = "") -> None:
                 raise _Invalid(f"{field}.fentry", f"{rec['fentry']} is outside the function")
             for j, (off, rtype, kind, name, _, _) in enumerate(rec["relocs"]):
                 rfield = f"{field}.relocs[{j}]"
-                if off + _RELOC_WIDTH.get(rtype, 4) > rec["size"]:
+                if off + reloc_width(rtype) > rec["size"]:
                     raise _Invalid(f"{rfield}[0] (offset)", f"{off} is outside the function")
                 if kind == "str":
                     if "\0" in name or not _latin1(name):
