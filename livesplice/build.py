@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .elfmodel import ObjectFile
 from .errors import Refused
@@ -80,7 +81,6 @@ class BuiltPair:
     objects: list[str]  # e.g. ["kernel/sys.o"]
     pre_dir: Path
     post_dir: Path
-    not_in_vmlinux: list[str]
 
 
 def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
@@ -88,21 +88,19 @@ def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
     files = patch_files(patch)
     check_patch_applies(tree.src, patch)
     refuse_struct_layout_change_early(tree, patch, out / "probe")
-    objects, others = tree.deps.objects_for(files)
+    objects = tree.deps.objects_for(files)
     pre_dir, post_dir = out / "pre", out / "post"
     tree.kbuild.build(objects)
     _copy_objects(tree, objects, pre_dir)
     with patch_applied(tree, patch, objects) as new_files:
         # Files the patch adds do not exist before it: find their objects once it is applied.
         if new_files:
-            more, others_new = tree.deps.objects_for(new_files)
-            objects[:] = sorted(set(objects) | set(more))
-            others = [o for o in others if o not in new_files] + others_new
+            objects[:] = sorted(set(objects) | set(tree.deps.objects_for(new_files)))
         for o in objects:  # make must not take the pre object for an up-to-date post one
             (tree.obj / o).unlink(missing_ok=True)
         tree.kbuild.build(objects)
         _copy_objects(tree, objects, post_dir)
-    return BuiltPair(objects, pre_dir, post_dir, others)
+    return BuiltPair(objects, pre_dir, post_dir)
 
 
 @contextmanager
@@ -137,10 +135,10 @@ def patch_applied(tree: WorkTree, patch: str, objects: list[str]) -> Iterator[li
 
 
 def refuse_struct_layout_change_early(tree: WorkTree, patch: str, workdir: Path) -> None:
-    """Refused if the patch edits a struct or union of a header and one object that uses it shows
-    a layout change, with the reason the full diff would give; built: that one object, pre and
-    post. Otherwise (no struct edited, no object found whose DWARF describes it, or no layout
-    change there) nothing is decided here."""
+    """Refused if the patch edits a struct or union of a header and an object that uses it shows
+    a layout change where its code changed (the full diff's rule, and its reason); built: a few
+    objects at most, pre and post. Otherwise (no struct edited, no such object found, or the
+    layout unchanged) the full build decides."""
     edited: dict[str, str] = {}  # "struct foo" -> the header that defines it
     for header, positions in changed_lines(patch).items():
         path = tree.src / header
@@ -154,47 +152,53 @@ def refuse_struct_layout_change_early(tree: WorkTree, patch: str, workdir: Path)
     for name, header in sorted(edited.items()):
         for obj in _users_first(tree, candidates - tried, name)[:PROBES_PER_STRUCT]:
             tried.add(obj)
-            refusals = _probe(tree, patch, obj, header, name, workdir)
-            if refusals:
-                raise Refused("the change cannot be applied live", refusals)
-            if refusals is not None:
-                break  # this object describes the struct, and its layout is unchanged
+            probe = _probe(tree, patch, obj, header, name, workdir)
+            if probe.refusals:
+                raise Refused("the change cannot be applied live", probe.refusals)
+            if probe.describes and not probe.layout_changed:
+                break  # the struct's layout is the same after the patch
+
+
+class Probe(NamedTuple):
+    describes: bool  # the object's DWARF describes the struct, pre and post
+    layout_changed: bool  # of any struct or union the object describes
+    refusals: list[str]  # the full diff's layout refusals for it (only where its code changed)
 
 
 def _users_first(tree: WorkTree, candidates: set[str], name: str) -> list[str]:
-    """Candidate objects whose C source names the struct, already built ones and then the
-    smaller sources first (the quickest to build)."""
+    """Candidate objects whose C source names the struct: already built ones first (their pre
+    build is done), then those that name it most (the likeliest to use its members)."""
     named = re.compile(r"\b" + r"\s+".join(map(re.escape, name.split())) + r"\b")
     users = []
     for obj in candidates:
-        source = tree.src / (obj[:-2] + ".c")
         try:
-            text = source.read_text(errors="replace")
+            text = (tree.src / (obj[:-2] + ".c")).read_text(errors="replace")
         except OSError:
             continue
-        if named.search(text):
-            users.append((not (tree.obj / obj).exists(), len(text), obj))
+        mentions = len(named.findall(text))
+        if mentions:
+            users.append((not (tree.obj / obj).exists(), -mentions, obj))
     return [obj for *_, obj in sorted(users)]
 
 
-def _probe(tree: WorkTree, patch: str, obj: str, header: str, name: str,
-           workdir: Path) -> list[str] | None:
-    """Build `obj` pre and post; None if it does not include `header` or its DWARF does not
-    describe `name`, else the layout refusals the full diff would give for it."""
+def _probe(tree: WorkTree, patch: str, obj: str, header: str, name: str, workdir: Path) -> Probe:
+    """Build `obj` pre and post and compare the layouts its DWARF describes."""
     log.info("trying %s first: it uses %s of %s", obj, name, header)
     tree.kbuild.build([obj])
     if header not in tree.deps.deps(obj):
-        return None
+        return Probe(False, False, [])
+    shutil.rmtree(workdir, ignore_errors=True)
     _copy_objects(tree, [obj], workdir / "pre")
     with patch_applied(tree, patch, [obj]):
         (tree.obj / obj).unlink(missing_ok=True)
         tree.kbuild.build([obj])
         _copy_objects(tree, [obj], workdir / "post")
     pre, post = ObjectFile(workdir / "pre" / obj), ObjectFile(workdir / "post" / obj)
-    if name not in layouts(pre) or name not in layouts(post):
-        return None
-    # The rule of the full diff: layouts matter where code changed.
-    return layout_refusals(obj, pre, post) if diff_objects(pre, post, obj).has_changes else []
+    refusals = layout_refusals(obj, pre, post)
+    describes = name in layouts(pre) and name in layouts(post)
+    if refusals and not diff_objects(pre, post, obj).has_changes:
+        return Probe(describes, True, [])
+    return Probe(describes, bool(refusals), refusals)
 
 
 def _object_files(tree: WorkTree, obj: str) -> list[Path]:

@@ -24,7 +24,6 @@ from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from .errors import BadInput
 
 R = ENUM_RELOC_TYPE_x64
-R_NAMES = {v: k for k, v in R.items()}
 # Bytes a relocation of each type writes, at its offset.
 RELOC_WIDTH = {R["R_X86_64_64"]: 8, R["R_X86_64_PC64"]: 8, R["R_X86_64_PC32"]: 4,
                R["R_X86_64_PLT32"]: 4, R["R_X86_64_32"]: 4, R["R_X86_64_32S"]: 4}
@@ -58,10 +57,6 @@ class Section:
     relocs: list["Reloc"] = field(default_factory=list)
 
     @property
-    def is_code(self) -> bool:
-        return bool(self.flags & SH_FLAGS.SHF_EXECINSTR)
-
-    @property
     def is_alloc(self) -> bool:
         return bool(self.flags & SH_FLAGS.SHF_ALLOC)
 
@@ -86,11 +81,6 @@ class Symbol:
     section: Section | None  # None: undefined or absolute
     value: int
     size: int
-    shndx: object = None
-
-    @property
-    def defined(self) -> bool:
-        return self.section is not None
 
     def __repr__(self) -> str:
         return f"<Symbol {self.name} {self.type} {self.bind} {self.section.name if self.section else 'UND'}+{self.value:#x}/{self.size}>"
@@ -106,10 +96,6 @@ class Reloc:
     @property
     def width(self) -> int:
         return reloc_width(self.type)
-
-    @property
-    def type_name(self) -> str:
-        return R_NAMES.get(self.type, str(self.type))
 
 
 @dataclass(frozen=True)
@@ -178,7 +164,7 @@ class ObjectFile:
             if sym["st_info"]["type"] == "STT_SECTION" and section is not None:
                 name = section.name
             self.symbols.append(Symbol(i, name, sym["st_info"]["type"], sym["st_info"]["bind"],
-                                       section, sym["st_value"], sym["st_size"], shndx))
+                                       section, sym["st_value"], sym["st_size"]))
         for s in self.elf.iter_sections():
             if s["sh_type"] == "SHT_RELA":
                 target = self.sections[s["sh_info"]]

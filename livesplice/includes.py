@@ -92,32 +92,21 @@ class ObjectDependencies:
         return {token[len(prefix):] for token in re.split(r"[\s\\]+", cmd.read_text(errors="replace"))
                 if token.startswith(prefix)}
 
-    def candidate_objects(self, headers: list[str]) -> set[str]:
-        """vmlinux objects whose sources may include any of `headers` (nothing built)."""
+    def candidate_objects(self, included: list[str]) -> set[str]:
+        """vmlinux objects whose sources may include any of `included` (nothing built)."""
         by_source = self.by_source()
-        return {by_source[s] for s in self.graph.includers(headers, sorted(by_source))}
+        return {by_source[s] for s in self.graph.includers(included, sorted(by_source))}
 
-    def objects_for(self, changed: list[str]) -> tuple[list[str], list[str]]:
-        """The vmlinux objects whose code may depend on the changed files, and the changed files
-        that are not part of vmlinux at all (modules, tools, documentation, unconfigured code).
-        Candidates for a changed header are built (pre) to read their dependencies."""
+    def objects_for(self, changed: list[str]) -> list[str]:
+        """The vmlinux objects whose code may depend on the changed files. Candidates for a
+        changed header are built (pre) to read their dependencies."""
         by_source = self.by_source()
-        wanted: set[str] = set()
-        rest: list[str] = []
-        others: list[str] = []
-        for f in changed:
-            if f in by_source:
-                wanted.add(by_source[f])
-            elif f.endswith(_BUILT_FROM) and not f.startswith(_NOT_KERNEL):
-                rest.append(f)
-            else:
-                others.append(f)
-        if rest:
-            candidates = self.candidate_objects(rest)
+        wanted = {by_source[f] for f in changed if f in by_source}
+        # Headers, and other files sources include (.inc, a .c built into another object)
+        included = [f for f in changed if f not in by_source and f.endswith(_BUILT_FROM)
+                   and not f.startswith(_NOT_KERNEL)]
+        if included:
+            candidates = self.candidate_objects(included)
             self.kbuild.build(sorted(candidates - wanted))
-            for o in candidates:
-                if self.deps(o) & set(rest):
-                    wanted.add(o)
-            used = set().union(*(self.deps(o) for o in wanted)) if wanted else set()
-            others += [f for f in rest if f not in used and f not in by_source]
-        return sorted(wanted), others
+            wanted |= {o for o in candidates if self.deps(o) & set(included)}
+        return sorted(wanted)

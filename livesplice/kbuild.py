@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -47,7 +48,7 @@ def keep_build_log(name: str, command: list[str], output: str) -> Path:
     directory = log_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    path.write_text(f"$ {' '.join(command)}\n{output}")
+    path.write_text(f"$ {shlex.join(command)}\n{output}")
     return path
 
 

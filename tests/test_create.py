@@ -2,14 +2,17 @@
 
 import hashlib
 import json
+import logging
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from livesplice import debian
 from livesplice.package import Package
-from conftest import livesplice_cli
+from conftest import edit_patch, livesplice_cli
 
 VERSION = "6.1.187-1"
 
@@ -174,3 +177,70 @@ def test_diffext_and_patch_give_identical_packages(tmp_path, source):
         assert sysc.read_text() != new  # the user's file is as it was
     finally:
         shutil.rmtree(tree)
+
+
+DOES_NOT_COMPILE = PRCTL_FIX.replace("|| arg3) {", "|| livesplice_undeclared) {")
+
+
+def test_failed_build_keeps_the_make_output_in_a_log(tmp_path, source):
+    before = tree_state(source, ["kernel/sys.c"])
+    proc, out = create(tmp_path, DOES_NOT_COMPILE, "--id", "no-compile")
+    assert proc.returncode == 2, proc.stderr
+    assert "compiling kernel/sys.o failed" in proc.stderr
+    match = re.search(r"the whole make output is in (\S+?)\)", proc.stderr.replace("\n", ""))
+    assert match, proc.stderr
+    log = Path(match.group(1))
+    assert log.parent == debian.cache_root() / "logs" and log.name.startswith("create-no-compile-")
+    text = log.read_text()
+    assert re.search(r"sys\.c:\d+:\d+: error: .livesplice_undeclared. undeclared", text), text[-2000:]
+    assert text.startswith("$ make ")
+    assert not out.exists()
+    assert tree_state(source, ["kernel/sys.c"]) == before
+
+
+# A member added at the start of a struct that include/linux/pipe_fs_i.h defines and hundreds of
+# vmlinux objects include: every member after it moves.
+PIPE_MEMBER = ("include/linux/pipe_fs_i.h",
+               "struct pipe_inode_info {\n\tstruct mutex mutex;\n",
+               "struct pipe_inode_info {\n\tstruct mutex mutex;\n\tunsigned long livesplice_test;\n")
+
+
+def test_struct_layout_change_in_a_widely_included_header_is_refused_early(tmp_path, source,
+                                                                          stock_kernel, caplog):
+    """Refused after building one object that uses the struct, pre and post, not the hundreds
+    that include the header (counted from what the build asks make to compile)."""
+    from livesplice.build import WorkTree
+    from livesplice.create import create as create_update
+    from livesplice.errors import EXIT_REFUSED, Refused
+
+    header, old, new = PIPE_MEMBER
+    patch = edit_patch(source, {header: [(old, new)]})
+    tree = WorkTree(source, stock_kernel.config)
+    with tree.locked():
+        tree.sync_and_prepare()
+    includers = tree.deps.candidate_objects([header])
+    assert len(includers) > 300  # the case this is about
+    with caplog.at_level(logging.INFO, logger="livesplice.kbuild"), pytest.raises(Refused) as info:
+        create_update(source, stock_kernel.config, patch, "pipe-layout", tmp_path / "u.tar.gz")
+    assert info.value.exit_status == EXIT_REFUSED
+    reasons = info.value.reasons
+    assert reasons and all(": changed layout of struct pipe_inode_info: " in r for r in reasons)
+    assert "added livesplice_test (offset" in reasons[0]
+    compiled = [o for r in caplog.records for o in getattr(r, "objects", [])]
+    assert compiled and set(compiled) <= includers
+    assert len(compiled) <= 6, compiled  # pre and post of at most three tries
+    assert not (tmp_path / "u.tar.gz").exists()
+    assert (source / header).read_text().count("livesplice_test") == 0
+
+
+def test_core_module_is_built_once_per_kernel(tmp_path, stock_kernel):
+    from livesplice.create import find_target_kernel
+    from livesplice.build import WorkTree
+    from livesplice.newcode import core_module
+
+    target = find_target_kernel(WorkTree(stock_kernel.source_tree, stock_kernel.config),
+                                stock_kernel.kernel.abi)
+    first = core_module(target.headers, target.release, target.build_id, tmp_path / "a")
+    again = core_module(target.headers, target.release, target.build_id, tmp_path / "b")
+    assert again == first and first[:4] == b"\x7fELF"
+    assert not (tmp_path / "b").exists()  # taken from the cache, not built
