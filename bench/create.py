@@ -99,8 +99,8 @@ def main() -> None:
                       "if ((arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) || arg3) {")
         cold, _ = timed(create, tree, files.config, fix, "bench-cold", work / "a.tar.gz")
         warm, _ = timed(create, tree, files.config, fix, "bench-warm", work / "b.tar.gz")
-        lines += [f"one-file .c fix (kernel/sys.c), unpacked tree never prepared, empty cache: "
-                  f"{cold:.1f} s (target < 60 s)",
+        lines += [(f"one-file .c fix (kernel/sys.c), unpacked tree never prepared, empty cache: "
+                   f"{cold:.1f} s (target < 60 s)"),
                   f"the same, prepared tree and cached pre objects: {warm:.1f} s (target < 15 s)"]
 
         # The demo's second create: another copy of the tree, FILE.c.new beside FILE.c.
