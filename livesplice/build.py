@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -68,7 +68,7 @@ class WorkTree:
     def obj(self) -> Path:
         return self.kbuild.obj
 
-    def locked(self):
+    def locked(self) -> AbstractContextManager[None]:
         return self.mirror.locked()
 
     def sync_and_prepare(self) -> None:
