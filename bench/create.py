@@ -91,6 +91,7 @@ def main() -> None:
     logging.getLogger("livesplice.kbuild").addHandler(counter)
     logging.getLogger("livesplice.kbuild").setLevel(logging.INFO)
     tree, other = work / "linux", work / "linux-debug"
+    load_before = os.getloadavg()[0]
     lines = []
     try:
         # A tree livesplice has never seen: its own cache entry is made from nothing.
@@ -141,9 +142,9 @@ def main() -> None:
                      f"({len(set(counter.objects))} objects)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"machine: {platform.node()}, {os.cpu_count()} cpus, load average "
-          f"{os.getloadavg()[0]:.1f}; linux-source-6.1 {files.kernel.version} with the stock "
-          f"{files.kernel.abi} config")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cpus, load average {load_before:.1f} "
+          f"before, {os.getloadavg()[0]:.1f} after; linux-source-6.1 {files.kernel.version} with "
+          f"the stock {files.kernel.abi} config")
     print("\n".join(lines))
 
 
