@@ -136,7 +136,18 @@ def setup_logging(level: int) -> None:
               help="Log in detail, and show the traceback of an internal error.")
 @click.version_option(__version__)
 def main(verbose: int, debug: bool) -> None:
-    """Rebootless security updates for the running Linux kernel."""
+    """Rebootless security updates for the running Linux kernel.
+
+    \b
+    Exit statuses, the same for every command:
+      0  done
+      1  internal error
+      2  bad input
+      3  refused by a safety check
+      4  nothing to do
+      5  the test bed's guest kernel died (vm run)
+    With --json, a command prints its result, or its error, as JSON on stdout.
+    """
     setup_logging(logging.DEBUG if debug or verbose > 1 else
                   logging.INFO if verbose else logging.WARNING)
 
