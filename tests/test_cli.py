@@ -193,10 +193,10 @@ def test_bash_completion_script_completes_in_bash(tmp_path):
     script = subprocess.run(["livesplice"], env={**env, "_LIVESPLICE_COMPLETE": "bash_source"},
                             capture_output=True, text=True, check=True).stdout
     (tmp_path / "completion.bash").write_text(script)
-    r = subprocess.run(["bash", "-c", f"source {tmp_path}/completion.bash; "
-                        "COMP_WORDS=(livesplice cle); COMP_CWORD=1; _livesplice_completion livesplice; "
-                        "echo \"${COMPREPLY[@]}\"; complete -p livesplice"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    shell = (f"source {tmp_path}/completion.bash; COMP_WORDS=(livesplice cle); COMP_CWORD=1; "
+             "_livesplice_completion livesplice; echo \"${COMPREPLY[@]}\"; complete -p livesplice")
+    r = subprocess.run(["bash", "-c", shell], env=env, capture_output=True, text=True, timeout=60,
+                       check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "cleanup"
     assert "_livesplice_completion" in r.stdout.splitlines()[1]
@@ -206,7 +206,7 @@ def test_bash_completion_script_completes_in_bash(tmp_path):
 
 def test_man_pages(tmp_path):
     r = subprocess.run(["scripts/man.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHON=sys.executable), timeout=120)
+                       env=dict(os.environ, PYTHON=sys.executable), timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     pages = {p.name for p in tmp_path.glob("*.1")}
     assert {"livesplice.1", "livesplice-apply.1", "livesplice-undo.1", "livesplice-vm-run.1",
