@@ -24,27 +24,13 @@ from .elfmodel import (CODE_TABLES, ORC_ENTRY_SIZE, ElfWriter, Item, ObjectFile,
                        OutSymbol, R, Reloc, Section)
 from .errors import LivespliceError, Refused
 from .objdiff import DYNDBG_SECTION, read_only
+from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
-PLACEHOLDER_PREFIX = "__livesplice_sym_"
 SECTION_PREFIX = ".text.livesplice."
 # apply finds each new function through /sys/module/MODULE/sections/SECTION: a sysfs file name,
 # at most NAME_MAX (255) bytes.
 SECTION_NAME_MAX = 200
 TABLES = {k: v for k, v in CODE_TABLES.items() if k not in ("__tracepoints_ptrs", ".ibt_endbr_seal")}
-
-
-@dataclass
-class KernelRef:
-    """A placeholder: something the new code uses that the running kernel already has."""
-
-    placeholder: str
-    name: str  # its name in the pre object (= in the running kernel's kallsyms)
-    object: str  # the object it comes from (for local symbols), or "" for undefined ones
-    local: bool
-    kind: str  # func, object or notype
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -64,7 +50,9 @@ class NewCode:
         key = (obj if local else "", name)
         if key not in self.refs:
             placeholder = f"{PLACEHOLDER_PREFIX}{len(self.refs)}"
-            self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind)
+            # (module targets will name the module a local symbol lives in)
+            self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind,
+                                       VMLINUX if local else "")
             self.ref_symbols[key] = self.writer.add_symbol(OutSymbol(placeholder, None))
         return self.ref_symbols[key]
 
@@ -90,11 +78,6 @@ def section_name(objname: str, function: str) -> str:
     people, cut short if it has to be. Stored in the manifest: apply reads it from there."""
     tag = hashlib.sha256(f"{objname}\0{function}".encode()).hexdigest()[:10]
     return (SECTION_PREFIX + tag + "." + re.sub(r"[^A-Za-z0-9_.]", "_", function))[:SECTION_NAME_MAX]
-
-
-def entry_sections(entry: dict) -> tuple[str, list[str]]:
-    """The module sections of a manifest replaced[] entry's new code and of its parts."""
-    return entry["new_section"], list(entry["new_part_sections"])
 
 
 def _plain_constant(item: Item) -> bool:
