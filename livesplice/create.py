@@ -216,6 +216,7 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
                 ex.add_function(post.functions[c.name])
                 for part in c.parts:
                     ex.add_function(post.functions[part])
+        code.bind_own_globals()
         check_problems(code)
         module_name = Manifest.module_name(update_id)
         ko = build_module(code, module_name, update_id, target.headers, work / "module",
@@ -307,6 +308,6 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
         kernel_refs=list(code.refs.values()),
         callbacks=callbacks(code),
         line_only=[f for d in diffs for f in d.line_only],
-        notes=[n for d in diffs for n in d.notes]
+        notes=[n for d in diffs for n in d.notes] + code.notes
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),
     )

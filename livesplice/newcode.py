@@ -27,6 +27,7 @@ from .objdiff import DYNDBG_SECTION, read_only
 from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
 SECTION_PREFIX = ".text.livesplice."
+ONCE_SECTION = ".data.once"  # DO_ONCE_LITE's flags
 # apply finds each new function through /sys/module/MODULE/sections/SECTION: a sysfs file name,
 # at most NAME_MAX (255) bytes.
 SECTION_NAME_MAX = 200
@@ -44,6 +45,9 @@ class NewCode:
     copied_sections: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
     tables: dict[str, OutSection] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the new code does differently, harmlessly
+    # global symbols the update's own objects define: (object, name) -> symbol
+    own_globals: dict[str, tuple[str, OutSymbol]] = field(default_factory=dict)
     _strsec: OutSection | None = None
 
     def ref(self, name: str, obj: str, local: bool, kind: str) -> OutSymbol:
@@ -68,6 +72,20 @@ class NewCode:
             self.writer.add_symbol(sym)
             self.strings[text] = sym
         return self.strings[text]
+
+
+    def bind_own_globals(self) -> None:
+        """A global symbol one object of the update uses and another defines (a new function in
+        a.c called from b.c) is the update's own, not the kernel's: the placeholder becomes that
+        symbol (kallsyms would not have it, or have the old one)."""
+        for (obj, name), ref in list(self.refs.items()):
+            if obj or name not in self.own_globals:
+                continue
+            _, own = self.own_globals[name]
+            placeholder = self.ref_symbols.pop((obj, name))
+            placeholder.section, placeholder.value = own.section, own.value
+            placeholder.size, placeholder.type, placeholder.bind = own.size, own.type, "STB_LOCAL"
+            del self.refs[(obj, name)]
 
 
 def section_name(objname: str, function: str) -> str:
@@ -110,6 +128,8 @@ class Extractor:
         sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_FUNC",
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym
+        if item.symbol.bind != "STB_LOCAL":
+            self.code.own_globals.setdefault(item.name, (self.objname, sym))
         for r in item.relocs:
             self._relocate(sec, r.offset - item.start, r)
         self._tables(item, sym)
@@ -134,6 +154,13 @@ class Extractor:
             return self.add_function(functions[name]), offset
         data = self.post.data_objects.get(name)
         if data is not None and (name not in self.names or _plain_constant(data)):
+            return self._add_data(data), offset
+        if data is not None and data.section.name == ONCE_SECTION:
+            # A once-flag (printk_once, WARN_ONCE...: DO_ONCE_LITE's __already_done.N): objects
+            # have many, often not told apart by kallsyms. A copy of its own costs at most one
+            # more message.
+            self.code.notes.append(f"{self.objname}: the new code has its own {name} (a "
+                                   "once-only flag: its message may show once more)")
             return self._add_data(data), offset
         if name in functions and (name not in self.names or is_compiler_clone(name)):
             # A post-only function that is not part of the update: carry it along too. So also a
