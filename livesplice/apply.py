@@ -25,7 +25,6 @@ from pathlib import Path
 
 from . import coreproto, journal, kernel
 from .errors import EXIT_INTERNAL, EXIT_NOTHING, BadInput, LivespliceError, NothingToDo, Refused
-from .newcode import entry_sections
 from .package import Package
 from .runpre import Matcher, MatchResult
 
@@ -97,28 +96,28 @@ def check_target(package: Package) -> None:
     vmlinux, which /sys/kernel/notes shows); the release only names it. A package without a build
     id (made for a self-built kernel whose vmlinux was not at hand) is checked by its release and
     version banner against /proc/version, whose text an applied update may have changed."""
-    target = package.manifest["target"]
+    target = package.manifest.kernel
     if os.environ.get(SKIP_TARGET_CHECK) == "1":
         return
     release = kernel.running_release()
-    wanted = target.get("build_id")
+    wanted = target.build_id
     if wanted is not None:
         if not (isinstance(wanted, str) and re.fullmatch(r"[0-9a-fA-F]{2,}", wanted)):
             raise BadInput(f"damaged package {package.id}: target build id {wanted!r} is not hex")
         running = kernel.running_build_id()
         if running is None:
-            raise BadInput(f"package {package.id} is for kernel {target['release']} with build id "
+            raise BadInput(f"package {package.id} is for kernel {target.release} with build id "
                            f"{wanted}; this kernel ({release}) shows no build id in "
                            f"{kernel.KERNEL_NOTES}, so that cannot be checked")
         if running != wanted.lower():
-            raise BadInput(f"package {package.id} is for kernel {target['release']}; this kernel "
+            raise BadInput(f"package {package.id} is for kernel {target.release}; this kernel "
                            f"is {release} (package: build id {wanted}; running: build id "
                            f"{running})")
         return
-    if target["release"] != release:
-        raise BadInput(f"package {package.id} is for kernel {target['release']}; "
+    if target.release != release:
+        raise BadInput(f"package {package.id} is for kernel {target.release}; "
                        f"this kernel is {release}")
-    banner = target.get("version")
+    banner = target.version
     if banner:
         # "6.1.0-53-amd64 (builder) #1 SMP ... Debian 6.1.187-1 (date)" against /proc/version,
         # "Linux version 6.1.0-53-amd64 (builder) (compiler ...) #1 SMP ... (date)".
@@ -144,20 +143,19 @@ class ApplyPlan:
 
     @property
     def module(self) -> str:
-        return self.package.manifest["module"]["name"]
+        return self.package.manifest.module.name
 
     def dry_run_report(self) -> dict:
         manifest = self.package.manifest
-        by_placeholder = {r["placeholder"]: r for r in manifest["kernel_refs"]}
+        by_placeholder = {r.placeholder: r for r in manifest.kernel_refs}
         return {
             "id": self.package.id, "module": self.module, "dry_run": True,
-            "functions": [r["name"] for r in manifest["replaced"]],
+            "functions": [r.name for r in manifest.replaced],
             "jumps": [{"name": fm.name, "object": fm.object, "site": f"{fm.site:#x}",
                        "runs": f"{fm.live:#x}", "expect": fm.expect.hex()}
-                      for fm in (self.match.functions[(r["object"], r["name"])]
-                                 for r in manifest["replaced"])],
-            "kernel_refs": [{"name": by_placeholder[p]["name"],
-                             "object": by_placeholder[p]["object"] or None, "address": f"{a:#x}"}
+                      for fm in (self.match.functions[(r.object, r.name)] for r in manifest.replaced)],
+            "kernel_refs": [{"name": by_placeholder[p].name,
+                             "object": by_placeholder[p].object or None, "address": f"{a:#x}"}
                             for p, a in sorted(self.addresses.items())],
             "would_unload": self.unload_first,
             "would_load": ([coreproto.CORE_MODULE] if self.core is not None else []) + [self.module],
@@ -182,36 +180,35 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     t0 = time.monotonic()
     ks = kernel.Kallsyms()
     matcher = Matcher(ks, kernel.KernelMemory(), applied)
-    log.info("run-pre matching %d functions against /proc/kcore", len(package.pre["functions"]))
-    match = matcher.match(package.pre["functions"])
+    log.info("run-pre matching %d functions against /proc/kcore", len(package.pre.functions))
+    match = matcher.match(package.pre.functions)
     for fm in match.functions.values():
         log.debug("matched %s (%s) at %#x, running at %#x", fm.name, fm.object, fm.original, fm.live)
     addresses, unresolved = {}, []
-    for ref in manifest["kernel_refs"]:
+    for ref in manifest.kernel_refs:
         address = matcher.resolve(ref, match)
         if address is None:
-            unresolved.append(f"{ref['name']} ({ref['object'] or 'global'}): not found, or "
+            unresolved.append(f"{ref.name} ({ref.object or 'global'}): not found, or "
                               "ambiguous, in the running kernel")
         else:
-            log.debug("kernel reference %s (%s) at %#x", ref["name"], ref["object"] or "global",
-                      address)
-            addresses[ref["placeholder"]] = address
+            log.debug("kernel reference %s (%s) at %#x", ref.name, ref.object or "global", address)
+            addresses[ref.placeholder] = address
     if unresolved:
         raise Refused("the new code refers to symbols this kernel does not have", unresolved)
     t_match = time.monotonic() - t0
     log.info("run-pre matching passed, %d kernel references resolved (%.2f s)", len(addresses),
              t_match)
-    redirected = kernel.ipmodify_functions() & {r["name"] for r in manifest["replaced"]}
+    redirected = kernel.ipmodify_functions() & {r.name for r in manifest.replaced}
     if redirected:
         raise Refused("another live patch already redirects these functions (livepatch, kpatch or "
                       "another ftrace user that modifies the instruction pointer): its code, not "
                       "livesplice's, would run", sorted(redirected))
 
-    module = manifest["module"]["name"]
+    module = manifest.module.name
     if kernel.module_loaded(module) and module not in unload_first:
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
-    new_code = kernel.link_unexported(package.members[manifest["module"]["file"]], ks, addresses)
+    new_code = kernel.link_unexported(package.new_code, ks, addresses)
     # No update applied: no core after cleanup (it unloads an idle one), so the package's loads.
     core = (None if applied else
             kernel.link_unexported(package.members["modules/livesplice_core.ko"], ks))
@@ -224,7 +221,7 @@ def read_package(path: Path) -> Package:
     package = Package.read(path)
     signer = package.signature.key_id if package.signature else None
     log.info("package %s: update %s for %s, %s", path, package.id,
-             package.manifest["target"]["release"], f"signed by key {signer}" if signer else "unsigned")
+             package.manifest.kernel.release, f"signed by key {signer}" if signer else "unsigned")
     check_target(package)
     log.info("the package is for this kernel")
     return package
@@ -288,11 +285,11 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
         if loaded_core:
             _unload_core_if_idle()
         raise
-    (STATE_DIR / f"{package.id}.json").write_text(json.dumps(package.manifest))
+    (STATE_DIR / f"{package.id}.json").write_text(json.dumps(package.manifest.to_json()))
     log.info("applied %s: the machine stopped for %.3f ms", package.id,
              figures.get("pause_ns", 0) / 1e6)
     return {"id": package.id, "module": module, "dry_run": False,
-            "functions": [r["name"] for r in package.manifest["replaced"]],
+            "functions": [r.name for r in package.manifest.replaced],
             "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
             "attempts": figures.get("attempts", 1), "match_seconds": plan.match_seconds,
             "total_seconds": time.monotonic() - plan.started}
@@ -302,18 +299,17 @@ def _switches(package: Package, match: MatchResult
               ) -> tuple[list[coreproto.Switch], list[coreproto.CodeRange]]:
     """The jumps to write, and the old code no thread may be in when they are written."""
     manifest = package.manifest
-    module = manifest["module"]["name"]
+    module = manifest.module.name
     switches, ranges = [], []
-    for i, r in enumerate(manifest["replaced"]):
-        fm = match.functions[(r["object"], r["name"])]
-        new_section, _ = entry_sections(r)
-        target = kernel.module_section(module, new_section)
-        switches.append(coreproto.Switch(r["name"], fm.site, target, fm.expect))
+    for i, r in enumerate(manifest.replaced):
+        fm = match.functions[(r.object, r.name)]
+        target = kernel.module_section(module, r.new_section)
+        switches.append(coreproto.Switch(r.name, fm.site, target, fm.expect))
         ranges.append(coreproto.CodeRange(fm.original, fm.original + fm.size, i))
         if fm.live != fm.original:
             ranges.append(coreproto.CodeRange(fm.live, fm.live + fm.size, i))
-        for part in r["parts"]:
-            pm = match.functions.get((r["object"], part))
+        for part in r.parts:
+            pm = match.functions.get((r.object, part))
             if pm is not None:
                 ranges.append(coreproto.CodeRange(pm.live, pm.live + pm.size, i))
     return switches, ranges
@@ -429,7 +425,9 @@ def view_applied(update_id: str | None) -> list[dict] | dict:
     saved = STATE_DIR / f"{update_id}.json"
     manifest = json.loads(saved.read_text()) if saved.exists() else {}
     return {**applied_record(update, kernel.ipmodify_functions()),
-            "patch": manifest.get("patch"), "target": manifest.get("target")}
+            # (the saved manifest's "kernel" was "target" in package format 2)
+            "patch": manifest.get("patch"),
+            "target": manifest.get("kernel", manifest.get("target"))}
 
 
 def applied_ids() -> list[str]:

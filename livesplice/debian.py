@@ -1,8 +1,9 @@
 """Stock Debian 12 kernels: which ones livesplice knows, and fetching them into the cache.
 
-Everything is taken from Debian's package registry with apt's own client, `apt-get download`
-(so the machine's apt configuration decides the mirror, proxy and credentials), unpacked with dpkg-deb, never installed: several kernels and
-their headers live side by side in the cache, and the host's /boot and /lib/modules stay untouched.
+Everything is taken from Debian's package registry with apt's own client, `apt-get download` (so
+the machine's apt configuration decides the mirror, proxy and credentials), unpacked with
+dpkg-deb, never installed: several kernels and their headers live side by side in the cache, and
+the host's /boot and /lib/modules stay untouched.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from .errors import BadInput, LivespliceError
 

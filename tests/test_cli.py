@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, livesplice_cli
 
 import packages
-from conftest import REPO, livesplice_cli
 from livesplice import debian, journal, signing
 from livesplice.cli import JSON_FORMAT, main
 from livesplice.errors import EXIT_BAD_INPUT, BadInput

@@ -6,8 +6,8 @@ import subprocess
 import textwrap
 
 import pytest
-
 from conftest import GUEST_CLI, REPO, create_packages, edit_patch, guest_cli, livesplice_cli
+
 from livesplice.errors import EXIT_GUEST_DIED
 from livesplice.testbed import Session
 
