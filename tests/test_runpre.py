@@ -273,9 +273,13 @@ def test_two_uses_of_one_symbol_must_agree(kallsyms, records):
     assert refusal(kallsyms, changed, records) == [not_matching("__do_sys_prctl", address, why)]
 
 
+def unreadable(address: int, size: int) -> str:
+    return f"cannot read its code: kernel address {address:#x}+{size} is not readable in /proc/kcore"
+
+
 def test_unreadable_code_and_missing_symbols(kallsyms, kallsyms_text, records):
     auxv = kallsyms.address("prctl_set_auxv")
-    why = f"cannot read its code: kernel address {auxv:#x}+238 is not readable in /proc/kcore"
+    why = unreadable(auxv, record(records, "prctl_set_auxv")["size"])
     assert refusal(kallsyms, RecordedMemory.load().without(auxv), records) == [
         not_matching("prctl_set_auxv", auxv, why)]
     without = Kallsyms("".join(line + "\n" for line in kallsyms_text.splitlines()
@@ -294,6 +298,6 @@ def test_the_function_whose_code_matches_is_the_one_meant(kallsyms_text, records
     memory = RecordedMemory.load()
     assert match(twice, memory, records).functions[(OBJECT, "prctl_set_auxv")].original == real
     reasons = refusal(twice, memory.without(real), records)
-    unreadable = f"cannot read its code: kernel address {real:#x}+238 is not readable in /proc/kcore"
     assert len(reasons) == 1
-    assert reasons[0].startswith(not_matching("prctl_set_auxv", real, unreadable) + f"; at {other:#x}: ")
+    why = unreadable(real, record(records, "prctl_set_auxv")["size"])
+    assert reasons[0].startswith(not_matching("prctl_set_auxv", real, why) + f"; at {other:#x}: ")
