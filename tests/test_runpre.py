@@ -15,7 +15,7 @@ import pytest
 from livesplice.errors import BadInput, LivespliceError, Refused
 from livesplice.kernel import Kallsyms
 from livesplice.objdiff import jump_offset
-from livesplice.package import validate_manifest, validate_pre
+from livesplice.pkgformat import FORMAT_VERSION, VMLINUX, Manifest, PreFunction, read_manifest, read_pre
 from livesplice.runpre import Matcher
 
 DATA = Path(__file__).parent / "data" / "prctl"
@@ -53,15 +53,13 @@ class RecordedMemory:
 
 
 @pytest.fixture(scope="module")
-def manifest() -> dict:
-    return json.loads((DATA / "manifest.json").read_text())
+def manifest() -> Manifest:
+    return read_manifest(json.loads((DATA / "manifest.json").read_text()))
 
 
 @pytest.fixture(scope="module")
-def records(manifest) -> list[dict]:
-    pre = json.loads((DATA / "pre.json").read_text())
-    validate_pre(pre, manifest)
-    return pre["functions"]
+def records(manifest) -> list[PreFunction]:
+    return read_pre(json.loads((DATA / "pre.json").read_text()), manifest).functions
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +78,8 @@ def recorded() -> dict:
     return json.loads((DATA / "matched.json").read_text())
 
 
-def record(records: list[dict], name: str) -> dict:
-    return next(r for r in records if r["name"] == name)
+def record(records: list[PreFunction], name: str) -> PreFunction:
+    return next(r for r in records if r.name == name)
 
 
 def match(kallsyms, memory, records):
@@ -101,12 +99,13 @@ def refusal(kallsyms, memory, records) -> list[str]:
 
 
 def test_recorded_package_is_create_output_for_the_recorded_kernel(manifest, records, recorded):
-    validate_manifest(manifest)
-    assert manifest["target"]["build_id"] == recorded["kernel"]["build_id"]
-    assert manifest["target"]["release"] == recorded["kernel"]["release"] == "6.1.0-53-amd64"
-    assert [r["name"] for r in manifest["replaced"]] == ["__do_sys_prctl", "prctl_set_auxv"]
+    assert manifest.format == FORMAT_VERSION  # recorded again when the format changes
+    assert manifest.kernel.build_id == recorded["kernel"]["build_id"]
+    assert manifest.kernel.release == recorded["kernel"]["release"] == "6.1.0-53-amd64"
+    assert [(r.target, r.name) for r in manifest.replaced] == [
+        (VMLINUX, "__do_sys_prctl"), (VMLINUX, "prctl_set_auxv")]
     # and the witnesses create added for the static functions __do_sys_prctl calls
-    assert {r["name"] for r in records if r["referenced_only"]} == {
+    assert {r.name for r in records if r.referenced_only} == {
         "prctl_set_mm", "propagate_has_child_subreaper"}
 
 
@@ -149,13 +148,13 @@ def test_kallsyms_without_addresses_is_refused(kallsyms_text):
 def test_pre_code_matches_the_recorded_kernel(kallsyms, records, recorded):
     memory = RecordedMemory.load()
     result = match(kallsyms, memory, records)
-    assert set(result.functions) == {(OBJECT, r["name"]) for r in records}
+    assert set(result.functions) == {r.key for r in records}
     for r in records:
-        found = result.functions[(OBJECT, r["name"])]
-        assert found.original == found.live == kallsyms.address(r["name"])
-        assert found.size == r["size"]
+        found = result.functions[r.key]
+        assert found.original == found.live == kallsyms.address(r.name)
+        assert found.size == r.size
         # the jump goes after the fentry call (a traceable function) or at the entry (notrace)
-        assert found.site == found.original + jump_offset(r["fentry"])
+        assert found.site == found.original + jump_offset(r.fentry)
         assert found.expect == memory.read(found.site, 5)
     assert result.functions[(OBJECT, "__do_sys_prctl")].site == kallsyms.address("__do_sys_prctl")
     assert result.functions[(OBJECT, "prctl_set_auxv")].site == kallsyms.address("prctl_set_auxv") + 5
@@ -168,9 +167,8 @@ def test_pre_code_matches_the_recorded_kernel(kallsyms, records, recorded):
 def test_bindings_are_the_kallsyms_addresses(kallsyms, records, manifest, recorded):
     matcher = Matcher(kallsyms, RecordedMemory.load(), [])  # type: ignore[arg-type]
     result = matcher.match(records)
-    referenced = {(OBJECT if local else "", name) for r in records
-                  for off, _, kind, name, _, local in r["relocs"]
-                  if kind == "sym" and not any(m <= off < m + n for m, n, _ in r["masks"])}
+    referenced = {(OBJECT if reloc.local else "", reloc.name) for r in records for reloc in r.relocs
+                  if reloc.kind == "sym" and not masked(r, reloc.offset)}
     # every symbol the pre code refers to (where the kernel does not rewrite the code: the
     # fentry call and return thunks) is bound, and where kallsyms has it
     assert referenced <= set(result.bindings)
@@ -184,10 +182,10 @@ def test_bindings_are_the_kallsyms_addresses(kallsyms, records, manifest, record
     assert {(b["object"], b["name"]): int(b["address"], 16) for b in recorded["bindings"]} == \
         result.bindings
     # the new code's every reference resolves, to the kallsyms address
-    for ref in manifest["kernel_refs"]:
+    for ref in manifest.kernel_refs:
         address = matcher.resolve(ref, result)
-        assert address == kallsyms.address(ref["name"]), ref
-        assert recorded["resolved"][ref["placeholder"]] == f"{address:#x}"
+        assert address == kallsyms.address(ref.name), ref
+        assert recorded["resolved"][ref.placeholder] == f"{address:#x}"
 
 
 def test_call_targets_agree_with_the_disassembly(kallsyms, records):
@@ -198,27 +196,28 @@ def test_call_targets_agree_with_the_disassembly(kallsyms, records):
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     checked = 0
     for r in records:
-        start = kallsyms.address(r["name"])
-        by_offset = {off: (name, local) for off, _, kind, name, _, local in r["relocs"]
-                     if kind == "sym"}
-        for insn in md.disasm(memory.read(start, r["size"]), start):
+        start = kallsyms.address(r.name)
+        by_offset = {reloc.offset: reloc for reloc in r.relocs if reloc.kind == "sym"}
+        for insn in md.disasm(memory.read(start, r.size), start):
             field = insn.address + insn.size - 4 - start
             if insn.mnemonic != "call" or field not in by_offset:
                 continue  # a call the kernel turned into a nop (fentry), or a register call
-            name, local = by_offset[field]
-            assert int(insn.op_str, 16) == result.bindings[(OBJECT if local else "", name)], name
+            reloc = by_offset[field]
+            key = (OBJECT if reloc.local else "", reloc.name)
+            assert int(insn.op_str, 16) == result.bindings[key], reloc
             checked += 1
     assert checked >= 30
 
 
-def first_plain_byte(rec: dict, start: int = 0x10) -> int:
+def masked(rec: PreFunction, offset: int) -> bool:
+    """Whether the kernel rewrites the byte at `offset` of `rec`'s code by itself."""
+    return any(m.offset <= offset < m.offset + m.length for m in rec.masks)
+
+
+def first_plain_byte(rec: PreFunction, start: int = 0x10) -> int:
     """An offset of `rec`'s code that no mask and no relocation covers."""
-    covered = set()
-    for off, length, *_ in rec["masks"]:
-        covered.update(range(off, off + length))
-    for off, *_ in rec["relocs"]:
-        covered.update(range(off, off + 8))
-    return next(i for i in range(start, rec["size"]) if i not in covered)
+    relocated = {i for r in rec.relocs for i in range(r.offset, r.offset + r.width)}
+    return next(i for i in range(start, rec.size) if not masked(rec, i) and i not in relocated)
 
 
 def test_a_changed_byte_is_a_mismatch(kallsyms, records):
@@ -226,7 +225,7 @@ def test_a_changed_byte_is_a_mismatch(kallsyms, records):
     address = kallsyms.address("__do_sys_prctl")
     memory = RecordedMemory.load()
     offset = first_plain_byte(rec)
-    package = base64.b64decode(rec["code"])[offset]
+    package = rec.data()[offset]
     assert memory.read(address + offset, 1)[0] == package
     changed = memory.changed(address + offset, bytes([package ^ 0x40]))
     why = f"byte at offset {offset:#x} differs (package {package:#04x}, kernel {package ^ 0x40:#04x})"
@@ -238,9 +237,9 @@ def test_sites_the_kernel_rewrites_may_differ(kallsyms, records):
     # nop now a call): the code still matches.
     memory = RecordedMemory.load()
     prctl, auxv = record(records, "__do_sys_prctl"), record(records, "prctl_set_auxv")
-    label = next(off for off, _, kind in prctl["masks"] if kind == "jump label")
+    label = next(m.offset for m in prctl.masks if m.kind == "jump label")
     memory = memory.changed(kallsyms.address("__do_sys_prctl") + label, bytes.fromhex("e912345678"))
-    assert auxv["fentry"] == 0
+    assert auxv.fentry == 0
     memory = memory.changed(kallsyms.address("prctl_set_auxv"), bytes.fromhex("e8aabbccdd"))
     assert (OBJECT, "__do_sys_prctl") in match(kallsyms, memory, records).functions
 
@@ -248,7 +247,7 @@ def test_sites_the_kernel_rewrites_may_differ(kallsyms, records):
 def test_a_call_to_elsewhere_is_a_mismatch(kallsyms, records):
     rec = record(records, "__do_sys_prctl")
     address = kallsyms.address("__do_sys_prctl")
-    off = next(off for off, _, kind, name, _, _ in rec["relocs"] if name == "security_task_prctl")
+    off = next(r.offset for r in rec.relocs if r.name == "security_task_prctl")
     memory = RecordedMemory.load()
     rel32 = int.from_bytes(memory.read(address + off, 4), "little", signed=True)
     changed = memory.changed(address + off, (rel32 + 0x10).to_bytes(4, "little", signed=True))
@@ -262,7 +261,7 @@ def test_two_uses_of_one_symbol_must_agree(kallsyms, records):
     # current_task's second use in __do_sys_prctl points 8 bytes further than its first.
     rec = record(records, "__do_sys_prctl")
     address = kallsyms.address("__do_sys_prctl")
-    uses = [off for off, _, _, name, _, _ in rec["relocs"] if name == "current_task"]
+    uses = [r.offset for r in rec.relocs if r.name == "current_task"]
     second = uses[1]
     memory = RecordedMemory.load()
     value = int.from_bytes(memory.read(address + second, 4), "little", signed=True)
@@ -279,7 +278,7 @@ def unreadable(address: int, size: int) -> str:
 
 def test_unreadable_code_and_missing_symbols(kallsyms, kallsyms_text, records):
     auxv = kallsyms.address("prctl_set_auxv")
-    why = unreadable(auxv, record(records, "prctl_set_auxv")["size"])
+    why = unreadable(auxv, record(records, "prctl_set_auxv").size)
     assert refusal(kallsyms, RecordedMemory.load().without(auxv), records) == [
         not_matching("prctl_set_auxv", auxv, why)]
     without = Kallsyms("".join(line + "\n" for line in kallsyms_text.splitlines()
@@ -299,5 +298,5 @@ def test_the_function_whose_code_matches_is_the_one_meant(kallsyms_text, records
     assert match(twice, memory, records).functions[(OBJECT, "prctl_set_auxv")].original == real
     reasons = refusal(twice, memory.without(real), records)
     assert len(reasons) == 1
-    why = unreadable(real, record(records, "prctl_set_auxv")["size"])
+    why = unreadable(real, record(records, "prctl_set_auxv").size)
     assert reasons[0].startswith(not_matching("prctl_set_auxv", real, why) + f"; at {other:#x}: ")

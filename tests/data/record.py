@@ -23,10 +23,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
 from livesplice import debian
 from livesplice.build import file_patch
 from livesplice.kernel import Kallsyms, KernelMemory, KSym, running_build_id
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The change recorded: prctl's PR_SET_DUMPABLE also rejects a stray third argument (the article's
 # Listing 1, test_apply.PRCTL_A) and PR_SET_MM_AUXV an empty vector (test_apply's auxv update).
@@ -90,9 +91,8 @@ def record_in_guest(package_path: Path, out: Path) -> None:
     kallsyms = RecordingKallsyms(text)
     memory = RecordingMemory(KernelMemory())
     matcher = Matcher(kallsyms, memory, [])  # type: ignore[arg-type]  # duck-typed recorder
-    match = matcher.match(package.pre["functions"])
-    resolved = {ref["placeholder"]: matcher.resolve(ref, match)
-                for ref in package.manifest["kernel_refs"]}
+    match = matcher.match(package.pre.functions)
+    resolved = {ref.placeholder: matcher.resolve(ref, match) for ref in package.manifest.kernel_refs}
     # Kallsyms needs _stext (with an address: root's view) besides the names matching consulted.
     wanted = kallsyms.consulted | {"_stext"}
     excerpt = [line for line in text.splitlines() if line.split()[2] in wanted]
