@@ -4,6 +4,8 @@ apply: check the package and that it targets this kernel; match its pre code aga
 kernel (runpre); load the core module if needed and the new code with its kernel references set to
 the addresses matching found; then ask the core to switch, with every CPU stopped, when no thread
 is in the code being replaced. On any failure everything loaded for this apply is unloaded again.
+The checks before anything is loaded are one function, `check_apply`; a dry run stops after it.
+Each apply and undo, done or failed, is recorded in the system journal (`journal`).
 What is applied is the core's state, so `list` is right even after the tool crashed; the manifests
 kept in /run (gone at reboot, like the updates themselves) add the patch text. Commands that change
 or read the updates hold one lock, so two of them never interleave.
