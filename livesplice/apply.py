@@ -397,8 +397,9 @@ def _applied() -> list[coreproto.AppliedUpdate]:
 def applied_record(update: coreproto.AppliedUpdate, redirected: set[str]) -> dict:
     """An applied update as `list --json` and `view --json` show it (docs/cli-json.md)."""
     return {"id": update.id, "module": update.module,
-            "functions": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
-                          for f in update.funcs],
+            "functions": [f.name for f in update.funcs],  # as apply --json gives them
+            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
+                      for f in update.funcs],
             "pause_ns": update.pause_ns, "work_ns": update.work_ns,
             # A live patch enabled after an update redirects at the fentry site, before the
             # jump: its code runs, not the update's. Say so rather than show it as if it ran.

@@ -402,7 +402,7 @@ def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
         if not updates:
             click.echo("no updates applied")
         for u in updates:
-            click.echo(f"{u['id']} ({u['module']}): " + ", ".join(f["name"] for f in u["functions"]))
+            click.echo(f"{u['id']} ({u['module']}): " + ", ".join(u["functions"]))
         return
     update = view_applied(what)
     assert isinstance(update, dict)
@@ -410,7 +410,7 @@ def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
         print_json(update)
         return
     click.echo(f"{update['id']} ({update['module']})")
-    for f in update["functions"]:
+    for f in update["jumps"]:
         click.echo(f"  {f['name']} at {f['site']} -> {f['new']}")
     if update["overridden"]:
         _warn_overridden(update)
@@ -491,7 +491,7 @@ def list_cmd(as_json: bool) -> None:
         print_json(updates)
         return
     for u in updates:
-        click.echo(f"{u['id']}\t{u['module']}\t{', '.join(f['name'] for f in u['functions'])}")
+        click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}")
         if u["overridden"]:
             _warn_overridden(u)
 

@@ -102,7 +102,7 @@ def test_dry_run_checks_and_loads_nothing(vm, packages):
     assert r.status == 0, r.err
     assert json.loads(r.out)["dry_run"] is False
     view = json.loads(guest_cli(vm, "view", "prctl-a", "--json").out)
-    assert view["functions"][0]["site"] == jump["site"]
+    assert view["jumps"][0]["site"] == jump["site"]
     assert guest_cli(vm, "undo", "prctl-a").status == 0
     assert not vm.dmesg_problems(since)
 
@@ -136,7 +136,7 @@ def test_dry_run_stacked_and_already_applied(vm, packages):
         r = guest_cli(vm, "apply", "--dry-run", str(packages["prctl-b"]), "--json")
         assert r.status == 0, r.err
         plan = json.loads(r.out)
-        a = json.loads(guest_cli(vm, "view", "prctl-a", "--json").out)["functions"][0]
+        a = json.loads(guest_cli(vm, "view", "prctl-a", "--json").out)["jumps"][0]
         assert plan["would_load"] == [plan["module"]]
         assert plan["jumps"][0]["site"] == a["site"] and plan["jumps"][0]["runs"] == a["new"]
         assert loaded_modules(vm) == modules and applied(vm) == ["prctl-a"]
@@ -187,7 +187,8 @@ def test_list_and_view_share_one_shape(vm, packages):
                                "format"}
         assert {k: one[k] for k in record} == record
         assert set(one) - set(record) == {"patch", "target"}
-        assert record["functions"][0]["name"] == "__do_sys_prctl" and record["pause_ns"] > 0
+        assert record["functions"] == ["__do_sys_prctl"] and record["pause_ns"] > 0
+        assert record["jumps"][0]["name"] == "__do_sys_prctl"
         assert record["overridden"] == []
         assert "arg3" in one["patch"] and one["target"]["release"] == "6.1.0-53-amd64"
         # And as text: names, in stacking order.
