@@ -172,7 +172,7 @@ def build_initramfs(files: debian.KernelFiles) -> Path:
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to("/bin/busybox")
-        for i, mod in enumerate(order):
+        for mod in order:
             shutil.copy2(files.modules / mod, root / "modules" / Path(mod).name)
         (root / "modules.load").write_text("\n".join(Path(m).name for m in order) + "\n")
         init = root / "init"
@@ -210,7 +210,7 @@ class Session:
 
     # lifecycle
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         self.start()
         return self
 
@@ -237,7 +237,8 @@ class Session:
                 raise BadInput(f"--rwdir {d!r}: must be an existing directory without ',' or spaces")
         agent = Path(__file__).with_name("guest_agent.py").resolve()
         cmdline = " ".join([
-            "console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "tsc=reliable", "no_timer_check", "mitigations=auto",
+            "console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "tsc=reliable", "no_timer_check",
+            "mitigations=auto",
             f"livesplice.python={sys.executable}", f"livesplice.agent={agent}",
             f"livesplice.modules={files.modules}", f"livesplice.rwdirs={','.join(rwdirs)}",
             self.append,
@@ -349,7 +350,7 @@ class Session:
             self._sock.settimeout(min(remaining, 0.5))
             try:
                 chunk = self._sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 self._check_alive(doing)

@@ -5,10 +5,10 @@ import subprocess
 import textwrap
 
 import pytest
+from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 
 from livesplice import debian
 from livesplice.testbed import Session
-from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 
 VERSION = "6.1.187-1"
 DUMPABLE_CHECK = "if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) {"

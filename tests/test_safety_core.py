@@ -8,9 +8,9 @@ import re
 import textwrap
 
 import pytest
+from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 from livesplice.testbed import Session
-from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 pytestmark = pytest.mark.vm
 

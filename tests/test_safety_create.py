@@ -13,11 +13,11 @@ import json
 import textwrap
 
 import pytest
-
-from livesplice.elfmodel import Item, ObjectFile, RELOC_WIDTH, runtime_patched_sites
-from livesplice.package import Package
 from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 from test_apply import applied, assert_clean, dmesg_mark
+
+from livesplice.elfmodel import RELOC_WIDTH, Item, ObjectFile, runtime_patched_sites
+from livesplice.package import Package
 
 pytestmark = pytest.mark.vm
 
