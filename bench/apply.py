@@ -76,7 +76,7 @@ def main() -> None:
     many = create(files.source_tree, files.config,
                   many_functions_patch(files.source_tree, args.syscalls), "bench-many",
                   exchange / "many.tar.gz")
-    n_many = len(many.package.manifest["replaced"])
+    n_many = len(many.package.manifest.replaced)
     with Session(rwdirs=[str(exchange)]) as vm:
         r = vm.run([sys.executable, "-c", GUEST, str(one.path), str(many.path), str(args.runs)],
                    timeout=3600, cwd=str(REPO), check=True)

@@ -19,16 +19,31 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import debian
+from . import debian, pkgformat
 from .build import BuiltPair, WorkTree, build_pre_post
-from .elfmodel import Item, ObjectFile, fentry_offset, reloc_width, runtime_patched_sites
+from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
 from .kbuild import console
 from .kconfig import config_hash, kernel_release
 from .newcode import Extractor, NewCode, build_module, callbacks, check_problems, core_module, section_name
 from .objdiff import ObjectDiff, diff_objects, section_kind
-from .package import FORMAT_VERSION, Package
+from .package import Package
 from .patches import patch_files
+from .pkgformat import (
+    FORMAT_VERSION,
+    VMLINUX,
+    KernelIdentity,
+    Manifest,
+    Mask,
+    ModuleFile,
+    NewFunction,
+    PatchedObject,
+    PreCode,
+    PreFunction,
+    Relocation,
+    ReplacedFunction,
+    Source,
+)
 from .structlayout import layout_refusals
 
 KBUILD_FILES = re.compile(r"(^|/)(Kconfig[^/]*|Makefile[^/]*|Kbuild[^/]*)$")
@@ -104,7 +119,6 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
             manifest = build_manifest(request.update_id, target, tree, request.patch, diffs, code,
                                       pre_code, modules.name, source_version)
             package = write_package(manifest, pre_code, modules, request.output, signing_key)
-    manifest["timings"] = timings
     return CreateResult(package, request.output, diffs, timings)
 
 
@@ -227,28 +241,30 @@ def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs) -> NewCode:
             ex.add_function(post.functions[c.name])
             for part in c.parts:
                 ex.add_function(post.functions[part])
+    code.bind_own_globals()
     check_problems(code)
     return code
 
 
 def build_modules(code: NewCode, update_id: str, target: TargetKernel, jobs: int,
                   work: Path) -> Modules:
-    name = "livesplice_" + update_id.replace("-", "_")
+    name = Manifest.module_name(update_id)
     ko = build_module(code, name, update_id, target.headers, work / "module", jobs)
     core = core_module(target.headers, target.release, target.build_id, work / "core", jobs)
     return Modules(name, ko.read_bytes(), core)
 
 
-def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs, code: NewCode) -> list[dict]:
+def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs,
+                    code: NewCode) -> list[PreFunction]:
     """Pre code of every replaced function (and its parts), of every function the new code calls
     that the objects define, and of functions that use local data the new code uses: matching
     them against the running kernel decides which of several same-named symbols is meant."""
-    records: dict[tuple[str, str], dict] = {}
+    records: dict[tuple[str, str], PreFunction] = {}
 
     def add(objname: str, pre: ObjectFile, name: str | None, referenced_only: bool = False) -> None:
         if name is not None and (objname, name) not in records and name in pre.functions:
-            records[(objname, name)] = pre_record(pre, objname, pre.functions[name])
-            records[(objname, name)]["referenced_only"] = referenced_only
+            records[(objname, name)] = pre_record(pre, objname, pre.functions[name],
+                                                  referenced_only)
 
     for d in diffs:
         pre, _ = objects[d.object]
@@ -271,9 +287,9 @@ def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs, code: NewCode
     return list(records.values())
 
 
-def write_package(manifest: dict, pre_code: list[dict], modules: Modules, output: Path,
+def write_package(manifest: Manifest, pre_code: list[PreFunction], modules: Modules, output: Path,
                   signing_key) -> Package:
-    package = Package(manifest, {"functions": pre_code},
+    package = Package(manifest, PreCode(pre_code),
                       {f"modules/{modules.name}.ko": modules.update,
                        "modules/livesplice_core.ko": modules.core})
     package.write(output, signing_key)
@@ -317,7 +333,8 @@ def _refusals_for_files(files: list[str]) -> list[str]:
     return out
 
 
-def pre_record(obj: ObjectFile, objname: str, item: Item) -> dict:
+def pre_record(obj: ObjectFile, objname: str, item: Item, referenced_only: bool = False
+               ) -> PreFunction:
     relocs = []
     for r in item.relocs:
         t = obj.target(r)
@@ -325,21 +342,21 @@ def pre_record(obj: ObjectFile, objname: str, item: Item) -> dict:
         if t.kind == "sym":
             sym = obj.functions.get(t.name) or obj.data_objects.get(t.name)
             local = (sym.symbol.bind == "STB_LOCAL") if sym else r.symbol.bind == "STB_LOCAL"
-        relocs.append([r.offset - item.start, r.type, t.kind, t.name, t.offset, local])
-    return {"object": objname, "name": item.name, "size": item.size,
-            "local": item.symbol.bind == "STB_LOCAL", "type": item.symbol.type,
-            "code": base64.b64encode(item.data).decode(), "relocs": relocs,
-            # [offset, length, kind]: kind one of elfmodel.SITE_KINDS (runpre reads the first two)
-            "masks": [[s.offset, s.length, s.kind] for s in runtime_patched_sites(obj, item)],
-            "fentry": fentry_offset(obj, item),
-            "section": item.section.name}
+        relocs.append(Relocation(r.offset - item.start, r.type, t.kind, t.name, t.offset, local))
+    return PreFunction(
+        target=VMLINUX, object=objname, name=item.name, size=item.size,
+        local=item.symbol.bind == "STB_LOCAL", type=item.symbol.type,
+        code=base64.b64encode(item.data).decode(), relocs=relocs,
+        masks=[Mask(s.offset, s.length, s.kind) for s in runtime_patched_sites(obj, item)],
+        fentry=fentry_offset(obj, item), section=item.section.name,
+        referenced_only=referenced_only)
 
 
-def fingerprint(record: dict) -> str:
-    data = bytearray(base64.b64decode(record["code"]))
-    for off, rtype, *_ in record["relocs"]:
-        width = reloc_width(rtype)
-        data[off:off + width] = bytes(width)
+def fingerprint(record: PreFunction) -> str:
+    """SHA-256 of a function's pre code with its relocated fields zeroed."""
+    data = bytearray(record.data())
+    for r in record.relocs:
+        data[r.offset:r.offset + r.width] = bytes(r.width)
     return hashlib.sha256(bytes(data)).hexdigest()
 
 
@@ -348,40 +365,39 @@ def default_id(patch: str, config: Path) -> str:
 
 
 def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: str,
-                   diffs: list[ObjectDiff], code: NewCode, pre_code: list[dict],
-                   module_name: str, source_version: str | None) -> dict:
-    by_key = {(r["object"], r["name"]): r for r in pre_code}
+                   diffs: list[ObjectDiff], code: NewCode, pre_code: list[PreFunction],
+                   module_name: str, source_version: str | None) -> Manifest:
+    by_key = {r.key: r for r in pre_code}
     replaced = []
     for d in diffs:
         for c in d.changed:
+            assert c.pre_name is not None  # a changed function has a pre name; a new one has not
             rec = by_key[(d.object, c.pre_name)]
-            replaced.append({"object": d.object, "name": c.pre_name, "new_name": c.name,
-                             "size": c.pre_size, "new_size": c.size, "section": c.section,
-                             "parts": [d.names.get(p, p) for p in c.parts],
-                             "new_parts": c.parts, "pre_sha256": fingerprint(rec),
-                             "local": rec["local"],
-                             # where apply finds the new code: the module's sections
-                             "new_section": section_name(d.object, c.name),
-                             "new_part_sections": [section_name(d.object, p) for p in c.parts]})
-    return {
-        "format": FORMAT_VERSION,
-        "id": update_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "target": {"release": target.release, "version": target.version, "stock": target.stock,
-                   "build_id": target.build_id},
-        "source": {"tree": str(tree.source), "debian_version": source_version,
-                   "kernelversion": kernel_release(tree.src, {})},
-        "config_sha256": tree.config.sha256,
-        "patch": patch,
-        "module": {"name": module_name, "file": f"modules/{module_name}.ko"},
-        "replaced": replaced,
-        "new": [{"object": d.object, "name": c.name, "size": c.size, "parts": c.parts,
-                 "new_section": section_name(d.object, c.name),
-                 "new_part_sections": [section_name(d.object, p) for p in c.parts]}
-                for d in diffs for c in d.new],
-        "kernel_refs": [r.to_json() for r in code.refs.values()],
-        "callbacks": callbacks(code),
-        "line_only": [f for d in diffs for f in d.line_only],
-        "notes": [n for d in diffs for n in d.notes]
+            replaced.append(ReplacedFunction(
+                target=VMLINUX, object=d.object, name=c.pre_name, new_name=c.name,
+                size=c.pre_size, new_size=c.size, section=c.section,
+                parts=[d.names.get(p, p) for p in c.parts], new_parts=c.parts,
+                # where apply finds the new code: the module's sections
+                new_section=section_name(d.object, c.name),
+                new_part_sections=[section_name(d.object, p) for p in c.parts],
+                pre_sha256=fingerprint(rec), local=rec.local))
+    return Manifest(
+        format=FORMAT_VERSION,
+        id=update_id,
+        created=pkgformat.now(),
+        kernel=KernelIdentity(target.release, target.version, target.stock, target.build_id),
+        targets=[PatchedObject(VMLINUX, target.build_id)],
+        source=Source(str(tree.source), source_version, kernel_release(tree.src, {})),
+        config_sha256=tree.config.sha256,
+        patch=patch,
+        module=ModuleFile(module_name, f"modules/{module_name}.ko"),
+        replaced=replaced,
+        new=[NewFunction(VMLINUX, d.object, c.name, c.size, c.parts, section_name(d.object, c.name),
+                         [section_name(d.object, p) for p in c.parts])
+             for d in diffs for c in d.new],
+        kernel_refs=list(code.refs.values()),
+        callbacks=callbacks(code),
+        line_only=[f for d in diffs for f in d.line_only],
+        notes=[n for d in diffs for n in d.notes] + code.notes
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),
-    }
+    )

@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import debian
-from .patches import diffext_patch, file_patch
 from .create import create
 from .errors import LivespliceError
+from .patches import diffext_patch, file_patch
 from .testbed import Session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ class Demo:
         self.step("create: pre and post objects, the changed functions, the update package")
         fix = self.timed("create (fix)", create, files.source_tree, files.config, patch,
                          "auxv-fix", work / "auxv-fix.tar.gz")
-        self.console.print(f"replaces: {', '.join(r['name'] for r in fix.package.manifest['replaced'])}")
+        self.console.print(f"replaces: {', '.join(r.name for r in fix.package.manifest.replaced)}")
 
         # The debugging use: FILE.c.new beside FILE.c in a tree of the user's (hard links).
         tree = work / "linux"
@@ -143,11 +143,12 @@ class Demo:
             self.step("debugging: apply the printk update, read /proc/version, undo")
             self.guest(vm, "apply", str(debug.path))
             vm.run(["cat", "/proc/version"], check=True)
-            lines = [l for l in vm.dmesg().splitlines() if "livesplice demo:" in l]
+            lines = [line for line in vm.dmesg().splitlines() if "livesplice demo:" in line]
             self.console.out("\n".join(lines[-2:]) or "(no printk line!)", highlight=False)
             self.guest(vm, "undo", "printk-debug")
             vm.run(["cat", "/proc/version"], check=True)
-            lines_after = [l for l in vm.dmesg().splitlines() if "livesplice demo:" in l]
+            lines_after = [line for line in vm.dmesg().splitlines()
+                           if "livesplice demo:" in line]
             problems = vm.dmesg_problems()
 
         ok = (before > 1 and after == 1 and again == before and len(lines) >= 1
@@ -157,7 +158,7 @@ class Demo:
         table.add_column("result")
         table.add_row("kernel", f"{kernel.abi} (Debian {kernel.version}), stock, in QEMU/TCG")
         table.add_row("real fix", f"{FIX_FILE} {kernel.version} -> {fixed_version}: "
-                                  f"{', '.join(r['name'] for r in fix.package.manifest['replaced'])}")
+                                  f"{', '.join(r.name for r in fix.package.manifest.replaced)}")
         table.add_row("auxv entries", f"before {before}, applied {after}, undone {again}")
         table.add_row("machine stopped", f"{applied['pause_ns'] / 1e6:.3f} ms")
         table.add_row("printk update", f"{len(lines)} log line(s) while applied, "

@@ -20,6 +20,8 @@ from typing import NamedTuple
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
+from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import SymbolTableSection
 
 from .errors import BadInput
 
@@ -54,7 +56,7 @@ class Section:
     addralign: int
     entsize: int
     data: bytes
-    relocs: list["Reloc"] = field(default_factory=list)
+    relocs: list[Reloc] = field(default_factory=list)
 
     @property
     def is_alloc(self) -> bool:
@@ -68,7 +70,7 @@ class Section:
     def size(self) -> int:
         return len(self.data)
 
-    def relocs_in(self, start: int, end: int) -> list["Reloc"]:
+    def relocs_in(self, start: int, end: int) -> list[Reloc]:
         return [r for r in self.relocs if start <= r.offset < end]
 
 
@@ -83,7 +85,8 @@ class Symbol:
     size: int
 
     def __repr__(self) -> str:
-        return f"<Symbol {self.name} {self.type} {self.bind} {self.section.name if self.section else 'UND'}+{self.value:#x}/{self.size}>"
+        where = self.section.name if self.section else "UND"
+        return f"<Symbol {self.name} {self.type} {self.bind} {where}+{self.value:#x}/{self.size}>"
 
 
 @dataclass(eq=False)
@@ -156,6 +159,8 @@ class ObjectFile:
             self.sections.append(Section(i, s.name, s["sh_type"], s["sh_flags"], s["sh_addralign"],
                                          s["sh_entsize"], data))
         symtab = self.elf.get_section_by_name(".symtab")
+        if not isinstance(symtab, SymbolTableSection):
+            raise BadInput(f"{self.path}: no symbol table")
         self.symbols: list[Symbol] = []
         for i, sym in enumerate(symtab.iter_symbols()):
             shndx = sym["st_shndx"]
@@ -166,7 +171,7 @@ class ObjectFile:
             self.symbols.append(Symbol(i, name, sym["st_info"]["type"], sym["st_info"]["bind"],
                                        section, sym["st_value"], sym["st_size"]))
         for s in self.elf.iter_sections():
-            if s["sh_type"] == "SHT_RELA":
+            if isinstance(s, RelocationSection) and s["sh_type"] == "SHT_RELA":
                 target = self.sections[s["sh_info"]]
                 target.relocs = sorted(
                     (Reloc(r["r_offset"], r["r_info_type"], self.symbols[r["r_info_sym"]], r["r_addend"])
@@ -255,7 +260,8 @@ class ObjectFile:
 
     # --- the kernel's special sections -----------------------------------------------------------
 
-    def sites(self, section_name: str, entry_size: int, field_offset: int = 0) -> list[tuple[Section, int, int]]:
+    def sites(self, section_name: str, entry_size: int,
+              field_offset: int = 0) -> list[tuple[Section, int, int]]:
         """For a table section, (target section, offset, entry index) of each entry's field at
         `field_offset`: the code location that entry describes."""
         sec = self.section(section_name)
@@ -403,7 +409,7 @@ class OutSection:
     align: int = 16
     type: str = "SHT_PROGBITS"
     entsize: int = 0
-    relocs: list[tuple[int, int, "OutSymbol", int]] = field(default_factory=list)
+    relocs: list[tuple[int, int, OutSymbol, int]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -484,13 +490,13 @@ class ElfWriter:
 
         out = bytearray(64)
         headers = [bytes(64)]
-        for name_off, data, typ, flags, link, info, align, entsize, nobits in blobs:
+        for name_off, data, typ, flags, link, info, align, entsize, nobits_size in blobs:
             align = max(align, 1)
             while len(out) % align:
                 out.append(0)
             offset = len(out)
             out.extend(data)
-            size = nobits if typ == SHT["SHT_NOBITS"] else len(data)
+            size = nobits_size if typ == SHT["SHT_NOBITS"] else len(data)
             headers.append(struct.pack("<IIQQQQIIQQ", name_off, typ, flags, 0, offset, size, link,
                                        info, align, entsize))
         while len(out) % 8:

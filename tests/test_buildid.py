@@ -8,14 +8,24 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
+import packages
 from livesplice import apply, debian, kernel
-from livesplice.buildid import (Note, NoteError, bzimage_payload, bzimage_vmlinux, elf_build_id,
-                                gnu_build_id, parse_notes)
+from livesplice.buildid import (
+    Note,
+    NoteError,
+    bzimage_payload,
+    bzimage_vmlinux,
+    elf_build_id,
+    gnu_build_id,
+    parse_notes,
+)
 from livesplice.create import tree_build_id
 from livesplice.errors import EXIT_BAD_INPUT, BadInput
 from livesplice.package import Package
+from livesplice.pkgformat import Manifest, PreCode
 
 # Debian's linux-image-6.1.0-53-amd64 6.1.187-1: the GNU build id of its vmlinux.
 STOCK_BUILD_ID = "1cd19df5660b03d8ce9a5941ce9fb364548b953a"
@@ -109,6 +119,7 @@ def test_stock_vmlinux_build_id(vmlinux, stock_kernel):
     assert elf_build_id(vmlinux) == STOCK_BUILD_ID
     # pyelftools' own reading of the .notes section agrees.
     import io
+
     from elftools.elf.elffile import ELFFile
     notes = ELFFile(io.BytesIO(vmlinux)).get_section_by_name(".notes")
     ids = [n["n_desc"] for n in notes.iter_notes()
@@ -120,6 +131,7 @@ def test_stock_vmlinux_build_id(vmlinux, stock_kernel):
 def test_module_build_id(stock_kernel):
     ko = next(stock_kernel.modules.glob("kernel/fs/9p/9p.ko"))
     import io
+
     from elftools.elf.elffile import ELFFile
     section = ELFFile(io.BytesIO(ko.read_bytes())).get_section_by_name(".note.gnu.build-id")
     assert elf_build_id(ko) == elf_build_id(ko.read_bytes()) == gnu_build_id(section.data())
@@ -215,8 +227,11 @@ def running(monkeypatch):
 
 
 def package(**target) -> Package:
-    return Package({"id": "upd", "target": {"release": "6.1.0-53-amd64", "version": BANNER,
-                                            "stock": "6.1.0-53-amd64", **target}}, {}, {})
+    manifest = packages.manifest()
+    manifest["id"] = "upd"
+    manifest["kernel"] = {"release": "6.1.0-53-amd64", "version": BANNER,
+                          "stock": "6.1.0-53-amd64", "build_id": None, **target}
+    return Package(Manifest.from_json(manifest), PreCode.from_json(packages.pre()), {})
 
 
 def test_build_id_decides_not_proc_version(running):

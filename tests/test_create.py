@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import edit_patch, livesplice_cli
 
 from livesplice import debian
 from livesplice.package import Package
-from conftest import edit_patch, livesplice_cli
 
 VERSION = "6.1.187-1"
 
@@ -92,9 +92,9 @@ def test_prctl_fix_replaces_exactly_do_sys_prctl(tmp_path, source):
     assert tree_state(source, ["kernel/sys.c"]) == before
 
     package = Package.read(out)
-    assert package.manifest["patch"] == PRCTL_FIX
-    assert {f["name"] for f in package.pre["functions"]} >= {"__do_sys_prctl"}
-    ko = package.members[package.manifest["module"]["file"]]
+    assert package.manifest.patch == PRCTL_FIX
+    assert {f.name for f in package.pre.functions} >= {"__do_sys_prctl"}
+    ko = package.new_code
     assert ko[:4] == b"\x7fELF"
     (tmp_path / "m.ko").write_bytes(ko)
     modinfo = subprocess.run(["modinfo", "-F", "vermagic", str(tmp_path / "m.ko")],
@@ -234,8 +234,8 @@ def test_struct_layout_change_in_a_widely_included_header_is_refused_early(tmp_p
 
 
 def test_core_module_is_built_once_per_kernel(tmp_path, stock_kernel):
-    from livesplice.create import find_target_kernel
     from livesplice.build import WorkTree
+    from livesplice.create import find_target_kernel
     from livesplice.newcode import core_module
 
     target = find_target_kernel(WorkTree(stock_kernel.source_tree, stock_kernel.config),
