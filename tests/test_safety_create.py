@@ -16,7 +16,7 @@ import pytest
 from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 from test_apply import applied, assert_clean, dmesg_mark
 
-from livesplice.elfmodel import RELOC_WIDTH, Item, ObjectFile, runtime_patched_sites
+from livesplice.elfmodel import Item, ObjectFile, reloc_width, runtime_patched_sites
 from livesplice.package import Package
 
 pytestmark = pytest.mark.vm
@@ -118,7 +118,7 @@ def same_code(expected: bytes, ignore: set[int], got: bytes) -> bool:
 
 
 def relocated(relocs) -> set[int]:
-    return {off + i for off, rtype in relocs for i in range(RELOC_WIDTH.get(rtype, 4))}
+    return {off + i for off, rtype in relocs for i in range(reloc_width(rtype))}
 
 
 def test_same_named_static_functions_of_two_objects(vm, create, tmp_path):
