@@ -1,5 +1,6 @@
 """`livesplice create` against linux-source-6.1 6.1.187-1 with the stock 6.1.0-53-amd64 config."""
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -72,6 +73,13 @@ def tree_state(tree, files):
             for f in files}
 
 
+def failure(proc) -> str:
+    """A failed `create --json`'s error: its message and reasons (JSON on stdout)."""
+    error = json.loads(proc.stdout)
+    assert error["status"] == proc.returncode, error
+    return "\n".join([error["error"], *error["reasons"]])
+
+
 def create(tmp_path, patch, *extra):
     p = tmp_path / "change.patch"
     p.write_text(patch)
@@ -108,16 +116,16 @@ def test_prctl_fix_replaces_exactly_do_sys_prctl(tmp_path, source):
 
 def test_comment_only_patch_is_nothing_to_do(tmp_path, source):
     proc, _ = create(tmp_path, COMMENT_ONLY)
-    assert proc.returncode == 4, proc.stderr
-    assert "no function's object code changed" in proc.stderr
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "no function's object code changed" in failure(proc)
 
 
 def test_struct_field_in_header_is_refused(tmp_path, source):
     before = tree_state(source, ["kernel/audit.h"])
     proc, out = create(tmp_path, STRUCT_FIELD)
-    assert proc.returncode == 3, proc.stderr
-    assert "changed layout of struct audit_netlink_list" in proc.stderr
-    assert "added cookie" in proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "changed layout of struct audit_netlink_list" in failure(proc)
+    assert "added cookie" in failure(proc)
     assert not out.exists()
     assert tree_state(source, ["kernel/audit.h"]) == before
 
@@ -126,7 +134,7 @@ def test_patch_that_does_not_apply(tmp_path, source):
     before = tree_state(source, ["kernel/sys.c"])
     proc, out = create(tmp_path, NOT_APPLYING)
     assert proc.returncode == 2
-    assert "does not apply" in proc.stderr
+    assert "does not apply" in failure(proc)
     assert not out.exists()
     assert tree_state(source, ["kernel/sys.c"]) == before
 
@@ -168,10 +176,9 @@ def test_diffext_and_patch_give_identical_packages(tmp_path, source):
                            str(tmp_path / "p.patch"), "--id", "same", "-o", str(tmp_path / "b.tar.gz"))
         assert b.returncode == 0, b.stderr
         pa, pb = Package.read(tmp_path / "a.tar.gz"), Package.read(tmp_path / "b.tar.gz")
-        for p in (pa, pb):
-            p.manifest.pop("created")
-            p.manifest.pop("patch")  # the same change, written by diff or by hand
-        assert pa.manifest == pb.manifest
+        # the same change, written by diff or by hand, at another time
+        same = {"created": "", "patch": ""}
+        assert dataclasses.replace(pa.manifest, **same) == dataclasses.replace(pb.manifest, **same)
         assert pa.pre == pb.pre
         assert pa.members == pb.members
         assert sysc.read_text() != new  # the user's file is as it was
@@ -185,10 +192,11 @@ DOES_NOT_COMPILE = PRCTL_FIX.replace("|| arg3) {", "|| livesplice_undeclared) {"
 def test_failed_build_keeps_the_make_output_in_a_log(tmp_path, source):
     before = tree_state(source, ["kernel/sys.c"])
     proc, out = create(tmp_path, DOES_NOT_COMPILE, "--id", "no-compile")
-    assert proc.returncode == 2, proc.stderr
-    assert "compiling kernel/sys.o failed" in proc.stderr
-    match = re.search(r"the whole make output is in (\S+?)\)", proc.stderr.replace("\n", ""))
-    assert match, proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = failure(proc)
+    assert "compiling kernel/sys.o failed" in message
+    match = re.search(r"the whole make output is in (\S+?)\)", message)
+    assert match, message
     log = Path(match.group(1))
     assert log.parent == debian.cache_root() / "logs" and log.name.startswith("create-no-compile-")
     text = log.read_text()
