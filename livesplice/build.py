@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from .elfmodel import ObjectFile
 from .errors import Refused
-from .includes import ObjectDependencies
+from .includes import LeftOut, ObjectDependencies
 from .kbuild import Kbuild, ObjectTree
 from .kconfig import KernelConfig
 from .mirror import SourceMirror
@@ -81,6 +81,7 @@ class BuiltPair:
     objects: list[str]  # e.g. ["kernel/sys.o"]
     pre_dir: Path
     post_dir: Path
+    left_out: list[LeftOut]  # changed files whose effect is not in `objects`, and why
 
 
 def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
@@ -100,7 +101,7 @@ def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
             (tree.obj / o).unlink(missing_ok=True)
         tree.kbuild.build(objects)
         _copy_objects(tree, objects, post_dir)
-    return BuiltPair(objects, pre_dir, post_dir)
+    return BuiltPair(objects, pre_dir, post_dir, tree.deps.left_out(files, objects))
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from . import debian, pkgformat
 from .build import BuiltPair, WorkTree, build_pre_post
 from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
+from .includes import LeftOut
 from .kbuild import console
 from .kconfig import config_hash, kernel_release
 from .newcode import Extractor, NewCode, build_module, callbacks, check_problems, core_module, section_name
@@ -110,14 +111,14 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
             with stage_timer(timings, "diff"):
                 objects = read_objects(pair)
                 diffs = diff_all_objects(tree, objects)
-                refuse_what_cannot_change_live(request.files, diffs)
-                refuse_when_no_function_changed(diffs)
+                refuse_what_cannot_change_live(request.files, diffs, pair.left_out)
+                refuse_when_no_function_changed(diffs, pair.left_out)
             with stage_timer(timings, "module"):
                 code = extract_new_code(diffs, objects)
                 modules = build_modules(code, request.update_id, target, tree.jobs, work)
             pre_code = record_pre_code(diffs, objects, code)
             manifest = build_manifest(request.update_id, target, tree, request.patch, diffs, code,
-                                      pre_code, modules.name, source_version)
+                                      pre_code, modules.name, source_version, pair.left_out)
             package = write_package(manifest, pre_code, modules, request.output, signing_key)
     return CreateResult(package, request.output, diffs, timings)
 
@@ -209,22 +210,30 @@ def diff_all_objects(tree: WorkTree, objects: ObjectPairs) -> list[ObjectDiff]:
     return diffs
 
 
-def refuse_what_cannot_change_live(files: list[str], diffs: list[ObjectDiff]) -> None:
+def refuse_what_cannot_change_live(files: list[str], diffs: list[ObjectDiff],
+                                   left_out: list[LeftOut]) -> None:
+    """Refuse (exit 3) what cannot change live, and any change to code the running kernel has
+    that the update would leave out (module code): applying the rest would leave the fix half
+    done while reporting success."""
     refusals = _refusals_for_files(files) + [r for d in diffs for r in d.refusals]
+    refusals += [str(f) for f in left_out if f.built]
     if refusals:
         raise Refused("the change cannot be applied live", sorted(set(refusals)))
 
 
-def refuse_when_no_function_changed(diffs: list[ObjectDiff]) -> None:
+def refuse_when_no_function_changed(diffs: list[ObjectDiff], left_out: list[LeftOut]) -> None:
+    """Nothing to do (exit 4) only when the running kernel's code would not change at all; the
+    message says which files were left out and why (none of them is code this kernel runs)."""
+    aside = f"; left out: {'; '.join(map(str, left_out))}" if left_out else ""
     if not any(d.has_changes for d in diffs):
         shifted = [f for d in diffs for f in d.line_only]
         raise NothingToDo("no function's object code changed"
                           + (f" (only __LINE__ values moved in {', '.join(shifted)})"
-                             if shifted else ""))
+                             if shifted else "") + aside)
     if not any(d.changed for d in diffs):
         added = [c.name for d in diffs for c in d.new]
         raise NothingToDo("no existing function's object code changed; the new functions "
-                          f"({', '.join(added)}) are called by nothing the kernel runs")
+                          f"({', '.join(added)}) are called by nothing the kernel runs" + aside)
 
 
 def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs) -> NewCode:
@@ -366,7 +375,9 @@ def default_id(patch: str, config: Path) -> str:
 
 def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: str,
                    diffs: list[ObjectDiff], code: NewCode, pre_code: list[PreFunction],
-                   module_name: str, source_version: str | None) -> Manifest:
+                   module_name: str, source_version: str | None,
+                   left_out: list[LeftOut] | None = None) -> Manifest:
+    left_out = left_out or []
     by_key = {r.key: r for r in pre_code}
     replaced = []
     for d in diffs:
@@ -399,5 +410,6 @@ def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: 
         callbacks=callbacks(code),
         line_only=[f for d in diffs for f in d.line_only],
         notes=[n for d in diffs for n in d.notes] + code.notes
+        + [f"left out: {f}" for f in left_out]
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .kbuild import Kbuild, ObjectTree
@@ -67,6 +68,18 @@ class IncludeGraph:
         return {s for s in sources if (self.src / s).exists() and reaches(s, set())}
 
 
+@dataclass
+class LeftOut:
+    """A changed file whose change livesplice does not apply, and why."""
+
+    file: str
+    why: str
+    built: bool  # code the running kernel has (in a module): leaving it out leaves a fix out
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.why}"
+
+
 class ObjectDependencies:
     """Which vmlinux objects depend on which files of the mirrored tree."""
 
@@ -96,6 +109,42 @@ class ObjectDependencies:
         """vmlinux objects whose sources may include any of `included` (nothing built)."""
         by_source = self.by_source()
         return {by_source[s] for s in self.graph.includers(included, sorted(by_source))}
+
+    def left_out(self, changed: list[str], wanted: list[str]) -> list[LeftOut]:
+        """The changed files whose effect is not in the vmlinux objects `wanted` (what
+        `objects_for` gave), each with why: built into a module, included only by module code,
+        another architecture's, not built by this config, or not kernel code at all."""
+        by_source = self.by_source()
+        used = set().union(*(self.deps(o) for o in wanted)) if wanted else set()
+        rest = [f for f in changed if f not in by_source and f not in used]
+        if not rest:
+            return []
+        modules = self.objects.module_objects() if any(
+            f.endswith(_BUILT_FROM) and not f.startswith(_NOT_KERNEL) for f in rest) else {}
+        module_sources = {o[:-2] + ext: m for o, m in modules.items() for ext in (".c", ".S")}
+        out = []
+        for f in rest:
+            if f.startswith(_NOT_KERNEL) or not f.endswith(_BUILT_FROM):
+                out.append(LeftOut(f, "not kernel code", False))
+            elif f.startswith("arch/") and not f.startswith("arch/x86/"):
+                out.append(LeftOut(f, "another architecture's", False))
+            elif f in module_sources:
+                module = module_sources[f]
+                out.append(LeftOut(f, f"built into module {Path(module).name} ({module}.ko), "
+                                      "which livesplice does not update yet", True))
+            elif f.endswith((".c", ".S")):
+                out.append(LeftOut(f, "not built by this config", False))
+            else:
+                users = sorted(module_sources[s] for s in
+                               self.graph.includers([f], sorted(module_sources)))
+                if users:
+                    names = sorted({Path(m).name for m in users})
+                    out.append(LeftOut(f, f"included by code of {len(names)} module(s) ("
+                                          f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+                                          "), which livesplice does not update yet", True))
+                else:
+                    out.append(LeftOut(f, "included by nothing this config builds", False))
+        return out
 
     def objects_for(self, changed: list[str]) -> list[str]:
         """The vmlinux objects whose code may depend on the changed files. Candidates for a

@@ -149,6 +149,33 @@ class ObjectTree:
     def vmlinux_objects(self) -> set[str]:
         return set(json.loads((self.obj / self.OBJECT_LIST).read_text()))
 
+    MODULE_LIST = "livesplice-module-objects.json"
+    # kbuild writes each module's object list into MODULE.mod with this command
+    _MOD_FILE = re.compile(r"""printf '%s\\n'\s+([^|']*?)\s*\| awk '!x\[\$0\]\+\+ """
+                           r"""\{ print\("([^"]*)"\$0\) \}' > (\S+)\.mod;""")
+
+    def module_objects(self) -> dict[str, str]:
+        """Object -> the module kbuild links it into, as the module's path without .ko
+        (fs/ext4/ioctl.o -> fs/ext4/ext4), for this config: from a dry run of `make modules`
+        (about a minute), once per object tree."""
+        cached = self.obj / self.MODULE_LIST
+        if cached.exists():
+            return json.loads(cached.read_text())
+        kconfig_h = self.kbuild.src / "include" / "linux" / "kconfig.h"
+        with console.status("asking kbuild which objects make up each module (dry run, about "
+                            "a minute once)"):
+            proc = self.kbuild.dry_run("modules", extra=["-k", "-W", str(kconfig_h),
+                                                         f"KCFLAGS={SECTION_FLAGS}"])
+        out: dict[str, str] = {}
+        for objects, prefix, module in self._MOD_FILE.findall(proc.stdout):
+            for o in objects.split():
+                out.setdefault(prefix + o, module)
+        if len(set(out.values())) < 10 and self.config.options.get("CONFIG_MODULES") == "y":
+            raise LivespliceError("kbuild's dry run of the modules listed almost none:\n"
+                                  + proc.stderr[-2000:])
+        cached.write_text(json.dumps(out, sort_keys=True))
+        return out
+
     def cmd_file(self, obj: str) -> Path:
         """kbuild's record of how an object was built (command line, then its dependencies)."""
         return self.obj / Path(obj).parent / f".{Path(obj).name}.cmd"

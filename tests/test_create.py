@@ -252,3 +252,32 @@ def test_core_module_is_built_once_per_kernel(tmp_path, stock_kernel):
     again = core_module(target.headers, target.release, target.build_id, tmp_path / "b")
     assert again == first and first[:4] == b"\x7fELF"
     assert not (tmp_path / "b").exists()  # taken from the cache, not built
+
+
+def test_module_code_is_refused_never_nothing_to_do(tmp_path, source):
+    """A change to code built into a module (ext4 is =m in the stock config) is not something
+    the running kernel needs nothing for: exit 3, naming the file and its module."""
+    before = tree_state(source, ["fs/ext4/ioctl.c", "fs/ext4/ext4.h"])
+    patch = edit_patch(source, {"fs/ext4/ioctl.c": [(
+        "\tif (!capable(CAP_SYS_ADMIN))\n\t\treturn -EPERM;\n\n\tif (get_user(flags, (__u32 __user *)arg))",
+        "\tif (!capable(CAP_SYS_ADMIN))\n\t\treturn -EACCES;\n\n\tif (get_user(flags, (__u32 __user *)arg))")]})
+    proc, out = create(tmp_path, patch)
+    assert proc.returncode == 3, proc.stderr
+    assert "fs/ext4/ioctl.c: built into module ext4 (fs/ext4/ext4.ko)" in proc.stdout
+    assert not out.exists()
+    # a header only module code includes
+    patch = edit_patch(source, {"fs/ext4/ext4.h": [(
+        "#define EXT4_MAX_BLOCK_LOG_SIZE\t\t16", "#define EXT4_MAX_BLOCK_LOG_SIZE\t\t17")]})
+    proc, out = create(tmp_path, patch)
+    assert proc.returncode == 3, proc.stderr
+    assert "fs/ext4/ext4.h: included by code of" in proc.stdout and "ext4" in proc.stdout
+    assert tree_state(source, ["fs/ext4/ioctl.c", "fs/ext4/ext4.h"]) == before
+
+
+def test_code_this_kernel_does_not_have_is_nothing_to_do_and_says_so(tmp_path, source):
+    patch = edit_patch(source, {"arch/arm64/kernel/sys.c": [(
+        "SYSCALL_DEFINE6(mmap, unsigned long, addr, unsigned long, len,",
+        "SYSCALL_DEFINE6(mmap, unsigned long, addr, unsigned long,  len,")]})
+    proc, _ = create(tmp_path, patch)
+    assert proc.returncode == 4, proc.stderr
+    assert "arch/arm64/kernel/sys.c: another architecture's" in proc.stdout
