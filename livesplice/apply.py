@@ -17,7 +17,6 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -161,10 +160,11 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
     if kernel.module_loaded(module):
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
-    new_code = kernel.link_unexported(package.members[manifest["module"]["file"]], ks, addresses)
+    module_file = manifest["module"]["file"]
+    new_code = kernel.link_unexported(package.members[module_file], ks, addresses, module_file)
     loaded_core = _load_core(package, ks)
     try:
-        _insmod_bytes(module, new_code)
+        kernel.insmod(module, new_code)
         switches, ranges = _switches(package, match)
         figures = coreproto.call(
             coreproto.apply_request(package.id, module, switches, ranges, max(1, retries),
@@ -204,13 +204,6 @@ def _switches(package: Package, match: MatchResult
     return switches, ranges
 
 
-def _insmod_bytes(name: str, ko: bytes) -> None:
-    with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
-        path = Path(tmp) / f"{name}.ko"
-        path.write_bytes(ko)
-        kernel.insmod(path)
-
-
 def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
     """Load the package's core module unless a core is loaded; whether this call loaded it.
     A loaded core is used whichever package brought it, provided it speaks this livesplice's
@@ -218,8 +211,9 @@ def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
     if coreproto.core_loaded():
         coreproto.state()
         return False
-    _insmod_bytes(coreproto.CORE_MODULE,
-                  kernel.link_unexported(package.members["modules/livesplice_core.ko"], ks))
+    core_file = "modules/livesplice_core.ko"
+    kernel.insmod(coreproto.CORE_MODULE, kernel.link_unexported(package.members[core_file], ks, None,
+                                                                core_file))
     return True
 
 
