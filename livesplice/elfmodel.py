@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 
 from .errors import BadInput
@@ -154,6 +153,10 @@ class ObjectFile:
         except OSError as exc:
             raise BadInput(f"cannot read object {self.path}: {exc.strerror}") from None
         import io
+
+        # Here, not at the top: apply imports this module for its constants and reads no object.
+        from elftools.elf.elffile import ELFFile
+
         self._elf = ELFFile(io.BytesIO(self.raw))
         if self._elf["e_type"] != "ET_REL" or self._elf["e_machine"] != "EM_X86_64":
             raise BadInput(f"{self.path}: not an x86-64 relocatable object")
