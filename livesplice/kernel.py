@@ -38,6 +38,16 @@ _EXPORT = re.compile(rb" __ksymtab_(\S+)[\t\n]")  # EXPORT_SYMBOL's entry, vmlin
 _TEXT_ADDRESS = re.compile(rb"^([0-9a-fA-F]+) [tTwW] ", re.MULTILINE)
 
 
+def _name_field(name: str) -> bytes | None:
+    """The name as /proc/kallsyms would show it; None for one it cannot show (kallsyms names are
+    ASCII, without white space)."""
+    try:
+        field = name.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    return field if field.split() == [field] else None
+
+
 class Kallsyms:
     """The running kernel's symbols, as /proc/kallsyms lists them: vmlinux's (module None) first,
     then each module's, `ADDRESS TYPE NAME\t[MODULE]`.
@@ -72,27 +82,24 @@ class Kallsyms:
         return found
 
     def _find(self, name: str) -> list[KSym]:
-        try:
-            field = name.encode("ascii")
-        except UnicodeEncodeError:
+        field = _name_field(name)
+        if field is None:
             return []
-        if not field or len(field.split()) != 1 or field.strip() != field:
-            return []  # kallsyms names have no white space: such a name is nowhere
         text = self._text
         out = []
-        for end_char, start, stop in ((b"\n", 0, self._modules_start),
-                                      (b"\t", self._modules_start, len(text))):
-            needle = b" " + field + end_char
+        for end, start, stop in ((b"\n", 0, self._modules_start),
+                                 (b"\t", self._modules_start, len(text))):
+            needle = b" " + field + end
             at = text.find(needle, start, stop)
             while at >= 0:
                 line = text.rfind(b"\n", 0, at) + 1
                 head = text[line:at].split()  # address and type
                 if len(head) == 2 and len(head[1]) == 1:
                     module = None
-                    if end_char == b"\t":
+                    if end == b"\t":  # then "[MODULE]"
                         after = at + len(needle)
-                        module = text[after:text.find(b"\n", after)].strip(b"[]").decode("ascii", "replace")
-                    out.append(KSym(int(head[0], 16), head[1].decode("ascii", "replace"), name, module))
+                        module = text[after:text.find(b"\n", after)].strip(b"[]").decode()
+                    out.append(KSym(int(head[0], 16), head[1].decode(), name, module))
                 at = text.find(needle, at + len(needle), stop)
         return out
 
@@ -111,7 +118,7 @@ class Kallsyms:
         module loader resolves those itself. The set of all of them is one regex pass."""
         if self._exported is None:
             self._exported = frozenset(_EXPORT.findall(self._text))
-        return name.encode(errors="surrogateescape") in self._exported
+        return _name_field(name) in self._exported
 
     def next_text_after(self, address: int) -> int | None:
         """The lowest address of a text symbol above `address` (where a function ends, at the
