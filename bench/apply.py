@@ -99,14 +99,19 @@ def main() -> None:
     many = create(files.source_tree, files.config,
                   many_functions_patch(files.source_tree, args.syscalls), "bench-many",
                   exchange / "many.tar.gz")
-    n_many = len(many.package.manifest["replaced"])
+    n_many = len(many.package.manifest.replaced)
     with Session(rwdirs=[str(exchange)]) as vm:
         r = vm.run([sys.executable, "-c", GUEST, str(one.path), str(many.path), str(args.runs)],
                    timeout=3600, cwd=str(REPO), check=True)
         problems = vm.dmesg_problems()
     data = json.loads(r.out)
-    ms = lambda ns: ns / 1e6
-    med = lambda key: statistics.median(data[key])
+
+    def ms(ns: float) -> float:
+        return ns / 1e6
+
+    def med(key: str) -> float:
+        return statistics.median(data[key])
+
     empty = statistics.median(e["mean_ns"] for e in data["empty"])
     print(f"machine: {platform.node()}, {os.cpu_count()} cpus; guest {debian.DEFAULT_KERNEL} "
           f"under QEMU/TCG, 2 vCPUs; {args.runs} runs each, medians")

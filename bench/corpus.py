@@ -61,8 +61,8 @@ def classify_create(rel: str, old: Path, new: Path, config: Path, out_dir: Path,
     try:
         result = create(old, config, patch, entry["id"], out_dir / f"{entry['id']}.tar.gz")
         entry.update(outcome="created", package=str(result.path),
-                     functions=[r["name"] for r in result.package.manifest["replaced"]],
-                     new=[n["name"] for n in result.package.manifest["new"]])
+                     functions=[r.name for r in result.package.manifest.replaced],
+                     new=[n.name for n in result.package.manifest.new])
     except Refused as exc:
         entry.update(outcome="refused at create", reasons=exc.reasons or [str(exc)])
     except NothingToDo as exc:

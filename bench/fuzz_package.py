@@ -223,7 +223,8 @@ def main() -> int:
                     original = packages.unpack(fz.work / "signed.tar.gz")
                     if sorted(package.members.items()) != sorted(
                             (n, d) for n, d in original if n.startswith("modules/")) or \
-                            package.manifest != packages.manifest() or package.pre != packages.pre():
+                            package.manifest.to_json() != packages.manifest() or \
+                            package.pre.to_json() != packages.pre():
                         forged += 1
             except BadInput:
                 outcome = "bad input (2)"

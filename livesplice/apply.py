@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import coreproto, kernel
 from .errors import BadInput, NothingToDo, Refused
-from .newcode import entry_sections
+from .package import CORE_MODULE as CORE_MEMBER
 from .package import Package
 from .runpre import Matcher, MatchResult
 
@@ -86,28 +86,28 @@ def check_target(package: Package) -> None:
     vmlinux, which /sys/kernel/notes shows); the release only names it. A package without a build
     id (made for a self-built kernel whose vmlinux was not at hand) is checked by its release and
     version banner against /proc/version, whose text an applied update may have changed."""
-    target = package.manifest["target"]
+    target = package.manifest.kernel
     if os.environ.get(SKIP_TARGET_CHECK) == "1":
         return
     release = kernel.running_release()
-    wanted = target.get("build_id")
+    wanted = target.build_id
     if wanted is not None:
         if not (isinstance(wanted, str) and re.fullmatch(r"[0-9a-fA-F]{2,}", wanted)):
             raise BadInput(f"damaged package {package.id}: target build id {wanted!r} is not hex")
         running = kernel.running_build_id()
         if running is None:
-            raise BadInput(f"package {package.id} is for kernel {target['release']} with build id "
+            raise BadInput(f"package {package.id} is for kernel {target.release} with build id "
                            f"{wanted}; this kernel ({release}) shows no build id in "
                            f"{kernel.KERNEL_NOTES}, so that cannot be checked")
         if running != wanted.lower():
-            raise BadInput(f"package {package.id} is for kernel {target['release']}; this kernel "
+            raise BadInput(f"package {package.id} is for kernel {target.release}; this kernel "
                            f"is {release} (package: build id {wanted}; running: build id "
                            f"{running})")
         return
-    if target["release"] != release:
-        raise BadInput(f"package {package.id} is for kernel {target['release']}; "
+    if target.release != release:
+        raise BadInput(f"package {package.id} is for kernel {target.release}; "
                        f"this kernel is {release}")
-    banner = target.get("version")
+    banner = target.version
     if banner:
         # "6.1.0-53-amd64 (builder) #1 SMP ... Debian 6.1.187-1 (date)" against /proc/version,
         # "Linux version 6.1.0-53-amd64 (builder) (compiler ...) #1 SMP ... (date)".
@@ -138,30 +138,29 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
     t0 = time.monotonic()
     ks = kernel.Kallsyms()
     matcher = Matcher(ks, kernel.KernelMemory(), applied)
-    match = matcher.match(package.pre["functions"])
+    match = matcher.match(package.pre.functions)
     addresses, unresolved = {}, []
-    for ref in manifest["kernel_refs"]:
+    for ref in manifest.kernel_refs:
         address = matcher.resolve(ref, match)
         if address is None:
-            unresolved.append(f"{ref['name']} ({ref['object'] or 'global'}): not found, or "
+            unresolved.append(f"{ref.name} ({ref.object or 'global'}): not found, or "
                               "ambiguous, in the running kernel")
         else:
-            addresses[ref["placeholder"]] = address
+            addresses[ref.placeholder] = address
     if unresolved:
         raise Refused("the new code refers to symbols this kernel does not have", unresolved)
     t_match = time.monotonic() - t0
-    redirected = kernel.ipmodify_functions() & {r["name"] for r in manifest["replaced"]}
+    redirected = kernel.ipmodify_functions() & {r.name for r in manifest.replaced}
     if redirected:
         raise Refused("another live patch already redirects these functions (livepatch, kpatch or "
                       "another ftrace user that modifies the instruction pointer): its code, not "
                       "livesplice's, would run", sorted(redirected))
 
-    module = manifest["module"]["name"]
+    module = manifest.module.name
     if kernel.module_loaded(module):
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
-    module_file = manifest["module"]["file"]
-    new_code = kernel.link_unexported(package.members[module_file], ks, addresses, module_file)
+    new_code = kernel.link_unexported(package.new_code, ks, addresses, manifest.module.file)
     loaded_core = _load_core(package, ks)
     try:
         kernel.insmod(module, new_code)
@@ -175,9 +174,9 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
         if loaded_core:
             _unload_core_if_idle()
         raise
-    (STATE_DIR / f"{package.id}.json").write_text(json.dumps(manifest))
+    (STATE_DIR / f"{package.id}.json").write_text(json.dumps(manifest.to_json()))
     return {"id": package.id, "module": module,
-            "functions": [r["name"] for r in manifest["replaced"]],
+            "functions": [r.name for r in manifest.replaced],
             "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
             "attempts": figures.get("attempts", 1), "match_seconds": t_match,
             "total_seconds": time.monotonic() - t0}
@@ -187,18 +186,17 @@ def _switches(package: Package, match: MatchResult
               ) -> tuple[list[coreproto.Switch], list[coreproto.CodeRange]]:
     """The jumps to write, and the old code no thread may be in when they are written."""
     manifest = package.manifest
-    module = manifest["module"]["name"]
+    module = manifest.module.name
     switches, ranges = [], []
-    for i, r in enumerate(manifest["replaced"]):
-        fm = match.functions[(r["object"], r["name"])]
-        new_section, _ = entry_sections(r)
-        target = kernel.module_section(module, new_section)
-        switches.append(coreproto.Switch(r["name"], fm.site, target, fm.expect))
+    for i, r in enumerate(manifest.replaced):
+        fm = match.functions[(r.object, r.name)]
+        target = kernel.module_section(module, r.new_section)
+        switches.append(coreproto.Switch(r.name, fm.site, target, fm.expect))
         ranges.append(coreproto.CodeRange(fm.original, fm.original + fm.size, i))
         if fm.live != fm.original:
             ranges.append(coreproto.CodeRange(fm.live, fm.live + fm.size, i))
-        for part in r["parts"]:
-            pm = match.functions.get((r["object"], part))
+        for part in r.parts:
+            pm = match.functions.get((r.object, part))
             if pm is not None:
                 ranges.append(coreproto.CodeRange(pm.live, pm.live + pm.size, i))
     return switches, ranges
@@ -211,9 +209,8 @@ def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
     if coreproto.core_loaded():
         coreproto.state()
         return False
-    core_file = "modules/livesplice_core.ko"
-    kernel.insmod(coreproto.CORE_MODULE, kernel.link_unexported(package.members[core_file], ks, None,
-                                                                core_file))
+    core = kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER)
+    kernel.insmod(coreproto.CORE_MODULE, core)
     return True
 
 
@@ -291,7 +288,9 @@ def view_applied(update_id: str | None) -> list[dict] | dict:
     return {"id": update.id, "module": update.module,
             "functions": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
                           for f in update.funcs],
-            "patch": manifest.get("patch"), "target": manifest.get("target")}
+            # (the saved manifest's "kernel" was "target" in package format 2)
+            "patch": manifest.get("patch"),
+            "target": manifest.get("kernel", manifest.get("target"))}
 
 
 def empty_pause(package_path: Path, runs: int = 20) -> dict:

@@ -13,6 +13,7 @@ import io
 import lzma
 import struct
 import zlib
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,7 @@ def bzimage_vmlinux(image: bytes) -> bytes:
     """The vmlinux ELF file inside a bzImage (gzip, xz, lzma, bzip2 or uncompressed payloads; the
     others are reported by name)."""
     fmt, payload = bzimage_payload(image)
+    decompressor: Any
     if fmt == "gzip":
         decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
     elif fmt in ("xz", "lzma"):

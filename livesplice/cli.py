@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from . import __version__, debian
 from .errors import EXIT_INTERNAL, BadInput, LivespliceError
+from .pkgformat import Manifest
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -154,37 +155,41 @@ def create_cmd(source, debian_version, config, patch_file, diffext, update_id, o
     result = create(source, config, patch, update_id, output, jobs, target_abi, debian_version,
                     signing_key=signing_key)
     if as_json:
-        _print_json(summary(result.package.manifest, str(result.path)))
+        _print_json(summary(result.package.manifest, str(result.path), result.timings))
     else:
         show_package(result.package.manifest)
         click.echo(f"wrote {result.path} ({result.timings['total']:.1f} s)")
 
 
-def summary(manifest: dict, path: str | None = None) -> dict:
-    out = {k: manifest[k] for k in ("id", "target", "replaced", "new", "line_only", "notes")}
-    out["module"] = manifest["module"]["name"]
-    out["kernel_refs"] = len(manifest.get("kernel_refs", []))
-    if "timings" in manifest:
-        out["timings"] = manifest["timings"]
+def summary(manifest: Manifest, path: str | None = None,
+            timings: dict[str, float] | None = None) -> dict:
+    full = manifest.to_json()
+    out = {k: full[k] for k in ("id", "replaced", "new", "line_only", "notes", "targets")}
+    out["format"] = manifest.format
+    out["target"] = full["kernel"]  # the kernel the update is for
+    out["module"] = manifest.module.name
+    out["kernel_refs"] = len(manifest.kernel_refs)
+    if timings:
+        out["timings"] = timings
     if path:
         out["package"] = path
     return out
 
 
-def show_package(manifest: dict) -> None:
+def show_package(manifest: Manifest) -> None:
     from rich.table import Table
 
-    table = Table(title=escape(f"update {manifest['id']} for {manifest['target']['release']}"))
+    table = Table(title=escape(f"update {manifest.id} for {manifest.kernel.release}"))
     table.add_column("object")
     table.add_column("function")
     table.add_column("change")
     table.add_column("size", justify="right")
-    for r in manifest["replaced"]:  # names are printable (package.validate_manifest), not markup
-        extra = f" (+{', '.join(r['parts'])})" if r["parts"] else ""
-        table.add_row(escape(r["object"]), escape(r["name"] + extra), "replaced",
-                      f"{r['size']} -> {r['new_size']}")
-    for n in manifest["new"]:
-        table.add_row(escape(n["object"]), escape(n["name"]), "new", str(n["size"]))
+    for r in manifest.replaced:  # names are printable (pkgformat checks), not markup
+        extra = f" (+{', '.join(r.parts)})" if r.parts else ""
+        table.add_row(escape(r.object), escape(r.name + extra), "replaced",
+                      f"{r.size} -> {r.new_size}")
+    for n in manifest.new:
+        table.add_row(escape(n.object), escape(n.name), "new", str(n.size))
     Console().print(table)
 
 
@@ -223,7 +228,7 @@ def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
         status = signature_status(package, trusted)
         if as_json:
             data = summary(package.manifest, what)
-            data["patch"] = package.manifest["patch"]
+            data["patch"] = package.manifest.patch
             data["signature"] = status
             _print_json(data)
         else:
@@ -234,7 +239,7 @@ def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
                 click.echo(f"signed by key {status['key_id']} " + (
                     "(trusted)" if status["trusted"] else "(not verified: no trusted keys here)"
                     if not trusted.required else "(NOT by a trusted key, or changed since)"))
-            click.echo(visible(package.manifest["patch"]))
+            click.echo(visible(package.manifest.patch))
         return
     data = view_applied(what)
     if as_json:

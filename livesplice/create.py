@@ -23,7 +23,11 @@ from .layout import layout_changes
 from .newcode import (Extractor, NewCode, build_core, build_module, callbacks, check_problems,
                       section_name)
 from .objdiff import ObjectDiff, diff_objects, section_kind
-from .package import FORMAT_VERSION, Package
+from .package import Package
+from . import pkgformat
+from .pkgformat import (FORMAT_VERSION, VMLINUX, KernelIdentity, Manifest, Mask, ModuleFile,
+                        NewFunction, PatchedObject, PreCode, PreFunction, Relocation,
+                        ReplacedFunction, Source)
 
 KBUILD_FILES = re.compile(r"(^|/)(Kconfig[^/]*|Makefile[^/]*|Kbuild[^/]*)$")
 
@@ -107,7 +111,8 @@ def _refusals_for_files(files: list[str]) -> list[str]:
     return out
 
 
-def pre_record(obj: ObjectFile, objname: str, item: Item) -> dict:
+def pre_record(obj: ObjectFile, objname: str, item: Item, referenced_only: bool = False
+               ) -> PreFunction:
     relocs = []
     for r in item.relocs:
         t = obj.target(r)
@@ -115,21 +120,21 @@ def pre_record(obj: ObjectFile, objname: str, item: Item) -> dict:
         if t.kind == "sym":
             sym = obj.functions.get(t.name) or obj.data_objects.get(t.name)
             local = (sym.symbol.bind == "STB_LOCAL") if sym else r.symbol.bind == "STB_LOCAL"
-        relocs.append([r.offset - item.start, r.type, t.kind, t.name, t.offset, local])
-    return {"object": objname, "name": item.name, "size": item.size,
-            "local": item.symbol.bind == "STB_LOCAL", "type": item.symbol.type,
-            "code": base64.b64encode(item.data).decode(), "relocs": relocs,
-            # [offset, length, kind]: kind one of elfmodel.SITE_KINDS (runpre reads the first two)
-            "masks": [[s.offset, s.length, s.kind] for s in runtime_patched_sites(obj, item)],
-            "fentry": fentry_offset(obj, item),
-            "section": item.section.name}
+        relocs.append(Relocation(r.offset - item.start, r.type, t.kind, t.name, t.offset, local))
+    return PreFunction(
+        target=VMLINUX, object=objname, name=item.name, size=item.size,
+        local=item.symbol.bind == "STB_LOCAL", type=item.symbol.type,
+        code=base64.b64encode(item.data).decode(), relocs=relocs,
+        masks=[Mask(s.offset, s.length, s.kind) for s in runtime_patched_sites(obj, item)],
+        fentry=fentry_offset(obj, item), section=item.section.name,
+        referenced_only=referenced_only)
 
 
-def fingerprint(record: dict) -> str:
-    data = bytearray(base64.b64decode(record["code"]))
-    for off, rtype, *_ in record["relocs"]:
-        width = 8 if rtype in (1, 24) else 4
-        data[off:off + width] = bytes(width)
+def fingerprint(record: PreFunction) -> str:
+    """SHA-256 of a function's pre code with its relocated fields zeroed."""
+    data = bytearray(record.data())
+    for r in record.relocs:
+        data[r.offset:r.offset + r.width] = bytes(r.width)
     return hashlib.sha256(bytes(data)).hexdigest()
 
 
@@ -211,8 +216,9 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
                 ex.add_function(post.functions[c.name])
                 for part in c.parts:
                     ex.add_function(post.functions[part])
+        code.bind_own_globals()
         check_problems(code)
-        module_name = "livesplice_" + update_id.replace("-", "_")
+        module_name = Manifest.module_name(update_id)
         ko = build_module(code, module_name, update_id, target.headers, work / "module",
                           tree.jobs)
         core = build_core(target.headers, work / "core", tree.jobs)
@@ -221,12 +227,11 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
         pre_code = _pre_code(diffs, objects, code)
         manifest = build_manifest(update_id, target, tree, patch, diffs, code, pre_code,
                                   module_name, source_version)
-        package = Package(manifest, {"functions": pre_code},
+        package = Package(manifest, PreCode(pre_code),
                           {f"modules/{module_name}.ko": ko.read_bytes(),
                            "modules/livesplice_core.ko": core.read_bytes()})
         package.write(output, signing_key)
         timings["total"] = time.monotonic() - t0
-        manifest["timings"] = timings
         return CreateResult(package, output, diffs, timings)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -238,16 +243,16 @@ def _tmp_root() -> Path:
     return root
 
 
-def _pre_code(diffs: list[ObjectDiff], objects, code: NewCode) -> list[dict]:
+def _pre_code(diffs: list[ObjectDiff], objects, code: NewCode) -> list[PreFunction]:
     """Pre code of every replaced function (and its parts), of every function the new code calls
     that the objects define, and of functions that use local data the new code uses: matching
     them against the running kernel decides which of several same-named symbols is meant."""
-    records: dict[tuple[str, str], dict] = {}
+    records: dict[tuple[str, str], PreFunction] = {}
 
     def add(objname: str, pre: ObjectFile, name: str, referenced_only: bool = False) -> None:
         if (objname, name) not in records and name in pre.functions:
-            records[(objname, name)] = pre_record(pre, objname, pre.functions[name])
-            records[(objname, name)]["referenced_only"] = referenced_only
+            records[(objname, name)] = pre_record(pre, objname, pre.functions[name],
+                                                  referenced_only)
 
     for d in diffs:
         pre, _ = objects[d.object]
@@ -271,40 +276,38 @@ def _pre_code(diffs: list[ObjectDiff], objects, code: NewCode) -> list[dict]:
 
 
 def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
-                   diffs: list[ObjectDiff], code: NewCode, pre_code: list[dict],
-                   module_name: str, source_version: str | None) -> dict:
-    by_key = {(r["object"], r["name"]): r for r in pre_code}
+                   diffs: list[ObjectDiff], code: NewCode, pre_code: list[PreFunction],
+                   module_name: str, source_version: str | None) -> Manifest:
+    by_key = {r.key: r for r in pre_code}
     replaced = []
     for d in diffs:
         for c in d.changed:
             rec = by_key[(d.object, c.pre_name)]
-            replaced.append({"object": d.object, "name": c.pre_name, "new_name": c.name,
-                             "size": c.pre_size, "new_size": c.size, "section": c.section,
-                             "parts": [d.names.get(p, p) for p in c.parts],
-                             "new_parts": c.parts, "pre_sha256": fingerprint(rec),
-                             "local": rec["local"],
-                             # where apply finds the new code: the module's sections
-                             "new_section": section_name(d.object, c.name),
-                             "new_part_sections": [section_name(d.object, p) for p in c.parts]})
-    return {
-        "format": FORMAT_VERSION,
-        "id": update_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "target": {"release": target.release, "version": target.version, "stock": target.stock,
-                   "build_id": target.build_id},
-        "source": {"tree": str(tree.source), "debian_version": source_version,
-                   "kernelversion": kernel_release(tree.src, {})},
-        "config_sha256": config_hash(tree.config_path),
-        "patch": patch,
-        "module": {"name": module_name, "file": f"modules/{module_name}.ko"},
-        "replaced": replaced,
-        "new": [{"object": d.object, "name": c.name, "size": c.size, "parts": c.parts,
-                 "new_section": section_name(d.object, c.name),
-                 "new_part_sections": [section_name(d.object, p) for p in c.parts]}
-                for d in diffs for c in d.new],
-        "kernel_refs": [r.to_json() for r in code.refs.values()],
-        "callbacks": callbacks(code),
-        "line_only": [f for d in diffs for f in d.line_only],
-        "notes": [n for d in diffs for n in d.notes]
+            replaced.append(ReplacedFunction(
+                target=VMLINUX, object=d.object, name=c.pre_name, new_name=c.name,
+                size=c.pre_size, new_size=c.size, section=c.section,
+                parts=[d.names.get(p, p) for p in c.parts], new_parts=c.parts,
+                # where apply finds the new code: the module's sections
+                new_section=section_name(d.object, c.name),
+                new_part_sections=[section_name(d.object, p) for p in c.parts],
+                pre_sha256=fingerprint(rec), local=rec.local))
+    return Manifest(
+        format=FORMAT_VERSION,
+        id=update_id,
+        created=pkgformat.now(),
+        kernel=KernelIdentity(target.release, target.version, target.stock, target.build_id),
+        targets=[PatchedObject(VMLINUX, target.build_id)],
+        source=Source(str(tree.source), source_version, kernel_release(tree.src, {})),
+        config_sha256=config_hash(tree.config_path),
+        patch=patch,
+        module=ModuleFile(module_name, f"modules/{module_name}.ko"),
+        replaced=replaced,
+        new=[NewFunction(VMLINUX, d.object, c.name, c.size, c.parts, section_name(d.object, c.name),
+                         [section_name(d.object, p) for p in c.parts])
+             for d in diffs for c in d.new],
+        kernel_refs=list(code.refs.values()),
+        callbacks=callbacks(code),
+        line_only=[f for d in diffs for f in d.line_only],
+        notes=[n for d in diffs for n in d.notes] + code.notes
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),
-    }
+    )

@@ -102,7 +102,7 @@ class Demo:
         self.step("create: pre and post objects, the changed functions, the update package")
         fix = self.timed("create (fix)", create, files.source_tree, files.config, patch,
                          "auxv-fix", work / "auxv-fix.tar.gz")
-        self.console.print(f"replaces: {', '.join(r['name'] for r in fix.package.manifest['replaced'])}")
+        self.console.print(f"replaces: {', '.join(r.name for r in fix.package.manifest.replaced)}")
 
         # The debugging use: FILE.c.new beside FILE.c in a tree of the user's (hard links).
         tree = work / "linux"
@@ -157,7 +157,7 @@ class Demo:
         table.add_column("result")
         table.add_row("kernel", f"{kernel.abi} (Debian {kernel.version}), stock, in QEMU/TCG")
         table.add_row("real fix", f"{FIX_FILE} {kernel.version} -> {fixed_version}: "
-                                  f"{', '.join(r['name'] for r in fix.package.manifest['replaced'])}")
+                                  f"{', '.join(r.name for r in fix.package.manifest.replaced)}")
         table.add_row("auxv entries", f"before {before}, applied {after}, undone {again}")
         table.add_row("machine stopped", f"{applied['pause_ns'] / 1e6:.3f} ms")
         table.add_row("printk update", f"{len(lines)} log line(s) while applied, "

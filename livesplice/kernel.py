@@ -70,7 +70,7 @@ class Kallsyms:
         self._by_name: dict[str, list[KSym]] = {}
         self._exported: frozenset[bytes] | None = None
         self._text_addresses: list[int] | None = None
-        if all(s.address == 0 for s in self.lookup("_stext")):
+        if all(s.address == 0 for s in self._find("_stext") if s.module is None):
             raise BadInput("/proc/kallsyms shows no addresses: run as root "
                            "(and with kernel.kptr_restrict < 2)")
 

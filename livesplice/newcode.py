@@ -24,27 +24,14 @@ from .elfmodel import (CODE_TABLES, ORC_ENTRY_SIZE, ElfWriter, Item, ObjectFile,
                        OutSymbol, R, Reloc, Section)
 from .errors import LivespliceError, Refused
 from .objdiff import DYNDBG_SECTION, read_only
+from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
-PLACEHOLDER_PREFIX = "__livesplice_sym_"
 SECTION_PREFIX = ".text.livesplice."
+ONCE_SECTION = ".data.once"  # DO_ONCE_LITE's flags
 # apply finds each new function through /sys/module/MODULE/sections/SECTION: a sysfs file name,
 # at most NAME_MAX (255) bytes.
 SECTION_NAME_MAX = 200
 TABLES = {k: v for k, v in CODE_TABLES.items() if k not in ("__tracepoints_ptrs", ".ibt_endbr_seal")}
-
-
-@dataclass
-class KernelRef:
-    """A placeholder: something the new code uses that the running kernel already has."""
-
-    placeholder: str
-    name: str  # its name in the pre object (= in the running kernel's kallsyms)
-    object: str  # the object it comes from (for local symbols), or "" for undefined ones
-    local: bool
-    kind: str  # func, object or notype
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -58,13 +45,18 @@ class NewCode:
     copied_sections: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
     tables: dict[str, OutSection] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the new code does differently, harmlessly
+    # global symbols the update's own objects define: (object, name) -> symbol
+    own_globals: dict[str, tuple[str, OutSymbol]] = field(default_factory=dict)
     _strsec: OutSection | None = None
 
     def ref(self, name: str, obj: str, local: bool, kind: str) -> OutSymbol:
         key = (obj if local else "", name)
         if key not in self.refs:
             placeholder = f"{PLACEHOLDER_PREFIX}{len(self.refs)}"
-            self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind)
+            # (module targets will name the module a local symbol lives in)
+            self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind,
+                                       VMLINUX if local else "")
             self.ref_symbols[key] = self.writer.add_symbol(OutSymbol(placeholder, None))
         return self.ref_symbols[key]
 
@@ -82,6 +74,20 @@ class NewCode:
         return self.strings[text]
 
 
+    def bind_own_globals(self) -> None:
+        """A global symbol one object of the update uses and another defines (a new function in
+        a.c called from b.c) is the update's own, not the kernel's: the placeholder becomes that
+        symbol (kallsyms would not have it, or have the old one)."""
+        for (obj, name), ref in list(self.refs.items()):
+            if obj or name not in self.own_globals:
+                continue
+            _, own = self.own_globals[name]
+            placeholder = self.ref_symbols.pop((obj, name))
+            placeholder.section, placeholder.value = own.section, own.value
+            placeholder.size, placeholder.type, placeholder.bind = own.size, own.type, "STB_LOCAL"
+            del self.refs[(obj, name)]
+
+
 def section_name(objname: str, function: str) -> str:
     """The new-code module's section for `function` of object `objname`: one of its own per
     (object, function), since two objects may each have a static function of that name and
@@ -90,11 +96,6 @@ def section_name(objname: str, function: str) -> str:
     people, cut short if it has to be. Stored in the manifest: apply reads it from there."""
     tag = hashlib.sha256(f"{objname}\0{function}".encode()).hexdigest()[:10]
     return (SECTION_PREFIX + tag + "." + re.sub(r"[^A-Za-z0-9_.]", "_", function))[:SECTION_NAME_MAX]
-
-
-def entry_sections(entry: dict) -> tuple[str, list[str]]:
-    """The module sections of a manifest replaced[] entry's new code and of its parts."""
-    return entry["new_section"], list(entry["new_part_sections"])
 
 
 def _plain_constant(item: Item) -> bool:
@@ -127,6 +128,8 @@ class Extractor:
         sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_FUNC",
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym
+        if item.symbol.bind != "STB_LOCAL":
+            self.code.own_globals.setdefault(item.name, (self.objname, sym))
         for r in item.relocs:
             self._relocate(sec, r.offset - item.start, r)
         self._tables(item, sym)
@@ -151,6 +154,13 @@ class Extractor:
             return self.add_function(functions[name]), offset
         data = self.post.data_objects.get(name)
         if data is not None and (name not in self.names or _plain_constant(data)):
+            return self._add_data(data), offset
+        if data is not None and data.section.name == ONCE_SECTION:
+            # A once-flag (printk_once, WARN_ONCE...: DO_ONCE_LITE's __already_done.N): objects
+            # have many, often not told apart by kallsyms. A copy of its own costs at most one
+            # more message.
+            self.code.notes.append(f"{self.objname}: the new code has its own {name} (a "
+                                   "once-only flag: its message may show once more)")
             return self._add_data(data), offset
         if name in functions and (name not in self.names or is_compiler_clone(name)):
             # A post-only function that is not part of the update: carry it along too. So also a

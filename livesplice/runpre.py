@@ -13,14 +13,14 @@ symbols (static variables, static functions) that kallsyms alone cannot tell apa
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 
-from .elfmodel import PC_RELATIVE, R, RELOC_WIDTH
-from .errors import LivespliceError, Refused
 from .coreproto import AppliedUpdate, make_jump
+from .elfmodel import PC_RELATIVE, R
+from .errors import LivespliceError, Refused
 from .kernel import Kallsyms, KernelMemory
 from .objdiff import jump_offset
+from .pkgformat import KernelRef, PreFunction
 
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
 
@@ -54,32 +54,34 @@ class Matcher:
         self.redirected = {f.site: f.target for u in applied for f in u.funcs}
 
     @staticmethod
-    def site(original: int, record: dict) -> int:
-        return original + jump_offset(record.get("fentry"))
+    def site(original: int, record: PreFunction) -> int:
+        return original + jump_offset(record.fentry)
 
-    def live_address(self, original: int, record: dict) -> int:
+    def live_address(self, original: int, record: PreFunction) -> int:
         return self.redirected.get(self.site(original, record), original)
 
-    def expected_at_site(self, original: int, record: dict, memory: bytes) -> bytes:
+    def expected_at_site(self, original: int, record: PreFunction, memory: bytes) -> bytes:
         site = self.site(original, record)
         if site in self.redirected:
             return make_jump(site, self.redirected[site])
         return memory[site - original:site - original + 5]
 
-    def compare(self, record: dict, live: int, bindings: dict) -> tuple[str | None, dict, bytes]:
+    def compare(self, record: PreFunction, live: int, bindings: dict
+                ) -> tuple[str | None, dict, bytes]:
         """None if `record` matches the code at `live` (with the bindings it implies), else why;
         and the bytes compared."""
-        code = base64.b64decode(record["code"])
+        code = record.data()
         try:
             memory = self.mem.read(live, len(code))
         except Exception as exc:
             return f"cannot read its code: {exc}", {}, b""
         ignore = bytearray(len(code))
-        for off, length, *_kind in record["masks"]:  # [offset, length(, kind)]
-            ignore[off:off + length] = b"\1" * length
+        for mask in record.masks:
+            ignore[mask.offset:mask.offset + mask.length] = b"\1" * mask.length
         found: dict[tuple[str, str], int] = {}
-        for off, rtype, kind, name, offset, local in record["relocs"]:
-            width = RELOC_WIDTH.get(rtype, 4)
+        for reloc in record.relocs:
+            off, rtype, kind, name = reloc.offset, reloc.type, reloc.kind, reloc.name
+            width = reloc.width
             masked = any(ignore[off:off + width])
             ignore[off:off + width] = b"\1" * width
             if masked or kind == "sec":
@@ -87,17 +89,18 @@ class Matcher:
             value = int.from_bytes(memory[off:off + width], "little", signed=rtype in SIGNED)
             target = value + (live + off if rtype in PC_RELATIVE else 0)
             # 64-bit wrap-around: sign-extended absolute fields (mov $sym, %esi) are negative.
-            address = (target - offset) & 0xFFFFFFFFFFFFFFFF
+            address = (target - reloc.addend) & 0xFFFFFFFFFFFFFFFF
             if kind == "str":
                 text = name.encode("latin-1") + b"\0"
                 try:
                     if self.mem.read(address, len(text)) != text:
-                        return f"offset {off:#x}: string literal {name[:40]!r} is not at {address:#x}", {}, b""
+                        return (f"offset {off:#x}: string literal {name[:40]!r} is not at "
+                                f"{address:#x}"), {}, b""
                 except (OSError, LivespliceError) as exc:
                     return (f"offset {off:#x}: string literal {name[:40]!r} at {address:#x} "
                             f"is unreadable: {exc}"), {}, b""
                 continue
-            key = _key(record["object"], name, local)
+            key = _key(record.object, name, reloc.local)
             known = bindings.get(key, found.get(key))
             if known is not None and known != address:
                 return (f"offset {off:#x}: reference to {name} gives {address:#x}, elsewhere "
@@ -112,15 +115,16 @@ class Matcher:
                 return f"byte at offset {i:#x} differs (package {a:#04x}, kernel {b:#04x})", {}, b""
         return None, found, memory
 
-    def match(self, records: list[dict]) -> MatchResult:
+    def match(self, records: list[PreFunction]) -> MatchResult:
         result = MatchResult()
         problems = []
         # Functions with a unique name first: their relocations settle local symbols for the rest.
-        order = sorted(records, key=lambda r: len(self.ks.lookup(r["name"])))
+        order = sorted(records, key=lambda r: len(self.ks.lookup(r.name)))
         for record in order:
-            candidates = [s for s in self.ks.lookup(record["name"]) if s.is_text]
+            what = f"{record.name} ({record.object})"
+            candidates = [s for s in self.ks.lookup(record.name) if s.is_text]
             if not candidates:
-                problems.append(f"{record['name']} ({record['object']}): not in /proc/kallsyms")
+                problems.append(f"{what}: not in /proc/kallsyms")
                 continue
             matched = []
             reasons = []
@@ -132,41 +136,41 @@ class Matcher:
                 else:
                     reasons.append(f"at {c.address:#x}: {why}")
             if not matched:
-                problems.append(f"{record['name']} ({record['object']}) does not match the running "
-                                f"kernel: " + "; ".join(reasons[:3]))
+                problems.append(f"{what} does not match the running kernel: "
+                                + "; ".join(reasons[:3]))
                 continue
             if len(matched) > 1 and any(m[2] != matched[0][2] for m in matched[1:]):
-                if record.get("referenced_only"):
+                if record.referenced_only:
                     # Only a witness for what the new code uses: it tells nothing, and if the new
                     # code's reference stays unresolved, resolving it says so.
                     continue
-                problems.append(f"{record['name']} ({record['object']}): {len(matched)} functions "
-                                "of that name match and they differ in what they refer to")
+                problems.append(f"{what}: {len(matched)} functions of that name match and they "
+                                "differ in what they refer to")
                 continue
             original, live, found, memory = matched[0]
-            if len(matched) > 1 and not record.get("referenced_only"):
-                problems.append(f"{record['name']} ({record['object']}): {len(matched)} identical "
-                                "functions of that name; cannot tell which one the patch changes")
+            if len(matched) > 1 and not record.referenced_only:
+                problems.append(f"{what}: {len(matched)} identical functions of that name; cannot "
+                                "tell which one the patch changes")
                 continue
             result.bindings.update(found)
-            result.functions[(record["object"], record["name"])] = FunctionMatch(
-                record["object"], record["name"], original, live, record["size"],
+            result.functions[record.key] = FunctionMatch(
+                record.object, record.name, original, live, record.size,
                 self.site(original, record), self.expected_at_site(original, record, memory))
-            result.bindings[_key(record["object"], record["name"], record["local"])] = original
+            result.bindings[_key(record.object, record.name, record.local)] = original
         if problems:
             raise Refused("run-pre matching failed: the package's pre code is not what this "
                           "kernel runs", problems)
         return result
 
-    def resolve(self, ref: dict, result: MatchResult) -> int | None:
+    def resolve(self, ref: KernelRef, result: MatchResult) -> int | None:
         """The address of a kernel symbol the new code uses."""
-        key = _key(ref["object"], ref["name"], ref["local"])
+        key = _key(ref.object, ref.name, ref.local)
         if key in result.bindings:
             return result.bindings[key]
-        candidates = self.ks.lookup(ref["name"])
+        candidates = self.ks.lookup(ref.name)
         if len(candidates) == 1:
             return candidates[0].address
-        if not ref["local"]:
+        if not ref.local:
             globals_ = [c for c in candidates if c.is_global]
             if len(globals_) == 1:
                 return globals_[0].address

@@ -117,6 +117,7 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
 
     path = Path(path)
     data = _read_key_file(path, "signing key")
+    key: object
     try:
         if b"-----BEGIN OPENSSH PRIVATE KEY-----" in data:
             key = serialization.load_ssh_private_key(data, password=None)

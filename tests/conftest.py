@@ -11,6 +11,17 @@ from livesplice import debian
 from livesplice.testbed import Session
 
 REPO = Path(__file__).resolve().parent.parent
+# A test that uses one of these fixtures, directly or through another fixture, needs the stock kernel.
+KERNEL_FIXTURES = {"stock_kernel", "vm"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `vm` every test that needs the stock kernel through a fixture (`fixturenames` is the
+    whole closure), so `pytest -m "not vm"` is the fast tier; tests that reach the kernel another
+    way carry the mark themselves."""
+    for item in items:
+        if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.vm)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,9 @@ import json
 import tarfile
 from pathlib import Path
 
-from livesplice.package import FORMAT_VERSION, Package
+from livesplice.package import FORMAT_VERSION, write_archive
+from livesplice.package import MANIFEST as MANIFEST_MEMBER
+from livesplice.package import PRE as PRE_MEMBER
 
 # push %rbp; mov %rsp,%rbp; call foo (relocated); pop %rbp; ret; nops: 16 bytes
 CODE = bytes.fromhex("5548 89e5 e800000000 5d c3 0f1f440000".replace(" ", ""))
@@ -22,32 +24,34 @@ MANIFEST = {
     "format": FORMAT_VERSION,
     "id": "fix1",
     "created": "2026-01-31T12:00:00Z",
-    "target": {"release": "6.1.0-53-amd64",
+    "kernel": {"release": "6.1.0-53-amd64",
                "version": "6.1.0-53-amd64 (debian-kernel@lists.debian.org) #1 SMP PREEMPT_DYNAMIC "
                           "Debian 6.1.187-1 (2026-01-01)",
                "stock": "6.1.0-53-amd64", "build_id": "1cd19df5660b03d8ce9a5941ce9fb364548b953a"},
+    "targets": [{"name": "vmlinux", "build_id": "1cd19df5660b03d8ce9a5941ce9fb364548b953a"}],
     "source": {"tree": "/root/.cache/livesplice/sources/6.1.187-1/linux-source-6.1",
                "debian_version": "6.1.187-1", "kernelversion": "6.1.187"},
     "config_sha256": "ab" * 32,
     "patch": "--- a/kernel/sys.c\n+++ b/kernel/sys.c\n@@ -1 +1 @@\n-\told();\n+\tnew();\n",
     "module": {"name": "livesplice_fix1", "file": "modules/livesplice_fix1.ko"},
-    "replaced": [{"object": "kernel/sys.o", "name": "prctl_set_auxv", "new_name": "prctl_set_auxv",
+    "replaced": [{"target": "vmlinux", "object": "kernel/sys.o", "name": "prctl_set_auxv",
+                  "new_name": "prctl_set_auxv",
                   "size": 16, "new_size": 24, "section": ".text.prctl_set_auxv", "parts": [],
                   "new_parts": [], "new_section": ".text.livesplice.0123456789.prctl_set_auxv",
                   "new_part_sections": [], "pre_sha256": "cd" * 32, "local": True}],
-    "new": [{"object": "kernel/sys.o", "name": "helper", "size": 8, "parts": [],
+    "new": [{"target": "vmlinux", "object": "kernel/sys.o", "name": "helper", "size": 8, "parts": [],
              "new_section": ".text.livesplice.abcdef0123.helper", "new_part_sections": []}],
     "callbacks": [],
     "kernel_refs": [{"placeholder": "__livesplice_sym_0", "name": "foo", "object": "",
-                     "local": False, "kind": "func"},
+                     "local": False, "kind": "func", "target": ""},
                     {"placeholder": "__livesplice_sym_1", "name": "bar", "object": "kernel/sys.o",
-                     "local": True, "kind": "object"}],
+                     "local": True, "kind": "object", "target": "vmlinux"}],
     "line_only": ["other_function"],
     "notes": ["kernel/sys.o: a note"],
 }
 
 PRE = {"functions": [{
-    "object": "kernel/sys.o", "name": "prctl_set_auxv", "size": 16, "local": True,
+    "target": "vmlinux", "object": "kernel/sys.o", "name": "prctl_set_auxv", "size": 16, "local": True,
     "type": "STT_FUNC", "code": base64.b64encode(CODE).decode(),
     "relocs": [[5, 4, "sym", "foo", -4, False], [10, 2, "str", "hello\n", 0, True]],
     "masks": [[4, 5, "alternative"]], "fentry": None, "section": ".text.prctl_set_auxv",
@@ -69,8 +73,11 @@ def members(module: str = "livesplice_fix1") -> dict[str, bytes]:
 def write_package(path: Path, manifest_: dict | None = None, pre_: dict | None = None,
                   members_: dict[str, bytes] | None = None, signing_key=None) -> Path:
     """A package as create writes it (consistent SHA256SUMS), with whatever manifest is given."""
-    Package(manifest() if manifest_ is None else manifest_, pre() if pre_ is None else pre_,
-            members() if members_ is None else members_).write(path, signing_key)
+    all_members = dict(members() if members_ is None else members_)
+    all_members[MANIFEST_MEMBER] = json.dumps(manifest() if manifest_ is None else manifest_,
+                                              indent=1, sort_keys=True).encode()
+    all_members[PRE_MEMBER] = json.dumps(pre() if pre_ is None else pre_, sort_keys=True).encode()
+    write_archive(path, all_members, signing_key)
     return path
 
 

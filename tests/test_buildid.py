@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
+import packages
 from livesplice import apply, debian, kernel
 from livesplice.buildid import (Note, NoteError, bzimage_payload, bzimage_vmlinux, elf_build_id,
                                 gnu_build_id, parse_notes)
 from livesplice.create import tree_build_id
 from livesplice.errors import EXIT_BAD_INPUT, BadInput
 from livesplice.package import Package
+from livesplice.pkgformat import Manifest, PreCode
 
 # Debian's linux-image-6.1.0-53-amd64 6.1.187-1: the GNU build id of its vmlinux.
 STOCK_BUILD_ID = "1cd19df5660b03d8ce9a5941ce9fb364548b953a"
@@ -215,8 +217,11 @@ def running(monkeypatch):
 
 
 def package(**target) -> Package:
-    return Package({"id": "upd", "target": {"release": "6.1.0-53-amd64", "version": BANNER,
-                                            "stock": "6.1.0-53-amd64", **target}}, {}, {})
+    manifest = packages.manifest()
+    manifest["id"] = "upd"
+    manifest["kernel"] = {"release": "6.1.0-53-amd64", "version": BANNER,
+                          "stock": "6.1.0-53-amd64", "build_id": None, **target}
+    return Package(Manifest.from_json(manifest), PreCode.from_json(packages.pre()), {})
 
 
 def test_build_id_decides_not_proc_version(running):

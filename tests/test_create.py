@@ -89,9 +89,9 @@ def test_prctl_fix_replaces_exactly_do_sys_prctl(tmp_path, source):
     assert tree_state(source, ["kernel/sys.c"]) == before
 
     package = Package.read(out)
-    assert package.manifest["patch"] == PRCTL_FIX
-    assert {f["name"] for f in package.pre["functions"]} >= {"__do_sys_prctl"}
-    ko = package.members[package.manifest["module"]["file"]]
+    assert package.manifest.patch == PRCTL_FIX
+    assert {f.name for f in package.pre.functions} >= {"__do_sys_prctl"}
+    ko = package.new_code
     assert ko[:4] == b"\x7fELF"
     (tmp_path / "m.ko").write_bytes(ko)
     modinfo = subprocess.run(["modinfo", "-F", "vermagic", str(tmp_path / "m.ko")],

@@ -54,16 +54,17 @@ def test_image_build_id_is_the_running_kernels(vm, stock_kernel):
 
 def test_packages_record_the_build_id(stock_kernel, packages):
     for path in packages.values():
-        target = Package.read(path).manifest["target"]
-        assert target["build_id"] == debian.image_build_id(stock_kernel)
-        assert target["release"] == stock_kernel.kernel.abi
+        manifest = Package.read(path).manifest
+        assert manifest.kernel.build_id == debian.image_build_id(stock_kernel)
+        assert manifest.kernel.release == stock_kernel.kernel.abi
+        assert [(t.name, t.build_id) for t in manifest.targets] == [
+            ("vmlinux", manifest.kernel.build_id)]
 
 
-def rewrite_target(path, out, **target):
+def rewrite_target(path, out, build_id):
     package = Package.read(path)
-    package.manifest["target"].update(target)
-    package.manifest["target"] = {k: v for k, v in package.manifest["target"].items()
-                                  if v is not ...}
+    package.manifest.kernel.build_id = build_id
+    package.manifest.target("vmlinux").build_id = build_id
     package.write(out)
     return out
 
@@ -78,8 +79,8 @@ def test_other_build_is_refused_and_old_packages_still_apply(vm, packages, stock
             f"(package: build id {'ab' * 20}; running: build id {running})") in r.err
     # A package without a build id (from before, or for a self-built kernel without vmlinux):
     # the release and version banner as before.
-    old = rewrite_target(packages["prctl"], vm.exchange / "old.tar.gz", build_id=...)
-    assert "build_id" not in Package.read(old).manifest["target"]
+    old = rewrite_target(packages["prctl"], vm.exchange / "old.tar.gz", build_id=None)
+    assert Package.read(old).manifest.kernel.build_id is None
     r = guest_cli(vm, "apply", str(old))
     assert r.status == 0, r.err
     assert guest_cli(vm, "undo", "prctl").status == 0

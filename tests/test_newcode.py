@@ -1,5 +1,7 @@
 """What the new code carries and what it leaves to the running kernel, on objects compiled here."""
 
+import subprocess
+
 from test_objdiff import compile_pair
 
 from livesplice.elfmodel import ObjectFile
@@ -53,7 +55,7 @@ def test_section_name_is_unique_per_object_and_function():
 
 
 def test_same_named_functions_of_two_objects_get_sections_of_their_own(tmp_path):
-    from livesplice.newcode import entry_sections, section_name
+    from livesplice.newcode import section_name
     code = NewCode()
     for i, objname in enumerate(("a/one.o", "b/two.o")):
         src = "static noinline int helper(int x) { return x * %d + sink; }\nint f%d(int x) { return helper(x); }\n"
@@ -65,8 +67,6 @@ def test_same_named_functions_of_two_objects_get_sections_of_their_own(tmp_path)
     sections = [s.name for s in code.writer.sections if s.name.startswith(".text.livesplice.")]
     assert sorted(sections) == sorted([section_name("a/one.o", "helper"),
                                        section_name("b/two.o", "helper")])
-    # apply reads the names from the manifest
-    assert entry_sections({"new_section": "s", "new_part_sections": ["p"]}) == ("s", ["p"])
 
 
 def test_functions_whose_address_the_new_code_takes_are_callbacks(tmp_path):
@@ -86,3 +86,53 @@ def test_functions_whose_address_the_new_code_takes_are_callbacks(tmp_path):
     assert {"f", "cb", "helper"} <= changed
     Extractor(code, "t.o", post, d.names, changed).add_function(post.functions["f"])
     assert callbacks(code) == ["cb"]
+
+
+def test_once_flags_get_a_copy_of_their_own(tmp_path):
+    # DO_ONCE_LITE (printk_once, pr_warn_once...) keeps a static flag in .data.once; objects
+    # have many of the same name (__already_done.N), so the new code keeps its own.
+    src = """
+    extern int printk(const char *fmt, ...);
+    #define ONCE(x) ({ static _Bool __attribute__((section(".data.once"))) __already_done; \\
+                      if (!__already_done) { __already_done = 1; printk(x); } })
+    int f(int i) { if (i < 0) ONCE("neg\\n"); return i + %d; }
+    int g(int i) { if (i > 9) ONCE("big\\n"); return i; }
+    """
+    d = compile_pair(tmp_path, src % 1, src % 2)
+    assert [c.name for c in d.changed] == ["f"] and not d.refusals
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    flags = [n for n, item in post.data_objects.items() if item.section.name == ".data.once"]
+    assert len(flags) == 2, flags  # the case this is about: two flags of one name
+    code = NewCode()
+    Extractor(code, "t.o", post, d.names, {"f"}).add_function(post.functions["f"])
+    assert not any(r.name.startswith("__already_done") for r in code.refs.values())
+    assert [k for k in code.data if k[1].startswith("__already_done")]
+    assert any("once-only flag" in n for n in code.notes)
+
+
+def test_a_global_the_update_defines_resolves_inside_it(tmp_path):
+    # A new global function in one object, called from a changed function of another: the call
+    # goes to the update's own copy, not to a kernel symbol that does not exist.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = compile_pair(tmp_path / "a", "int other(void) { return 0; }\n",
+                     "int other(void) { return 0; }\nint helper(int x) { return x * 7; }\n")
+    b = compile_pair(tmp_path / "b", "int user(int x) { return x * sink + 3; }\n",
+                     "int helper(int x);\nint user(int x) { return helper(x) * sink + 3; }\n")
+    assert [c.name for c in a.new] == ["helper"] and [c.name for c in b.changed] == ["user"]
+    code = NewCode()
+    post_a = ObjectFile(tmp_path / "a" / "post" / "t.o")
+    post_b = ObjectFile(tmp_path / "b" / "post" / "t.o")
+    Extractor(code, "a.o", post_a, a.names, {"helper"}).add_function(post_a.functions["helper"])
+    Extractor(code, "b.o", post_b, b.names, {"user"}).add_function(post_b.functions["user"])
+    assert "helper" in {r.name for r in code.refs.values()}  # before: a kernel reference
+    code.bind_own_globals()
+    assert "helper" not in {r.name for r in code.refs.values()}
+    code.writer.write(tmp_path / "m.o")
+    out = subprocess.run(["readelf", "-W", "-s", "-r", str(tmp_path / "m.o")],
+                         capture_output=True, text=True, check=True)
+    assert not out.stderr
+    undefined = {line.split()[-1] for line in out.stdout.splitlines() if " UND " in line
+                 and line.split()[-1].startswith("__livesplice_sym_")}
+    assert undefined == {r.placeholder for r in code.refs.values()}  # __fentry__, sink
+    assert {r.name for r in code.refs.values()} == {"__fentry__", "sink"}

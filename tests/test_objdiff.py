@@ -303,7 +303,7 @@ def test_pre_record_masks_name_their_kind(tmp_path):
     from livesplice.create import pre_record
     obj = compile_one(tmp_path, SITES + "int f(int x) { if (key_on(&key_a)) return x + sink; "
                       "STATIC_CALL(might_resched); LOCK_INC(&sink); return x; }\n")
-    masks = pre_record(obj, "t.o", obj.functions["f"])["masks"]
+    masks = [m.to_json() for m in pre_record(obj, "t.o", obj.functions["f"]).masks]
     assert [0, 5, "fentry call"] in masks
     assert {m[2] for m in masks} == {"fentry call", "jump label", "static call", "lock prefix"}
     assert all(len(m) == 3 for m in masks)

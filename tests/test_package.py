@@ -70,8 +70,8 @@ def with_sums(entries: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
 def test_round_trip(tmp_path):
     path = packages.write_package(tmp_path / "p.tar.gz")
     p = Package.read(path)
-    assert p.manifest == packages.manifest()
-    assert p.pre == packages.pre()
+    assert p.manifest.to_json() == packages.manifest()
+    assert p.pre.to_json() == packages.pre()
     assert p.members == packages.members()
     assert p.signature is None and p.signer is None
     assert [n for n, _ in packages.unpack(path)] == [
@@ -250,7 +250,7 @@ def test_ordinary_gzip_and_pax_packages_are_read(tmp_path):
     as long as SHA256SUMS comes first and every member is as listed."""
     entries = valid_entries()
     path = packages.pack(tmp_path / "pax.tar.gz", entries[:1] + entries[:0:-1], tarfile.PAX_FORMAT)
-    assert Package.read(path).manifest == packages.manifest()
+    assert Package.read(path).manifest.to_json() == packages.manifest()
 
 
 def test_elf_modules_only(tmp_path):
@@ -545,7 +545,7 @@ def test_manifest_field_wrong_type(tmp_path, path):
     assert "expected" in message or "has format" in message, message
 
 
-OPTIONAL_FIELDS = {("target", "build_id")}  # packages made before build ids still read
+OPTIONAL_FIELDS: set[tuple] = set()  # format 3 has none (format 2 packages are upgraded)
 
 
 @pytest.mark.parametrize("path", [p for p in MANIFEST_FIELDS if not isinstance(p[-1], int)
@@ -559,7 +559,7 @@ def test_manifest_field_missing(tmp_path, path):
         assert f"manifest field {field_name(path)}: missing" in message, message
 
 
-@pytest.mark.parametrize("path", [(), ("target",), ("replaced", 0), ("kernel_refs", 1)],
+@pytest.mark.parametrize("path", [(), ("kernel",), ("replaced", 0), ("kernel_refs", 1)],
                          ids=lambda p: field_name(p) or "top")
 def test_manifest_unknown_field(tmp_path, path):
     m = packages.manifest()
@@ -602,10 +602,10 @@ def test_bad_id(tmp_path, update_id):
 
 VALUE_CASES = [
     # (manifest path, value, message fragment)
-    (("target", "release"), "6.1.0 53", "target.release"),
-    (("target", "release"), "../../etc", "target.release"),
-    (("target", "version"), "6.1\n#1 SMP", "target.version: "),
-    (("target", "stock"), "x\ty", "target.stock"),
+    (("kernel", "release"), "6.1.0 53", "kernel.release"),
+    (("kernel", "release"), "../../etc", "kernel.release"),
+    (("kernel", "version"), "6.1\n#1 SMP", "kernel.version: "),
+    (("kernel", "stock"), "x\ty", "kernel.stock"),
     (("source", "tree"), "/a\x1b[31m", "source.tree"),
     (("source", "debian_version"), "6.1 1", "source.debian_version"),
     (("config_sha256",), "zz" * 32, "config_sha256"),
@@ -666,6 +666,63 @@ def test_manifest_duplicates_and_cross_checks(tmp_path):
     p["functions"][0]["referenced_only"] = True
     assert_bad(packages.write_package(tmp_path / "c.tar.gz", pre_=p),
                "manifest field replaced[0]: no pre code")
+
+
+def test_targets_cross_checks(tmp_path):
+    m = packages.manifest()
+    m["replaced"][0]["target"] = "ext4"
+    assert_bad(packages.write_package(tmp_path / "a.tar.gz", m),
+               "manifest field replaced[0].target: 'ext4' is not in targets")
+    m = packages.manifest()
+    m["targets"][0]["build_id"] = "00" * 20
+    assert_bad(packages.write_package(tmp_path / "b.tar.gz", m),
+               "manifest field targets: vmlinux's build id is not the kernel's")
+    m = packages.manifest()
+    m["kernel_refs"][0]["target"] = "vmlinux"  # a global symbol names no target
+    assert_bad(packages.write_package(tmp_path / "c.tar.gz", m), "kernel_refs[0].target")
+    m = packages.manifest()
+    m["targets"].append(dict(m["targets"][0]))
+    assert_bad(packages.write_package(tmp_path / "d.tar.gz", m), "manifest field targets[1]",
+               "twice")
+    p = packages.pre()
+    p["functions"][0]["target"] = "nf_tables"
+    assert_bad(packages.write_package(tmp_path / "e.tar.gz", pre_=p),
+               "pre.json field functions[0].target: 'nf_tables' is not in the manifest's targets")
+
+
+def format2(manifest: dict, pre: dict) -> tuple[dict, dict]:
+    """The same update as package format 2 wrote it (before module targets)."""
+    m = {k: v for k, v in manifest.items() if k not in ("kernel", "targets")}
+    m["format"] = 2
+    m["target"] = manifest["kernel"]
+    for key in ("replaced", "new", "kernel_refs"):
+        m[key] = [{k: v for k, v in e.items() if k != "target"} for e in manifest[key]]
+    return m, {"functions": [{k: v for k, v in f.items() if k != "target"}
+                             for f in pre["functions"]]}
+
+
+def test_format_2_is_read_as_format_3(tmp_path):
+    m2, p2 = format2(packages.manifest(), packages.pre())
+    p = Package.read(packages.write_package(tmp_path / "old.tar.gz", m2, p2))
+    assert p.manifest.to_json() == packages.manifest()
+    assert p.pre.to_json() == packages.pre()
+    del m2["target"]["build_id"]  # format 2 packages made before build ids had none
+    p = Package.read(packages.write_package(tmp_path / "older.tar.gz", m2, p2))
+    assert p.manifest.kernel.build_id is None and p.manifest.targets[0].build_id is None
+    m2, p2 = format2(packages.manifest(), packages.pre())
+    m2["replaced"][0]["target"] = "vmlinux"  # format 2 had no such field
+    assert_bad(packages.write_package(tmp_path / "bad.tar.gz", m2, p2),
+               "manifest field replaced[0].target: unknown field")
+
+
+def test_unknown_format_names_both_versions(tmp_path):
+    m = packages.manifest()
+    m["format"] = 4
+    message = assert_bad(packages.write_package(tmp_path / "new.tar.gz", m), "has format 4")
+    assert "reads formats 2, 3" in message and "update livesplice" in message
+    m["format"] = 1
+    message = assert_bad(packages.write_package(tmp_path / "old.tar.gz", m), "has format 1")
+    assert "update livesplice" not in message
 
 
 PRE_CASES = [

@@ -83,8 +83,8 @@ def test_static_call_past_the_jump_survives_a_preempt_switch(vm, create):
     mark = dmesg_mark(vm)
     proc, package = create("rmpack", DEV_REMOVE_PACK)
     assert proc.returncode == 0, proc.stderr
-    records = {r["name"]: r for r in Package.read(package).pre["functions"]}
-    assert [5 + 5, 5, "static call"] in records["dev_remove_pack"]["masks"]
+    records = {r.name: r for r in Package.read(package).pre.functions}
+    assert [5 + 5, 5, "static call"] in [m.to_json() for m in records["dev_remove_pack"].masks]
     r = guest_cli(vm, "apply", str(package), "--json")
     assert r.status == 0, r.err
     assert json.loads(r.out)["functions"] == ["dev_remove_pack"]
@@ -129,10 +129,10 @@ def test_same_named_static_functions_of_two_objects(vm, create, tmp_path):
     proc, path = create("cstart", C_START)
     assert proc.returncode == 0, proc.stderr
     package = Package.read(path)
-    entries = [r for r in package.manifest["replaced"] if r["name"] == "c_start"]
-    assert sorted(r["object"] for r in entries) == ["arch/x86/kernel/cpu/proc.o",
-                                                   "fs/proc/consoles.o"]
-    assert len({r["new_section"] for r in entries}) == 2
+    entries = [r for r in package.manifest.replaced if r.name == "c_start"]
+    assert sorted(r.object for r in entries) == ["arch/x86/kernel/cpu/proc.o",
+                                                "fs/proc/consoles.o"]
+    assert len({r.new_section for r in entries}) == 2
 
     r = guest_cli(vm, "apply", str(path), "--json")
     assert r.status == 0, r.err
@@ -148,15 +148,15 @@ def test_same_named_static_functions_of_two_objects(vm, create, tmp_path):
         jumps = [(int(f["site"], 16), int(f["new"], 16)) for f in view["functions"]
                  if f["name"] == "c_start"]
         assert len(jumps) == 2 and len({t for _, t in jumps}) == 2
-        pre = {r["object"]: r for r in package.pre["functions"] if r["name"] == "c_start"}
+        pre = {r.object: r for r in package.pre.functions if r.name == "c_start"}
         ko_path = tmp_path / "new.ko"
-        ko_path.write_bytes(package.members[package.manifest["module"]["file"]])
+        ko_path.write_bytes(package.new_code)
         ko = ObjectFile(ko_path)
         new = {}
         for e in entries:
-            sec = ko.section(e["new_section"])
+            sec = ko.section(e.new_section)
             item = Item(next(s for s in ko.symbols if s.section is sec and s.type == "STT_FUNC"),
-                        sec, 0, e["new_size"])
+                        sec, 0, e.new_size)
             ignore = relocated((r.offset, r.type) for r in item.relocs)
             ignore |= {s.offset + i for s in runtime_patched_sites(ko, item)
                        for i in range(s.length)}

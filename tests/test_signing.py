@@ -20,6 +20,7 @@ from livesplice import signing
 from livesplice.cli import main
 from livesplice.errors import BadInput, Refused
 from livesplice.package import Package
+from livesplice.pkgformat import Manifest, PreCode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_sign_and_verify(tmp_path, trusted, key):
     assert [n for n, _ in packages.unpack(path)][:2] == ["SIGNATURE", "SHA256SUMS"]
     p = Package.read(path)
     assert p.signer == signing.key_id(key) == p.signature.key_id
-    assert p.manifest == packages.manifest()
+    assert p.manifest.to_json() == packages.manifest()
     r = cli("view", "--verify", str(path))
     assert r.exit_code == 0, r.output
     assert f"signed by key {signing.key_id(key)} (trusted)" in r.output
@@ -304,7 +305,8 @@ def test_create_signs_with_the_given_key(tmp_path, monkeypatch, key):
 
     def fake_create(source, config, patch, update_id, output, jobs, target_abi, source_version,
                     signing_key=None):
-        package = Package(packages.manifest(), packages.pre(), packages.members())
+        package = Package(Manifest.from_json(packages.manifest()),
+                          PreCode.from_json(packages.pre()), packages.members())
         package.write(output, signing_key)  # as create() does once the module is built
         return create_mod.CreateResult(package, output, [], {"total": 0.0})
 
