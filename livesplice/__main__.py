@@ -1,3 +1,4 @@
 from .cli import main
 
-main()
+# The name in usage lines and man pages, and of shell completion's variable (_LIVESPLICE_COMPLETE)
+main(prog_name="livesplice")

@@ -4,6 +4,8 @@ apply: check the package and that it targets this kernel; match its pre code aga
 kernel (runpre); load the core module if needed and the new code with its kernel references set to
 the addresses matching found; then ask the core to switch, with every CPU stopped, when no thread
 is in the code being replaced. On any failure everything loaded for this apply is unloaded again.
+The checks before anything is loaded are one function, `check_apply`; a dry run stops after it.
+Each apply and undo, done or failed, is recorded in the system journal (`journal`).
 What is applied is the core's state, so `list` is right even after the tool crashed; the manifests
 kept in /run (gone at reboot, like the updates themselves) add the patch text. Commands that change
 or read the updates hold one lock, so two of them never interleave.
@@ -14,14 +16,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import coreproto, kernel
-from .errors import BadInput, NothingToDo, Refused
+from . import coreproto, journal, kernel
+from .errors import EXIT_INTERNAL, EXIT_NOTHING, BadInput, LivespliceError, NothingToDo, Refused
 from .package import CORE_MODULE as CORE_MEMBER
 from .package import Package
 from .runpre import Matcher, MatchResult
@@ -29,6 +33,8 @@ from .runpre import Matcher, MatchResult
 STATE_DIR = Path(os.environ.get("LIVESPLICE_STATE", "/run/livesplice"))
 SKIP_TARGET_CHECK = "LIVESPLICE_UNSAFE_SKIP_TARGET_CHECK"  # tests only: reach run-pre matching
 UPDATE_MODULE_PREFIX = "livesplice_"
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -49,15 +55,21 @@ def _leftover_modules(applied: list[coreproto.AppliedUpdate]) -> list[str]:
             and (d / "sections").is_dir()]
 
 
+def leftovers(applied: list[coreproto.AppliedUpdate]) -> list[str]:
+    """What cleanup would unload, in that order: leftover update modules, then an idle core."""
+    names = _leftover_modules(applied)
+    if coreproto.core_loaded() and not applied:
+        names.append(coreproto.CORE_MODULE)
+    return names
+
+
 def cleanup() -> list[str]:
     """Unload what a killed command left loaded but not switched: update modules the core does
     not know as applied, and an idle core. Call with the lock held; returns what was unloaded."""
-    removed = []
-    for name in _leftover_modules(coreproto.state()):
+    removed = leftovers(coreproto.state())
+    for name in removed:
+        log.info("unloading %s, left loaded by an interrupted command", name)
         kernel.rmmod(name)
-        removed.append(name)
-    if _unload_core_if_idle():
-        removed.append(coreproto.CORE_MODULE)
     return removed
 
 
@@ -118,27 +130,62 @@ def check_target(package: Package) -> None:
             raise BadInput(f"package {package.id} is for '{banner}'; this kernel is '{version}'")
 
 
+@dataclass
+class ApplyPlan:
+    """What apply will do, once every check has passed; finding it out changed nothing."""
+
+    package: Package
+    match: MatchResult
+    addresses: dict[str, int]  # the new code's placeholders -> kernel addresses
+    new_code: bytes  # the update's module, linked against this kernel
+    core: bytes | None  # the core module to load first; None: a core is loaded and in use
+    unload_first: list[str]  # what an interrupted command left loaded, which cleanup unloads
+    started: float  # time.monotonic() when the kernel's checks began
+    match_seconds: float
+
+    @property
+    def module(self) -> str:
+        return self.package.manifest.module.name
+
+    def dry_run_report(self) -> dict:
+        manifest = self.package.manifest
+        by_placeholder = {r.placeholder: r for r in manifest.kernel_refs}
+        return {
+            "id": self.package.id, "module": self.module, "dry_run": True,
+            "functions": [r.name for r in manifest.replaced],
+            "jumps": [{"name": fm.name, "object": fm.object, "site": f"{fm.site:#x}",
+                       "runs": f"{fm.live:#x}", "expect": fm.expect.hex()}
+                      for fm in (self.match.functions[(r.object, r.name)] for r in manifest.replaced)],
+            "kernel_refs": [{"name": by_placeholder[p].name,
+                             "object": by_placeholder[p].object or None, "address": f"{a:#x}"}
+                            for p, a in sorted(self.addresses.items())],
+            "would_unload": self.unload_first,
+            "would_load": ([coreproto.CORE_MODULE] if self.core is not None else []) + [self.module],
+            "signed_by": self.package.signature.key_id if self.package.signature else None,
+            "trusted": self.package.signer is not None,
+            "match_seconds": self.match_seconds,
+            "total_seconds": time.monotonic() - self.started,
+        }
 
 
-def apply(path: Path, retries: int = 5, retry_delay: float = 1.0) -> dict:
-    kernel.require_root()
-    package = Package.read(path)
-    check_target(package)
-    with locked():
-        cleanup()
-        return _apply(package, retries, retry_delay)
-
-
-def _apply(package: Package, retries: int, retry_delay: float) -> dict:
+def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
+                unload_first: list[str]) -> ApplyPlan:
+    """Every check apply makes on the running kernel, in apply's order, touching nothing: whether
+    the update is applied already, lockdown, run-pre matching against /proc/kcore (stacked on
+    `applied`), the new code's kernel references, other live patches on the same functions, the
+    module's name, the links of the modules against this kernel. `unload_first`: what cleanup
+    unloads before apply loads anything (empty once it has run)."""
     manifest = package.manifest
-    applied = coreproto.state()
     if any(u.id == package.id for u in applied):
         raise NothingToDo(f"update {package.id} is already applied")
     check_lockdown()
     t0 = time.monotonic()
     ks = kernel.Kallsyms()
     matcher = Matcher(ks, kernel.KernelMemory(), applied)
+    log.info("run-pre matching %d functions against /proc/kcore", len(package.pre.functions))
     match = matcher.match(package.pre.functions)
+    for fm in match.functions.values():
+        log.debug("matched %s (%s) at %#x, running at %#x", fm.name, fm.object, fm.original, fm.live)
     addresses, unresolved = {}, []
     for ref in manifest.kernel_refs:
         address = matcher.resolve(ref, match)
@@ -146,10 +193,13 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
             unresolved.append(f"{ref.name} ({ref.object or 'global'}): not found, or "
                               "ambiguous, in the running kernel")
         else:
+            log.debug("kernel reference %s (%s) at %#x", ref.name, ref.object or "global", address)
             addresses[ref.placeholder] = address
     if unresolved:
         raise Refused("the new code refers to symbols this kernel does not have", unresolved)
     t_match = time.monotonic() - t0
+    log.info("run-pre matching passed, %d kernel references resolved (%.2f s)", len(addresses),
+             t_match)
     redirected = kernel.ipmodify_functions() & {r.name for r in manifest.replaced}
     if redirected:
         raise Refused("another live patch already redirects these functions (livepatch, kpatch or "
@@ -157,14 +207,77 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
                       "livesplice's, would run", sorted(redirected))
 
     module = manifest.module.name
-    if kernel.module_loaded(module):
+    if kernel.module_loaded(module) and module not in unload_first:
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
     new_code = kernel.link_unexported(package.new_code, ks, addresses, manifest.module.file)
-    loaded_core = _load_core(package, ks)
+    # No update applied: no core after cleanup (it unloads an idle one), so the package's loads.
+    core = (None if applied else
+            kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER))
+    return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match)
+
+
+def read_package(path: Path) -> Package:
+    """The package at `path`, read and checked (signature, hashes, fields), and for this kernel."""
+    log.info("reading package %s", path)
+    package = Package.read(path)
+    signer = package.signature.key_id if package.signature else None
+    log.info("package %s: update %s for %s, %s", path, package.id,
+             package.manifest.kernel.release, f"signed by key {signer}" if signer else "unsigned")
+    check_target(package)
+    log.info("the package is for this kernel")
+    return package
+
+
+def apply(path: Path, retries: int = 5, retry_delay: float = 1.0, dry_run: bool = False) -> dict:
+    """Apply the update package at `path`. With `dry_run`, make every check an apply makes and
+    say what it would do, loading nothing: the same errors, so the same exit status."""
+    kernel.require_root()
     try:
-        kernel.insmod(module, new_code)
-        switches, ranges = _switches(package, match)
+        package = read_package(path)
+        with locked():
+            if dry_run:
+                applied = coreproto.state()
+                return check_apply(package, applied, leftovers(applied)).dry_run_report()
+            cleanup()
+            result = _apply(check_apply(package, coreproto.state(), []), retries, retry_delay)
+    except Exception as exc:
+        if not dry_run:
+            _journal_failure(f"apply of {path}", exc)
+        raise
+    journal.record(f"applied update {result['id']} from {path} ({_signed(package)}): "
+                   f"{', '.join(result['functions'])}; the machine stopped "
+                   f"{result['pause_ns'] / 1e6:.3f} ms")
+    return result
+
+
+def _signed(package: Package) -> str:
+    if package.signer is not None:
+        return f"signed by trusted key {package.signer}"
+    if package.signature is not None:
+        return f"signed by key {package.signature.key_id}, no trusted keys configured"
+    return "unsigned"
+
+
+def _journal_failure(what: str, exc: Exception) -> None:
+    status = getattr(exc, "exit_status", EXIT_INTERNAL)
+    reasons = getattr(exc, "reasons", [])
+    journal.record(f"{what} failed (exit status {status}): {exc}"
+                   + "".join(f"; {r}" for r in reasons[:5]),
+                   logging.WARNING if status == EXIT_NOTHING else logging.ERROR)
+
+
+def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
+    package, module = plan.package, plan.module
+    loaded_core = plan.core is not None
+    if plan.core is not None:
+        log.info("loading the core module %s", coreproto.CORE_MODULE)
+        kernel.insmod(coreproto.CORE_MODULE, plan.core)
+    try:
+        log.info("loading the new code, module %s", module)
+        kernel.insmod(module, plan.new_code)
+        switches, ranges = _switches(package, plan.match)
+        log.info("switching %d functions", len(switches))
         figures = coreproto.call(
             coreproto.apply_request(package.id, module, switches, ranges, max(1, retries),
                                     int(retry_delay * 1000)), "apply", package.id)
@@ -174,12 +287,14 @@ def _apply(package: Package, retries: int, retry_delay: float) -> dict:
         if loaded_core:
             _unload_core_if_idle()
         raise
-    (STATE_DIR / f"{package.id}.json").write_text(json.dumps(manifest.to_json()))
-    return {"id": package.id, "module": module,
-            "functions": [r.name for r in manifest.replaced],
+    (STATE_DIR / f"{package.id}.json").write_text(json.dumps(package.manifest.to_json()))
+    log.info("applied %s: the machine stopped for %.3f ms", package.id,
+             figures.get("pause_ns", 0) / 1e6)
+    return {"id": package.id, "module": module, "dry_run": False,
+            "functions": [r.name for r in package.manifest.replaced],
             "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
-            "attempts": figures.get("attempts", 1), "match_seconds": t_match,
-            "total_seconds": time.monotonic() - t0}
+            "attempts": figures.get("attempts", 1), "match_seconds": plan.match_seconds,
+            "total_seconds": time.monotonic() - plan.started}
 
 
 def _switches(package: Package, match: MatchResult
@@ -224,6 +339,17 @@ def _unload_core_if_idle() -> bool:
 
 def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0, force: bool = False) -> dict:
     kernel.require_root()
+    try:
+        result = _undo(update_id, retries, retry_delay, force)
+    except Exception as exc:
+        _journal_failure(f"undo of {update_id}", exc)
+        raise
+    journal.record(f"undone update {update_id}; the machine stopped "
+                   f"{result['pause_ns'] / 1e6:.3f} ms")
+    return result
+
+
+def _undo(update_id: str, retries: int, retry_delay: float, force: bool) -> dict:
     with locked():
         cleanup()
         applied = coreproto.state()
@@ -238,9 +364,11 @@ def undo(update_id: str, retries: int = 5, retry_delay: float = 1.0, force: bool
                           "brings (timer, work or other callbacks, which no stack shows): if one "
                           "is still queued, undo would free code it will run; undo --force once "
                           "you know none is", pending)
+        log.info("switching %s's %d functions back", update_id, len(update.funcs))
         figures = coreproto.call(coreproto.undo_request(update_id, max(1, retries),
                                                         int(retry_delay * 1000)),
                                  "undo", update_id)
+        log.info("unloading %s", update.module)
         kernel.rmmod(update.module)
         _unload_core_if_idle()
         (STATE_DIR / f"{update_id}.json").unlink(missing_ok=True)
@@ -259,38 +387,52 @@ def _applied() -> list[coreproto.AppliedUpdate]:
         return coreproto.state()
 
 
+def applied_record(update: coreproto.AppliedUpdate, redirected: set[str]) -> dict:
+    """An applied update as `list --json` and `view --json` show it (docs/cli-json.md)."""
+    return {"id": update.id, "module": update.module,
+            "functions": [f.name for f in update.funcs],  # as apply --json gives them
+            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
+                      for f in update.funcs],
+            "pause_ns": update.pause_ns, "work_ns": update.work_ns,
+            # A live patch enabled after an update redirects at the fentry site, before the
+            # jump: its code runs, not the update's. Say so rather than show it as if it ran.
+            "overridden": sorted({f.name for f in update.funcs} & redirected)}
+
+
 def list_applied() -> list[dict]:
+    """The applied updates, oldest first."""
     kernel.require_root()
-    out = []
     applied = _applied()
-    # A live patch enabled after an update redirects at the fentry site, before the jump: its
-    # code runs, not the update's. Say so rather than list the update as if it ran.
     redirected = kernel.ipmodify_functions() if applied else set()
-    for u in applied:
-        out.append({"id": u.id, "module": u.module, "functions": [f.name for f in u.funcs],
-                    "pause_ns": u.pause_ns,
-                    "overridden": sorted({f.name for f in u.funcs} & redirected)})
-    return out
+    return [applied_record(u, redirected) for u in applied]
 
 
 def view_applied(update_id: str | None) -> list[dict] | dict:
+    """`list_applied()`, or one applied update with its patch and target (from the manifest
+    apply kept in /run; None for both if that is gone)."""
+    if update_id is None:
+        return list_applied()
     kernel.require_root()
     applied = _applied()
-    if update_id is None:
-        return [{"id": u.id, "module": u.module,
-                 "functions": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
-                               for f in u.funcs]} for u in applied]
     update = next((u for u in applied if u.id == update_id), None)
     if update is None:
-        raise BadInput(f"no applied update {update_id!r}")
+        known = ", ".join(u.id for u in applied) or "none"
+        raise BadInput(f"no applied update {update_id!r} (applied: {known})")
     saved = STATE_DIR / f"{update_id}.json"
     manifest = json.loads(saved.read_text()) if saved.exists() else {}
-    return {"id": update.id, "module": update.module,
-            "functions": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
-                          for f in update.funcs],
+    return {**applied_record(update, kernel.ipmodify_functions()),
             # (the saved manifest's "kernel" was "target" in package format 2)
             "patch": manifest.get("patch"),
             "target": manifest.get("kernel", manifest.get("target"))}
+
+
+def applied_ids() -> list[str]:
+    """The applied updates' ids, for shell completion: without the lock (completion must not
+    wait) and empty where they cannot be read (not root, no core, an older core)."""
+    try:
+        return [u.id for u in coreproto.state()]
+    except (OSError, ValueError, LivespliceError):
+        return []
 
 
 def empty_pause(package_path: Path, runs: int = 20) -> dict:

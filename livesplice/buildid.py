@@ -13,9 +13,9 @@ import io
 import lzma
 import struct
 import zlib
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import LivespliceError
 

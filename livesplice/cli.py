@@ -1,12 +1,18 @@
-"""The `livesplice` command: a thin layer over the library."""
+"""The `livesplice` command: a thin layer over the library.
+
+Errors are livesplice.errors exceptions, each ending the command with its exit status; with
+--json, the result or the error is JSON on stdout in the shapes docs/cli-json.md describes.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import click
+from click.shell_completion import CompletionItem
 from rich.console import Console
 from rich.markup import escape
 
@@ -14,14 +20,61 @@ from . import __version__, debian
 from .errors import EXIT_INTERNAL, BadInput, LivespliceError
 from .pkgformat import Manifest
 
+# The version of the shapes of every --json output (docs/cli-json.md); raised when a field
+# changes meaning or goes away, not when one is added.
+JSON_FORMAT = 1
+
 err_console = Console(stderr=True, soft_wrap=True)
+log = logging.getLogger("livesplice")
+
+_JSON_WANTED = "livesplice.json"  # ctx.meta key: the command was given --json
+_ARGV = "livesplice.argv"  # ctx.meta key: the arguments after the program name
 
 
-def fail(exc: LivespliceError) -> None:
-    err_console.print(f"[bold red]livesplice:[/] {escape(str(exc))}", highlight=False)
-    for reason in getattr(exc, "reasons", []):
-        err_console.print(f"  - {escape(reason)}", highlight=False)
+def _note_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_JSON_WANTED] = True
+    return value
+
+
+def json_option(f):
+    # Eager, so that an error in another option of the command is already reported as JSON.
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_note_json,
+                        help="Print the result, or the error, as JSON on stdout "
+                             "(docs/cli-json.md).")(f)
+
+
+def json_wanted(ctx: click.Context) -> bool:
+    """Whether the command was given --json, even when parsing its options failed before."""
+    if ctx.meta.get(_JSON_WANTED):
+        return True
+    argv = ctx.meta.get(_ARGV, [])
+    return "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+
+
+def print_json(data: dict | list) -> None:
+    """A result as JSON on stdout, carrying the format version (each record of a list does)."""
+    if isinstance(data, list):
+        data = [{**item, "format": JSON_FORMAT} for item in data]
+    else:
+        data = {**data, "format": JSON_FORMAT}
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def print_json_error(message: str, status: int, reasons: list[str] | None = None,
+                     **extra: str) -> None:
+    print_json({"error": message, "status": status, "reasons": list(reasons or []), **extra})
+
+
+def fail(ctx: click.Context, exc: LivespliceError) -> None:
+    reasons = list(getattr(exc, "reasons", []))
     console = getattr(exc, "console", "")
+    if json_wanted(ctx):
+        print_json_error(str(exc), exc.exit_status, reasons, **({"console": console} if console else {}))
+        sys.exit(exc.exit_status)
+    err_console.print(f"[bold red]livesplice:[/] {escape(str(exc))}", highlight=False)
+    for reason in reasons:
+        err_console.print(f"  - {escape(reason)}", highlight=False)
     if console:
         err_console.print("--- guest console (last lines) ---", highlight=False)
         err_console.print(console, highlight=False, markup=False)
@@ -31,27 +84,116 @@ def fail(exc: LivespliceError) -> None:
 class LivespliceGroup(click.Group):
     """Turns LivespliceError into its exit status; anything unexpected is an internal error (1)."""
 
-    def invoke(self, ctx):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta.setdefault(_ARGV, list(args))
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LivespliceError as exc:
-            fail(exc)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            fail(ctx, exc)
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except click.ClickException as exc:  # a usage error: click's own message, or as JSON
+            if not json_wanted(ctx):
+                raise
+            print_json_error(exc.format_message(), exc.exit_code)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             sys.exit(130)
-        except Exception as exc:  # an internal error: say so plainly, keep the traceback available
-            err_console.print(f"[bold red]livesplice: internal error:[/] {escape(repr(exc))}",
-                              highlight=False)
-            if "--debug" in sys.argv or __import__("os").environ.get("LIVESPLICE_DEBUG"):
-                raise
+        except Exception as exc:  # an internal error: say so plainly; --debug shows where
+            if ctx.params.get("debug"):
+                err_console.print_exception()
+            else:
+                err_console.print(f"[bold red]livesplice: internal error:[/] {escape(repr(exc))} "
+                                  "(--debug shows where)", highlight=False)
+            if json_wanted(ctx):
+                print_json_error(f"internal error: {exc!r}", EXIT_INTERNAL)
             sys.exit(EXIT_INTERNAL)
 
 
+_log_handler: logging.Handler | None = None
+
+
+def setup_logging(level: int) -> None:
+    """livesplice's log on stderr from `level` on (the journal's records go to the journal
+    whatever the level: livesplice.journal)."""
+    global _log_handler
+    if _log_handler is not None:
+        log.removeHandler(_log_handler)
+    _log_handler = logging.StreamHandler(sys.stderr)
+    _log_handler.setLevel(level)
+    fmt = ("livesplice %(relativeCreated)6.0f ms %(name)s: %(message)s" if level <= logging.DEBUG
+           else "livesplice: %(message)s")
+    _log_handler.setFormatter(logging.Formatter(fmt))
+    log.addHandler(_log_handler)
+    log.setLevel(level)
+
+
 @click.group(cls=LivespliceGroup)
+@click.option("-v", "--verbose", count=True, help="Say what each stage does (-vv: in detail).")
+@click.option("--debug", is_flag=True, envvar="LIVESPLICE_DEBUG",
+              help="Log in detail, and show the traceback of an internal error.")
 @click.version_option(__version__)
-def main() -> None:
-    """Rebootless security updates for the running Linux kernel."""
+def main(verbose: int, debug: bool) -> None:
+    """Rebootless security updates for the running Linux kernel.
+
+    \b
+    Exit statuses, the same for every command:
+      0  done
+      1  internal error
+      2  bad input
+      3  refused by a safety check
+      4  nothing to do
+      5  the test bed's guest kernel died (vm run)
+    With --json, a command prints its result, or its error, as JSON on stdout.
+    """
+    setup_logging(logging.DEBUG if debug or verbose > 1 else
+                  logging.INFO if verbose else logging.WARNING)
+
+
+class StockKernel(click.ParamType):
+    """A kernel release livesplice knows (debian.KNOWN_KERNELS)."""
+
+    name = "kernel"
+
+    def convert(self, value, param, ctx) -> str:
+        try:
+            return debian.lookup_kernel(value).abi
+        except BadInput as exc:
+            self.fail(str(exc), param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete: str) -> list[CompletionItem]:
+        return [CompletionItem(abi) for abi in sorted(debian.KNOWN_KERNELS) if abi.startswith(incomplete)]
+
+
+class DebianVersion(click.ParamType):
+    """A Debian version of a stock kernel livesplice knows."""
+
+    name = "version"
+
+    def convert(self, value, param, ctx) -> str:
+        try:
+            return debian.kernel_for_source_version(value).version
+        except BadInput as exc:
+            self.fail(str(exc), param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete: str) -> list[CompletionItem]:
+        return [CompletionItem(k.version) for k in debian.KNOWN_KERNELS.values()
+                if k.version.startswith(incomplete)]
+
+
+def complete_applied_ids(ctx, param, incomplete: str) -> list[CompletionItem]:
+    """The applied updates' ids (the core's state; none where it cannot be read)."""
+    from .apply import applied_ids
+
+    return [CompletionItem(i) for i in applied_ids() if i.startswith(incomplete)]
+
+
+def complete_view_target(ctx, param, incomplete: str) -> list[CompletionItem]:
+    """`view` takes an applied update's id or a package file."""
+    return complete_applied_ids(ctx, param, incomplete) + [CompletionItem(incomplete, type="file")]
 
 
 @main.group()
@@ -60,18 +202,27 @@ def vm() -> None:
 
 
 def _kernel_option(f):
-    return click.option("--kernel", "kernel", default=debian.DEFAULT_KERNEL, show_default=True,
+    return click.option("--kernel", "kernel", type=StockKernel(), default=debian.DEFAULT_KERNEL,
+                        show_default=True,
                         help="Stock kernel release (" + ", ".join(sorted(debian.KNOWN_KERNELS)) + ").")(f)
 
 
 @vm.command("fetch")
 @_kernel_option
 @click.option("--no-source", is_flag=True, help="Skip linux-source (only boot the kernel).")
-def vm_fetch(kernel: str, no_source: bool) -> None:
-    """Download and unpack a stock kernel's image, headers and source into the cache."""
-    debian.lookup_kernel(kernel)
+@json_option
+def vm_fetch(kernel: str, no_source: bool, as_json: bool) -> None:
+    """Download (with apt, as apt is configured) and unpack a stock kernel's image, headers and
+    source into the cache."""
     files = debian.fetch_kernel(kernel, with_source=not no_source)
-    click.echo(f"{kernel}: {files.vmlinuz}")
+    if as_json:
+        source = files.source_tree if (debian.source_root(files.kernel.version) / ".complete").exists() \
+            else None
+        print_json({"kernel": kernel, "version": files.kernel.version, "vmlinuz": str(files.vmlinuz),
+                    "config": str(files.config), "modules": str(files.modules),
+                    "headers": str(files.headers), "source": str(source) if source else None})
+    else:
+        click.echo(f"{kernel}: {files.vmlinuz}")
 
 
 @vm.command("run", context_settings={"ignore_unknown_options": True})
@@ -84,10 +235,10 @@ def vm_fetch(kernel: str, no_source: bool) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def vm_run(kernel: str, cpus: int, memory: str, rwdirs: tuple[str, ...], timeout: float,
            command: tuple[str, ...]) -> None:
-    """Boot KERNEL under QEMU and run COMMAND in it as root; exit with COMMAND's status."""
+    """Boot KERNEL under QEMU and run COMMAND in it as root; exit with COMMAND's status. If the
+    guest kernel dies (panic, hang), show the end of its console and exit with status 5."""
     from .testbed import CommandTimeout, Session
 
-    debian.lookup_kernel(kernel)
     if not debian.is_fetched(kernel):
         debian.fetch_kernel(kernel)
     with Session(kernel=kernel, cpus=cpus, memory=memory, rwdirs=list(rwdirs)) as session:
@@ -103,22 +254,20 @@ def vm_run(kernel: str, cpus: int, memory: str, rwdirs: tuple[str, ...], timeout
     sys.exit(result.status)
 
 
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
 @main.command("create")
 @click.option("--source", type=click.Path(path_type=Path), help="The running kernel's source tree.")
-@click.option("--debian-version", help="Fetch linux-source-6.1 of this Debian version instead.")
+@click.option("--debian-version", type=DebianVersion(),
+              help="Fetch linux-source-6.1 of this Debian version instead ("
+                   + ", ".join(sorted(k.version for k in debian.KNOWN_KERNELS.values())) + ").")
 @click.option("--config", type=click.Path(path_type=Path), help="Kernel config [default: the tree's "
               ".config; with --debian-version, the stock image's config].")
 @click.option("--patch", "patch_file", type=click.Path(path_type=Path), help="A unified diff (-p1).")
 @click.option("--diffext", help="Take FILE.c's new contents from FILE.c+EXT.")
 @click.option("--id", "update_id", help="Update id [default: from the patch's hash].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Package file to write.")
-@click.option("--target", "target_abi", help="Stock kernel the update is for [default: the one "
-              "whose config this is].")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine summary on stdout.")
+@click.option("--target", "target_abi", type=StockKernel(), help="Stock kernel the update is for "
+              "[default: the one whose config this is].")
+@json_option
 @click.option("-j", "jobs", type=click.IntRange(1, 256), help="Parallel compile jobs.")
 @click.option("--sign-key", type=click.Path(path_type=Path), help="Sign the package with this "
               "Ed25519 private key (PEM or OpenSSH, unencrypted; see `livesplice keygen`).")
@@ -137,6 +286,7 @@ def create_cmd(source, debian_version, config, patch_file, diffext, update_id, o
         raise BadInput("give exactly one of --patch FILE and --diffext EXT")
     if debian_version:
         kernel = debian.kernel_for_source_version(debian_version)
+        log.info("fetching Debian %s (%s)", debian_version, kernel.abi)
         files = debian.fetch_kernel(kernel.abi)
         source = files.source_tree
         config = config or files.config
@@ -150,12 +300,11 @@ def create_cmd(source, debian_version, config, patch_file, diffext, update_id, o
         patch = patch_file.read_text(errors="replace")
     else:
         patch = diffext_patch(source, diffext)
-    if target_abi:
-        debian.lookup_kernel(target_abi)
+    log.info("creating an update from %s with config %s", source, config)
     result = create(source, config, patch, update_id, output, jobs, target_abi, debian_version,
                     signing_key=signing_key)
     if as_json:
-        _print_json(summary(result.package.manifest, str(result.path), result.timings))
+        print_json(summary(result.package.manifest, str(result.path), result.timings))
     else:
         show_package(result.package.manifest)
         click.echo(f"wrote {result.path} ({result.timings['total']:.1f} s)")
@@ -165,7 +314,7 @@ def summary(manifest: Manifest, path: str | None = None,
             timings: dict[str, float] | None = None) -> dict:
     full = manifest.to_json()
     out = {k: full[k] for k in ("id", "replaced", "new", "line_only", "notes", "targets")}
-    out["format"] = manifest.format
+    out["package_format"] = manifest.format  # ("format" is the JSON's own: docs/cli-json.md)
     out["target"] = full["kernel"]  # the kernel the update is for
     out["module"] = manifest.module.name
     out["kernel_refs"] = len(manifest.kernel_refs)
@@ -209,13 +358,14 @@ def signature_status(package, trusted) -> dict:
 
 
 @main.command("view")
-@click.argument("what", required=False)
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("what", required=False, shell_complete=complete_view_target)
+@json_option
 @click.option("--verify", is_flag=True, help="With a package: refuse it (exit 3) unless one of the "
               "trusted keys signed it, as apply does ($LIVESPLICE_TRUSTED_KEYS or "
               "/etc/livesplice/trusted-keys).")
 def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
-    """Show what a package would replace (WHAT is a file), or what is applied (WHAT is an ID)."""
+    """Show what a package would replace (WHAT is a file), or what is applied (WHAT is an ID;
+    without WHAT, every applied update)."""
     from .apply import view_applied
     from .package import Package, visible
     from .signing import load_trusted_keys
@@ -230,7 +380,7 @@ def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
             data = summary(package.manifest, what)
             data["patch"] = package.manifest.patch
             data["signature"] = status
-            _print_json(data)
+            print_json(data)
         else:
             show_package(package.manifest)
             if not status["signed"]:
@@ -241,21 +391,37 @@ def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
                     if not trusted.required else "(NOT by a trusted key, or changed since)"))
             click.echo(visible(package.manifest.patch))
         return
-    data = view_applied(what)
-    if as_json:
-        _print_json(data)
-    elif isinstance(data, list):
-        if not data:
+    if verify:
+        raise BadInput("--verify checks a package file; give one")
+    if what is None:
+        updates = view_applied(None)
+        assert isinstance(updates, list)
+        if as_json:
+            print_json(updates)
+            return
+        if not updates:
             click.echo("no updates applied")
-        for u in data:
-            click.echo(f"{u['id']} ({u['module']}): " + ", ".join(f["name"] for f in u["functions"]))
-    else:
-        click.echo(f"{data['id']} ({data['module']})")
-        for f in data["functions"]:
-            click.echo(f"  {f['name']} at {f['site']} -> {f['new']}")
-        if data.get("patch"):
-            from .package import visible
-            click.echo(visible(str(data["patch"])))
+        for u in updates:
+            click.echo(f"{u['id']} ({u['module']}): " + ", ".join(u["functions"]))
+        return
+    update = view_applied(what)
+    assert isinstance(update, dict)
+    if as_json:
+        print_json(update)
+        return
+    click.echo(f"{update['id']} ({update['module']})")
+    for f in update["jumps"]:
+        click.echo(f"  {f['name']} at {f['site']} -> {f['new']}")
+    if update["overridden"]:
+        _warn_overridden(update)
+    if update.get("patch"):
+        click.echo(visible(str(update["patch"])))
+
+
+def _warn_overridden(update: dict) -> None:
+    err_console.print(f"[yellow]warning:[/] another live patch redirects "
+                      f"{escape(', '.join(update['overridden']))}: its code runs, not "
+                      f"{escape(update['id'])}'s", highlight=False)
 
 
 def _retry_options(f):
@@ -269,15 +435,27 @@ def _retry_options(f):
 @main.command("apply")
 @click.argument("package", type=click.Path(path_type=Path))
 @_retry_options
-@click.option("--json", "as_json", is_flag=True)
-def apply_cmd(package: Path, retries: int, retry_delay: float, as_json: bool) -> None:
+@click.option("--dry-run", is_flag=True, help="Make every check apply makes (package, signature, "
+              "target kernel, lockdown, run-pre matching, symbols, other live patches, stacking) "
+              "and say what it would do, without loading anything: the exit status apply would "
+              "give.")
+@json_option
+def apply_cmd(package: Path, retries: int, retry_delay: float, dry_run: bool, as_json: bool) -> None:
     """Switch the running kernel to an update's new code. Once a trusted key is configured
-    ($LIVESPLICE_TRUSTED_KEYS or /etc/livesplice/trusted-keys), the package must be signed by one."""
+    ($LIVESPLICE_TRUSTED_KEYS or /etc/livesplice/trusted-keys), the package must be signed by one.
+    Each apply is recorded in the system journal (`journalctl -t livesplice`)."""
     from .apply import apply
 
-    result = apply(package, retries, retry_delay)
+    result = apply(package, retries, retry_delay, dry_run=dry_run)
     if as_json:
-        _print_json(result)
+        print_json(result)
+    elif dry_run:
+        click.echo(f"dry run: {result['id']} would apply: {', '.join(result['functions'])} "
+                   f"(run-pre matching {result['match_seconds']:.2f} s); nothing was loaded")
+        if result["would_unload"]:
+            click.echo(f"  would first unload what an interrupted command left: "
+                       f"{', '.join(result['would_unload'])}")
+        click.echo(f"  would load {', '.join(result['would_load'])}")
     else:
         click.echo(f"applied {result['id']}: {', '.join(result['functions'])} "
                    f"(machine stopped {result['pause_ns'] / 1e6:.3f} ms, "
@@ -285,56 +463,56 @@ def apply_cmd(package: Path, retries: int, retry_delay: float, as_json: bool) ->
 
 
 @main.command("undo")
-@click.argument("update_id")
+@click.argument("update_id", shell_complete=complete_applied_ids)
 @_retry_options
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.option("--force", is_flag=True, help="Undo even though the update's new code may have "
               "queued callbacks (timers, works) into itself.")
 def undo_cmd(update_id: str, retries: int, retry_delay: float, as_json: bool, force: bool) -> None:
-    """Take an applied update out again (the latest of those stacked on the same code first)."""
+    """Take an applied update out again (the latest of those stacked on the same code first).
+    Each undo is recorded in the system journal (`journalctl -t livesplice`)."""
     from .apply import undo
 
     result = undo(update_id, retries, retry_delay, force)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         click.echo(f"undone {update_id} (machine stopped {result['pause_ns'] / 1e6:.3f} ms)")
 
 
 @main.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def list_cmd(as_json: bool) -> None:
     """One line per applied update, in stacking order (oldest first)."""
     from .apply import list_applied
 
-    data = list_applied()
+    updates = list_applied()
     if as_json:
-        _print_json(data)
+        print_json(updates)
         return
-    for u in data:
+    for u in updates:
         click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}")
         if u["overridden"]:
-            err_console.print(f"[yellow]warning:[/] another live patch redirects "
-                              f"{', '.join(u['overridden'])}: its code runs, not {u['id']}'s",
-                              highlight=False)
+            _warn_overridden(u)
 
 
 @main.command("cleanup")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def cleanup_cmd(as_json: bool) -> None:
     """Unload what an interrupted command left loaded but not applied."""
     from .apply import cleanup_command
 
     removed = cleanup_command()
     if as_json:
-        _print_json({"removed": removed})
+        print_json({"removed": removed})
     else:
         click.echo("removed " + ", ".join(removed) if removed else "nothing to clean up")
 
 
 @main.command("keygen")
 @click.argument("private_key", type=click.Path(path_type=Path))
-def keygen_cmd(private_key: Path) -> None:
+@json_option
+def keygen_cmd(private_key: Path, as_json: bool) -> None:
     """Make an Ed25519 key pair for signing packages: PRIVATE_KEY (PEM, mode 0600) for
     `create --sign-key`, PRIVATE_KEY.pub (OpenSSH) for the targets' trusted-keys directory."""
     import os
@@ -352,13 +530,15 @@ def keygen_cmd(private_key: Path) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(private_pem(key))
     public.write_bytes(public_openssh(key, f"livesplice-{key_id(key)[:16]}"))
-    click.echo(f"key {key_id(key)}\nprivate: {private_key}\npublic:  {public} "
-               "(copy it into /etc/livesplice/trusted-keys/ on the targets)")
+    if as_json:
+        print_json({"key_id": key_id(key), "private": str(private_key), "public": str(public)})
+    else:
+        click.echo(f"key {key_id(key)}\nprivate: {private_key}\npublic:  {public} "
+                   "(copy it into /etc/livesplice/trusted-keys/ on the targets)")
 
 
 @main.command("demo")
-@click.option("--kernel", default=debian.DEFAULT_KERNEL, show_default=True,
-              help="Stock kernel to run the demo on.")
+@_kernel_option
 def demo_cmd(kernel: str) -> None:
     """The whole story on a stock kernel in the VM: a real fix created, applied, undone; and a
     printk added to a running function for debugging."""
@@ -368,4 +548,4 @@ def demo_cmd(kernel: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="livesplice")

@@ -53,7 +53,7 @@ class Answer:
     figures: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "Answer":
+    def parse(cls, text: str) -> Answer:
         head, _, rest = text.partition("\n")
         parts = head.split(" ", 3)
         if len(parts) < 3:

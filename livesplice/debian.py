@@ -1,13 +1,15 @@
 """Stock Debian 12 kernels: which ones livesplice knows, and fetching them into the cache.
 
-Everything is taken from Debian's package registry with apt's own client (so the machine's apt
-configuration decides the mirror), unpacked with dpkg-deb, never installed: several kernels and
-their headers live side by side in the cache, and the host's /boot and /lib/modules stay untouched.
+Everything is taken from Debian's package registry with apt's own client, `apt-get download` (so
+the machine's apt configuration decides the mirror, proxy and credentials), unpacked with
+dpkg-deb, never installed: several kernels and their headers live side by side in the cache, and
+the host's /boot and /lib/modules stay untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -17,11 +19,13 @@ from typing import TYPE_CHECKING
 
 from .errors import BadInput, LivespliceError
 
-# The command line imports this module for the kernels' names; what only fetching needs is
-# imported when fetching (urllib.request and rich.progress took 0.5 s of every command's start
-# in an emulated guest).
+# The command line imports this module for the kernels' names; rich.progress, which only
+# fetching needs, is imported when fetching (with urllib.request, it took 0.5 s of every
+# command's start in an emulated guest).
 if TYPE_CHECKING:
     from rich.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def _apt_uri(spec: str) -> DebUri:
     if not shutil.which("apt-get"):
         raise BadInput("apt-get is not available: livesplice fetches stock kernels from Debian's registry")
     proc = subprocess.run(["apt-get", "download", "--print-uris", spec],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         hint = " (run scripts/setup.sh, or `apt-get update`, first)" if "not found" in proc.stderr \
             or "Unable to locate" in proc.stderr else ""
@@ -163,26 +167,36 @@ def _apt_uri(spec: str) -> DebUri:
     raise LivespliceError(f"apt printed no URI for {spec}: {proc.stdout!r}")
 
 
-def _download(uri: DebUri, dest_dir: Path, progress: Progress) -> Path:
+def _download(spec: str, dest_dir: Path) -> Path:
+    """PKG=VERSION's .deb in `dest_dir`, downloaded by apt's own client (`apt-get download`) so
+    that apt's configuration applies (mirror, proxy, auth.conf credentials, timeouts), and checked
+    by apt against the hashes of its signed index; kept there, so the next fetch reuses it."""
+    uri = _apt_uri(spec)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / uri.filename
     if dest.exists() and dest.stat().st_size == uri.size and \
             (uri.sha256 is None or _sha256(dest) == uri.sha256):
+        log.info("%s: already downloaded", uri.filename)
         return dest
-    part = dest.with_suffix(".part")
-    task = progress.add_task(uri.filename, total=uri.size)
-    digest = hashlib.sha256()
-    import urllib.request
-
-    with urllib.request.urlopen(uri.url, timeout=60) as response, open(part, "wb") as out:
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-            digest.update(chunk)
-            progress.advance(task, len(chunk))
-    if uri.sha256 and digest.hexdigest() != uri.sha256:
-        part.unlink()
-        raise LivespliceError(f"{uri.filename}: SHA256 mismatch after download")
-    part.rename(dest)
+    dest.unlink(missing_ok=True)  # an interrupted download: apt starts again
+    log.info("downloading %s (%.1f MB) with apt-get", uri.filename, uri.size / 1e6)
+    # apt's progress goes to stderr: stdout may be carrying a --json result.
+    proc = subprocess.run(["apt-get", "download", spec], cwd=dest_dir, stdout=2,
+                          stderr=subprocess.PIPE, text=True, check=False)
+    problems = []
+    for line in proc.stderr.splitlines():
+        # apt's unprivileged _apt user cannot write into root's cache: apt downloads as root,
+        # which is what livesplice runs as anyway.
+        if "Download is performed unsandboxed as root" in line:
+            log.debug("apt: %s", line)
+        elif line.strip():
+            problems.append(line.strip())
+    if proc.returncode != 0 or not dest.exists():
+        raise BadInput(f"apt could not download {spec} (exit status {proc.returncode}; check "
+                       "apt's configuration, mirror and proxy, and the network): "
+                       + " ".join(problems))
+    for line in problems:
+        log.warning("apt: %s", line)
     return dest
 
 
@@ -248,36 +262,38 @@ def fetch_kernel(abi: str, with_source: bool = True) -> KernelFiles:
     files = kernel_files(abi)
     kernel = files.kernel
     debs = cache_root() / "debs"
-    with _progress() as progress:
-        if not (files.root / ".complete").exists():
-            deb = _download(_apt_uri(f"{kernel.image_package}={kernel.version}"), debs, progress)
-            shutil.rmtree(files.root, ignore_errors=True)
-            _unpack_deb(deb, files.root)
-            # modules.dep for the unpacked tree, so initramfs building can follow dependencies.
-            subprocess.run(["depmod", "-b", str(files.root), kernel.abi], check=True)
-            (files.root / ".complete").touch()
+    if not (files.root / ".complete").exists():
+        deb = _download(f"{kernel.image_package}={kernel.version}", debs)
+        log.info("unpacking %s", deb.name)
+        shutil.rmtree(files.root, ignore_errors=True)
+        _unpack_deb(deb, files.root)
+        # modules.dep for the unpacked tree, so initramfs building can follow dependencies.
+        subprocess.run(["depmod", "-b", str(files.root), kernel.abi], check=True)
+        (files.root / ".complete").touch()
 
-        hroot = headers_root(kernel)
-        if not (hroot / ".complete").exists():
-            specs = [f"linux-headers-{kernel.abi}={kernel.version}",
-                     f"linux-headers-{kernel.abi_number}-common={kernel.version}",
-                     "linux-kbuild-6.1"]  # host tools: any version >= the kernel's will do
-            pkgs = [_download(_apt_uri(s), debs, progress) for s in specs]
-            shutil.rmtree(hroot, ignore_errors=True)
-            for deb in pkgs:
-                _unpack_deb(deb, hroot)
-            _fix_headers_links(hroot, kernel)
-            (hroot / ".complete").touch()
+    hroot = headers_root(kernel)
+    if not (hroot / ".complete").exists():
+        specs = [f"linux-headers-{kernel.abi}={kernel.version}",
+                 f"linux-headers-{kernel.abi_number}-common={kernel.version}",
+                 "linux-kbuild-6.1"]  # host tools: any version >= the kernel's will do
+        pkgs = [_download(s, debs) for s in specs]
+        log.info("unpacking the headers of %s", kernel.abi)
+        shutil.rmtree(hroot, ignore_errors=True)
+        for deb in pkgs:
+            _unpack_deb(deb, hroot)
+        _fix_headers_links(hroot, kernel)
+        (hroot / ".complete").touch()
 
-        sroot = source_root(kernel.version)
-        if with_source and not (sroot / ".complete").exists():
-            deb = _download(_apt_uri(f"{SOURCE_PACKAGE}={kernel.version}"), debs, progress)
-            shutil.rmtree(sroot, ignore_errors=True)
-            unpacked = sroot / "deb"
-            _unpack_deb(deb, unpacked)
+    sroot = source_root(kernel.version)
+    if with_source and not (sroot / ".complete").exists():
+        deb = _download(f"{SOURCE_PACKAGE}={kernel.version}", debs)
+        shutil.rmtree(sroot, ignore_errors=True)
+        unpacked = sroot / "deb"
+        _unpack_deb(deb, unpacked)
+        with _progress() as progress:
             _unpack_tarball(unpacked / "usr" / "src" / "linux-source-6.1.tar.xz", sroot, progress)
-            shutil.rmtree(unpacked)
-            (sroot / ".complete").touch()
+        shutil.rmtree(unpacked)
+        (sroot / ".complete").touch()
     return files
 
 

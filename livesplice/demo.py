@@ -143,11 +143,12 @@ class Demo:
             self.step("debugging: apply the printk update, read /proc/version, undo")
             self.guest(vm, "apply", str(debug.path))
             vm.run(["cat", "/proc/version"], check=True)
-            lines = [l for l in vm.dmesg().splitlines() if "livesplice demo:" in l]
+            lines = [line for line in vm.dmesg().splitlines() if "livesplice demo:" in line]
             self.console.out("\n".join(lines[-2:]) or "(no printk line!)", highlight=False)
             self.guest(vm, "undo", "printk-debug")
             vm.run(["cat", "/proc/version"], check=True)
-            lines_after = [l for l in vm.dmesg().splitlines() if "livesplice demo:" in l]
+            lines_after = [line for line in vm.dmesg().splitlines()
+                           if "livesplice demo:" in line]
             problems = vm.dmesg_problems()
 
         ok = (before > 1 and after == 1 and again == before and len(lines) >= 1

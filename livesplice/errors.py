@@ -1,6 +1,7 @@
 """Errors that map onto livesplice's exit statuses, the same for every command.
 
-0 done, 1 internal error, 2 bad input, 3 refused by a safety check, 4 nothing to do.
+0 done, 1 internal error, 2 bad input, 3 refused by a safety check, 4 nothing to do, 5 the test
+bed's guest kernel died (panicked, hung, or its QEMU ended) while `livesplice vm ...` used it.
 """
 
 EXIT_OK = 0
@@ -8,6 +9,7 @@ EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_REFUSED = 3
 EXIT_NOTHING = 4
+EXIT_GUEST_DIED = 5
 
 
 class LivespliceError(Exception):
@@ -34,3 +36,13 @@ class Refused(LivespliceError):
 
 class NothingToDo(LivespliceError):
     exit_status = EXIT_NOTHING
+
+
+class GuestDied(LivespliceError):
+    """The test bed's guest kernel died: `console` holds the end of its console log."""
+
+    exit_status = EXIT_GUEST_DIED
+
+    def __init__(self, message: str, console: str = ""):
+        super().__init__(message)
+        self.console = console

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,22 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import debian
-from .errors import BadInput, LivespliceError
+from .errors import BadInput, GuestDied, LivespliceError
 
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
 # Modules (with their dependencies) the initramfs loads before it can mount the host's root.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
+log = logging.getLogger(__name__)
 BAD_DMESG = re.compile(r"Oops|BUG[: ]|WARNING:|Call Trace|general protection|Kernel panic")
 
 
-class GuestError(LivespliceError):
-    """The guest kernel failed: `console` holds the end of its console log."""
-
-    def __init__(self, message: str, console: str = ""):
-        super().__init__(message)
-        self.console = console
+class GuestError(GuestDied):
+    """The guest kernel failed (exit status 5 from the command line): `console` holds the end of
+    its console log."""
 
 
 class GuestPanic(GuestError):
@@ -173,7 +172,7 @@ def build_initramfs(files: debian.KernelFiles) -> Path:
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to("/bin/busybox")
-        for i, mod in enumerate(order):
+        for mod in order:
             shutil.copy2(files.modules / mod, root / "modules" / Path(mod).name)
         (root / "modules.load").write_text("\n".join(Path(m).name for m in order) + "\n")
         init = root / "init"
@@ -211,7 +210,7 @@ class Session:
 
     # lifecycle
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         self.start()
         return self
 
@@ -238,7 +237,8 @@ class Session:
                 raise BadInput(f"--rwdir {d!r}: must be an existing directory without ',' or spaces")
         agent = Path(__file__).with_name("guest_agent.py").resolve()
         cmdline = " ".join([
-            "console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "tsc=reliable", "no_timer_check", "mitigations=auto",
+            "console=ttyS0", "quiet", "panic=-1", "rdinit=/init", "tsc=reliable", "no_timer_check",
+            "mitigations=auto",
             f"livesplice.python={sys.executable}", f"livesplice.agent={agent}",
             f"livesplice.modules={files.modules}", f"livesplice.rwdirs={','.join(rwdirs)}",
             self.append,
@@ -258,6 +258,8 @@ class Session:
             argv += ["-fsdev", f"local,id=rw{i},path={d},security_model=passthrough,multidevs=remap",
                      "-device", f"virtio-9p-pci,fsdev=rw{i},mount_tag=rw{i}"]
         started = time.monotonic()
+        log.info("booting %s under QEMU (%d CPUs, %s)", self.kernel, self.cpus, self.memory)
+        log.debug("QEMU: %s", " ".join(argv))
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT)
         deadline = started + self.boot_timeout
@@ -272,6 +274,7 @@ class Session:
         if not hello.get("ready"):
             self._fail(GuestError, f"unexpected first message from the agent: {hello!r}")
         self.boot_seconds = time.monotonic() - started
+        log.info("the guest is up (%.1f s)", self.boot_seconds)
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
@@ -303,6 +306,7 @@ class Session:
         if self._proc is None:
             raise LivespliceError("the test-bed session is not running")
         self._next_id += 1
+        log.debug("guest runs %r", argv)
         request = {"id": self._next_id, "argv": list(argv), "timeout": timeout, "env": env or {},
                    "cwd": cwd}
         self._send(request)
@@ -346,7 +350,7 @@ class Session:
             self._sock.settimeout(min(remaining, 0.5))
             try:
                 chunk = self._sock.recv(1 << 20)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 self._check_alive(doing)

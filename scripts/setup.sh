@@ -24,5 +24,5 @@ command -v "$python" >/dev/null || python=python3
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,man]'
 echo "setup: done (.venv/bin/livesplice)"

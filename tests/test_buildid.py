@@ -8,12 +8,20 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import packages
 from livesplice import apply, debian, kernel
-from livesplice.buildid import (Note, NoteError, bzimage_payload, bzimage_vmlinux, elf_build_id,
-                                gnu_build_id, parse_notes)
+from livesplice.buildid import (
+    Note,
+    NoteError,
+    bzimage_payload,
+    bzimage_vmlinux,
+    elf_build_id,
+    gnu_build_id,
+    parse_notes,
+)
 from livesplice.create import tree_build_id
 from livesplice.errors import EXIT_BAD_INPUT, BadInput
 from livesplice.package import Package
@@ -111,6 +119,7 @@ def test_stock_vmlinux_build_id(vmlinux, stock_kernel):
     assert elf_build_id(vmlinux) == STOCK_BUILD_ID
     # pyelftools' own reading of the .notes section agrees.
     import io
+
     from elftools.elf.elffile import ELFFile
     notes = ELFFile(io.BytesIO(vmlinux)).get_section_by_name(".notes")
     ids = [n["n_desc"] for n in notes.iter_notes()
@@ -122,6 +131,7 @@ def test_stock_vmlinux_build_id(vmlinux, stock_kernel):
 def test_module_build_id(stock_kernel):
     ko = next(stock_kernel.modules.glob("kernel/fs/9p/9p.ko"))
     import io
+
     from elftools.elf.elffile import ELFFile
     section = ELFFile(io.BytesIO(ko.read_bytes())).get_section_by_name(".note.gnu.build-id")
     assert elf_build_id(ko) == elf_build_id(ko.read_bytes()) == gnu_build_id(section.data())

@@ -6,10 +6,10 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import livesplice_cli
 
 from livesplice import debian
 from livesplice.package import Package
-from conftest import livesplice_cli
 
 VERSION = "6.1.187-1"
 

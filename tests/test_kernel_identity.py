@@ -4,11 +4,11 @@ which an applied update can change (safety issue, item 13). In the VM, on 6.1.0-
 import json
 
 import pytest
+from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 from livesplice import debian
 from livesplice.buildid import elf_build_id, gnu_build_id
 from livesplice.package import Package
-from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 pytestmark = pytest.mark.vm
 

@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 
-
 from livesplice.elfmodel import ObjectFile, base_name
 from livesplice.objdiff import diff_objects
 

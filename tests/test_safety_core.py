@@ -8,9 +8,9 @@ import re
 import textwrap
 
 import pytest
+from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 from livesplice.testbed import Session
-from conftest import GUEST_CLI, REPO, create_packages, guest_cli
 
 pytestmark = pytest.mark.vm
 
@@ -268,6 +268,8 @@ def test_function_another_live_patch_redirects(vm, packages, stock_kernel, tmp_p
         r = guest_cli(vm, "apply", str(packages["cmdline"]))
         assert r.status == 3 and "another live patch" in r.err and "cmdline_proc_show" in r.err
         assert nothing_loaded(vm)
+        dry = guest_cli(vm, "apply", "--dry-run", str(packages["cmdline"]))  # the same check
+        assert dry.status == 3 and dry.err == r.err
     finally:
         vm.run("echo 0 > /sys/kernel/livepatch/livepatch_sample/enabled; sleep 1; "
                "rmmod livepatch_sample", timeout=120)

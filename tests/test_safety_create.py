@@ -13,11 +13,11 @@ import json
 import textwrap
 
 import pytest
-
-from livesplice.elfmodel import Item, ObjectFile, RELOC_WIDTH, runtime_patched_sites
-from livesplice.package import Package
 from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 from test_apply import applied, assert_clean, dmesg_mark
+
+from livesplice.elfmodel import RELOC_WIDTH, Item, ObjectFile, runtime_patched_sites
+from livesplice.package import Package
 
 pytestmark = pytest.mark.vm
 
@@ -145,7 +145,7 @@ def test_same_named_static_functions_of_two_objects(vm, create, tmp_path):
         # c_start (its pre code), the code at its target that object's new code (the module's
         # section for it), bytes the kernel relocated or rewrites aside
         view = json.loads(guest_cli(vm, "view", "cstart", "--json").out)
-        jumps = [(int(f["site"], 16), int(f["new"], 16)) for f in view["functions"]
+        jumps = [(int(f["site"], 16), int(f["new"], 16)) for f in view["jumps"]
                  if f["name"] == "c_start"]
         assert len(jumps) == 2 and len({t for _, t in jumps}) == 2
         pre = {r.object: r for r in package.pre.functions if r.name == "c_start"}

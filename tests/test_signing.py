@@ -340,11 +340,12 @@ def test_apply_refuses_unsigned_and_forged(tmp_path, key):
                  packages.write_package(tmp_path / "other.tar.gz",
                                         signing_key=signing.generate_key()),
                  forge(good, tmp_path / "forged.tar.gz", evil_module)):
-        r = subprocess.run([sys.executable, "-m", "livesplice", "apply", str(path)], cwd=REPO,
-                           capture_output=True, text=True, env=_cli_env(tmp_path, keys),
-                           timeout=60)
-        assert r.returncode == 3, (path.name, r.stderr)
-        assert "sign" in r.stderr
+        for dry_run in ([], ["--dry-run"]):  # the dry run checks the signature as apply does
+            r = subprocess.run([sys.executable, "-m", "livesplice", "apply", *dry_run, str(path)],
+                               cwd=REPO, capture_output=True, text=True,
+                               env=_cli_env(tmp_path, keys), timeout=60)
+            assert r.returncode == 3, (path.name, dry_run, r.stderr)
+            assert "sign" in r.stderr
 
 
 def test_sums_hash_is_what_is_signed(key):

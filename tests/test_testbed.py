@@ -1,11 +1,11 @@
 """The VM test bed against the real stock Debian kernel (6.1.0-53-amd64) under QEMU/TCG."""
 
 import pytest
+from conftest import livesplice_cli
 
 from livesplice import debian
 from livesplice.errors import BadInput
 from livesplice.testbed import CommandTimeout, GuestPanic, Session
-from conftest import livesplice_cli
 
 
 def test_uname_and_kallsyms(vm):
