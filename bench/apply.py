@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """apply figures, in the VM on the stock kernel: the machine's pause for a 1-function and a
 20-function update next to an empty stop_machine() in the same run, and the whole apply time with
-run-pre matching's share.
+run-pre matching's share; the `livesplice apply` command from process start to exit, beside the
+floors it cannot go below in the same guest: starting Python, importing the command line
+(`import livesplice.cli`), and the kernel generating /proc/kallsyms.
 
 Run as root after scripts/setup.sh:  .venv/bin/python bench/apply.py [--runs N]
 """
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -40,7 +43,7 @@ def many_functions_patch(tree: Path, syscalls: int) -> str:
             nonlocal count
             count += 1
             return m.group(0) + ('\tasm volatile("nop");\n' if count <= syscalls else "")
-        return re.sub(r"^SYSCALL_DEFINE\d\([^;{]*\)\n\{\n", add_nop, text, flags=re.M)
+        return re.sub(r"^SYSCALL_DEFINE\d\([^;{]*\)\n\{\n", add_nop, text, flags=re.MULTILINE)
     return unified(tree, "kernel/sys.c", edit)
 
 
@@ -50,14 +53,34 @@ def unified(tree: Path, rel: str, edit) -> str:
 
 
 GUEST = textwrap.dedent("""
-    import json, sys, time
+    import json, subprocess, sys, time
     from livesplice.apply import apply, undo, empty_pause
-    out = {"empty": [], "one": [], "many": []}
-    runs = int(sys.argv[3])
+
+    def timed(argv):
+        t = time.monotonic()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        return time.monotonic() - t
+
+    one, many, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out = {key: [] for key in ("empty", "one", "many", "python", "cli", "cat_kallsyms",
+                               "read_kallsyms", "command")}
     for _ in range(runs):
-        out["empty"].append(empty_pause(sys.argv[1], 20))
-        for key, path in (("one", sys.argv[1]), ("many", sys.argv[2])):
+        out["python"].append(timed([sys.executable, "-c", "pass"]))
+        out["cli"].append(timed([sys.executable, "-c", "import livesplice.cli"]))
+        out["cat_kallsyms"].append(timed(["cat", "/proc/kallsyms"]))
+        t = time.monotonic()
+        with open("/proc/kallsyms", "rb") as f:
+            kallsyms = f.read()
+        out["read_kallsyms"].append(time.monotonic() - t)
+        out["kallsyms_lines"] = kallsyms.count(b"\\n")
+        out["command"].append(timed([sys.executable, "-m", "livesplice", "apply", one]))
+        subprocess.run([sys.executable, "-m", "livesplice", "undo", "bench-one"], check=True,
+                       stdout=subprocess.DEVNULL)
+        out["empty"].append(empty_pause(one, 20))
+        for key, path in (("one", one), ("many", many)):
+            t = time.monotonic()
             r = apply(path)
+            r["call_seconds"] = time.monotonic() - t
             out[key].append(r)
             undo(r["id"])
     print(json.dumps(out))
@@ -82,10 +105,20 @@ def main() -> None:
                    timeout=3600, cwd=str(REPO), check=True)
         problems = vm.dmesg_problems()
     data = json.loads(r.out)
-    ms = lambda ns: ns / 1e6
+
+    def ms(ns: float) -> float:
+        return ns / 1e6
+
+    def med(key: str) -> float:
+        return statistics.median(data[key])
+
     empty = statistics.median(e["mean_ns"] for e in data["empty"])
-    print(f"machine: {platform.node()}, {__import__('os').cpu_count()} cpus; guest {debian.DEFAULT_KERNEL} "
+    print(f"machine: {platform.node()}, {os.cpu_count()} cpus; guest {debian.DEFAULT_KERNEL} "
           f"under QEMU/TCG, 2 vCPUs; {args.runs} runs each, medians")
+    print(f"floors in the guest: python start {med('python'):.2f} s; python start and "
+          f"`import livesplice.cli` {med('cli'):.2f} s; `cat /proc/kallsyms` "
+          f"({data['kallsyms_lines']} lines) {med('cat_kallsyms'):.2f} s, read in Python "
+          f"{med('read_kallsyms'):.2f} s")
     print(f"empty stop_machine pause: {ms(empty):.3f} ms")
     for key, label in (("one", "1-function update"), ("many", f"{n_many}-function update")):
         rs = data[key]
@@ -93,9 +126,14 @@ def main() -> None:
         work = statistics.median(x["work_ns"] for x in rs)
         total = statistics.median(x["total_seconds"] for x in rs)
         match = statistics.median(x["match_seconds"] for x in rs)
+        call = statistics.median(x["call_seconds"] for x in rs)
         print(f"{label}: pause {ms(pause):.3f} ms (stack check and writes {ms(work):.3f} ms); "
               f"whole apply {total:.2f} s, of which run-pre matching {match:.2f} s "
-              f"({100 * match / total:.0f}%)")
+              f"({100 * match / total:.0f}%); with reading and checking the package "
+              f"{call:.2f} s")
+    command, floor = med("command"), med("cli")
+    print(f"`livesplice apply`, 1-function update, process start to exit: {command:.2f} s = "
+          f"floor (python start and `import livesplice.cli`) {floor:.2f} s + {command - floor:.2f} s")
     print(f"kernel log problems: {len(problems)}")
 
 

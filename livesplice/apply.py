@@ -20,13 +20,13 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import coreproto, journal, kernel
 from .errors import EXIT_INTERNAL, EXIT_NOTHING, BadInput, LivespliceError, NothingToDo, Refused
+from .package import CORE_MODULE as CORE_MEMBER
 from .package import Package
 from .runpre import Matcher, MatchResult
 
@@ -210,10 +210,10 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     if kernel.module_loaded(module) and module not in unload_first:
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
-    new_code = kernel.link_unexported(package.new_code, ks, addresses)
+    new_code = kernel.link_unexported(package.new_code, ks, addresses, manifest.module.file)
     # No update applied: no core after cleanup (it unloads an idle one), so the package's loads.
     core = (None if applied else
-            kernel.link_unexported(package.members["modules/livesplice_core.ko"], ks))
+            kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER))
     return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match)
 
 
@@ -272,10 +272,10 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
     loaded_core = plan.core is not None
     if plan.core is not None:
         log.info("loading the core module %s", coreproto.CORE_MODULE)
-        _insmod_bytes(coreproto.CORE_MODULE, plan.core)
+        kernel.insmod(coreproto.CORE_MODULE, plan.core)
     try:
         log.info("loading the new code, module %s", module)
-        _insmod_bytes(module, plan.new_code)
+        kernel.insmod(module, plan.new_code)
         switches, ranges = _switches(package, plan.match)
         log.info("switching %d functions", len(switches))
         figures = coreproto.call(
@@ -317,13 +317,6 @@ def _switches(package: Package, match: MatchResult
     return switches, ranges
 
 
-def _insmod_bytes(name: str, ko: bytes) -> None:
-    with tempfile.TemporaryDirectory(prefix="livesplice-") as tmp:
-        path = Path(tmp) / f"{name}.ko"
-        path.write_bytes(ko)
-        kernel.insmod(path)
-
-
 def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
     """Load the package's core module unless a core is loaded; whether this call loaded it.
     A loaded core is used whichever package brought it, provided it speaks this livesplice's
@@ -331,8 +324,8 @@ def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
     if coreproto.core_loaded():
         coreproto.state()
         return False
-    _insmod_bytes(coreproto.CORE_MODULE,
-                  kernel.link_unexported(package.members["modules/livesplice_core.ko"], ks))
+    core = kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER)
+    kernel.insmod(coreproto.CORE_MODULE, core)
     return True
 
 

@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_RELOC_TYPE_x64
-from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import SymbolTableSection
 
 from .errors import BadInput
 
@@ -148,6 +145,11 @@ class ObjectFile:
                 self.raw = f.read()
         except OSError as exc:
             raise BadInput(f"cannot read object {self.path}: {exc.strerror}") from None
+        # Here, not at the top: apply imports this module for its constants and reads no object.
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.relocation import RelocationSection
+        from elftools.elf.sections import SymbolTableSection
+
         # Parsed once: the sections, symbols and relocations below, and the DWARF that
         # structlayout reads, all come from this one ELFFile.
         self.elf = ELFFile(io.BytesIO(self.raw))

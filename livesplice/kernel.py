@@ -4,7 +4,9 @@ modules (/sys/module); linking a module against the kernel's unexported symbols.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
+import re
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -31,28 +33,79 @@ class KSym:
         return self.type.isupper()
 
 
+KALLSYMS = Path("/proc/kallsyms")
+_EXPORT = re.compile(rb" __ksymtab_(\S+)[\t\n]")  # EXPORT_SYMBOL's entry, vmlinux's or a module's
+_TEXT_ADDRESS = re.compile(rb"^([0-9a-fA-F]+) [tTwW] ", re.MULTILINE)
+
+
+def _name_field(name: str) -> bytes | None:
+    """The name as /proc/kallsyms would show it; None for one it cannot show (kallsyms names are
+    ASCII, without white space)."""
+    try:
+        field = name.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    return field if field.split() == [field] else None
+
+
 class Kallsyms:
-    def __init__(self, text: str | None = None):
+    """The running kernel's symbols, as /proc/kallsyms lists them: vmlinux's (module None) first,
+    then each module's, `ADDRESS TYPE NAME\t[MODULE]`.
+
+    The text is read once, as bytes, and searched only for the names asked for: an update needs a
+    few dozen of its 100,000-odd lines, and parsing them all cost seconds in an emulated guest.
+    A name is found with bytes.find of " NAME" followed by a newline (vmlinux) or a tab (a
+    module), the only places a field preceded by a space ends so; each answer is kept."""
+
+    def __init__(self, text: bytes | str | None = None):
         if text is None:
-            text = Path("/proc/kallsyms").read_text()
-        self.by_name: dict[str, list[KSym]] = {}
-        addresses = []
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) < 3:
-                continue
-            module = parts[3].strip("[]") if len(parts) > 3 else None
-            sym = KSym(int(parts[0], 16), parts[1], parts[2], module)
-            self.by_name.setdefault(sym.name, []).append(sym)
-            if sym.is_text:
-                addresses.append(sym.address)
-        if all(s.address == 0 for s in self.by_name.get("_stext", [])):
+            text = KALLSYMS.read_bytes()
+        elif isinstance(text, str):
+            text = text.encode()
+        self._text = text if text.endswith(b"\n") else text + b"\n"
+        # vmlinux's lines come first and have no tab; modules', ftrace's and BPF's follow.
+        first_tab = self._text.find(b"\t")
+        self._modules_start = (len(self._text) if first_tab < 0
+                               else self._text.rfind(b"\n", 0, first_tab) + 1)
+        self._by_name: dict[str, list[KSym]] = {}
+        self._exported: frozenset[bytes] | None = None
+        self._text_addresses: list[int] | None = None
+        if all(s.address == 0 for s in self._find("_stext") if s.module is None):
             raise BadInput("/proc/kallsyms shows no addresses: run as root "
                            "(and with kernel.kptr_restrict < 2)")
-        self._text = sorted(set(addresses))
+
+    def symbols(self, name: str) -> list[KSym]:
+        """Every symbol of that name, vmlinux's and modules', in /proc/kallsyms' order."""
+        found = self._by_name.get(name)
+        if found is None:
+            found = self._by_name[name] = self._find(name)
+        return found
+
+    def _find(self, name: str) -> list[KSym]:
+        field = _name_field(name)
+        if field is None:
+            return []
+        text = self._text
+        out = []
+        for end, start, stop in ((b"\n", 0, self._modules_start),
+                                 (b"\t", self._modules_start, len(text))):
+            needle = b" " + field + end
+            at = text.find(needle, start, stop)
+            while at >= 0:
+                line = text.rfind(b"\n", 0, at) + 1
+                head = text[line:at].split()  # address and type
+                if len(head) == 2 and len(head[1]) == 1:
+                    module = None
+                    if end == b"\t":  # then "[MODULE]"
+                        after = at + len(needle)
+                        module = text[after:text.find(b"\n", after)].strip(b"[]").decode()
+                    out.append(KSym(int(head[0], 16), head[1].decode(), name, module))
+                at = text.find(needle, at + len(needle), stop)
+        return out
 
     def lookup(self, name: str, module: str | None = None) -> list[KSym]:
-        return [s for s in self.by_name.get(name, []) if s.module == module]
+        """The symbols of that name in vmlinux (module None) or in that module."""
+        return [s for s in self.symbols(name) if s.module == module]
 
     def address(self, name: str) -> int:
         syms = self.lookup(name)
@@ -60,9 +113,20 @@ class Kallsyms:
             raise LivespliceError(f"{name}: {len(syms)} symbols of that name in /proc/kallsyms")
         return syms[0].address
 
+    def exported(self, name: str) -> bool:
+        """Whether vmlinux or a loaded module exports `name` (has its `__ksymtab_NAME`): the
+        module loader resolves those itself. The set of all of them is one regex pass."""
+        if self._exported is None:
+            self._exported = frozenset(_EXPORT.findall(self._text))
+        return _name_field(name) in self._exported
+
     def next_text_after(self, address: int) -> int | None:
-        i = bisect.bisect_right(self._text, address)
-        return self._text[i] if i < len(self._text) else None
+        """The lowest address of a text symbol above `address` (where a function ends, at the
+        latest). The sorted addresses of all text symbols are made on the first call."""
+        if self._text_addresses is None:
+            self._text_addresses = sorted({int(a, 16) for a in _TEXT_ADDRESS.findall(self._text)})
+        i = bisect.bisect_right(self._text_addresses, address)
+        return self._text_addresses[i] if i < len(self._text_addresses) else None
 
 
 class KernelMemory:
@@ -122,10 +186,21 @@ def module_section(name: str, section: str) -> int:
     return int(Path(f"/sys/module/{name}/sections/{section}").read_text(), 16)
 
 
-def insmod(path: Path, *params: str) -> None:
-    proc = subprocess.run(["insmod", str(path), *params], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise LivespliceError(f"insmod {path.name} failed: {proc.stderr.strip()}")
+# What kmod's insmod says for the errors whose strerror misleads.
+_LOAD_ERRORS = {errno.ENOEXEC: "Invalid module format",
+                errno.ENOENT: "Unknown symbol in module, or unknown parameter (see dmesg)",
+                errno.EEXIST: "a module of that name is already loaded"}
+
+
+def insmod(name: str, image: bytes, params: str = "") -> None:
+    """Load a module from its bytes with init_module(2), as insmod does; in-process, because
+    starting insmod cost about 0.3 s per module in an emulated guest."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.init_module(image, ctypes.c_ulong(len(image)), params.encode()) != 0:
+        code = ctypes.get_errno()
+        raise LivespliceError(f"insmod {name}.ko failed: {_LOAD_ERRORS.get(code, os.strerror(code))}")
 
 
 def rmmod(name: str) -> None:
@@ -134,34 +209,63 @@ def rmmod(name: str) -> None:
         raise LivespliceError(f"rmmod {name} failed: {proc.stderr.strip()}")
 
 
-def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None = None) -> bytes:
+_ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
+_ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")  # sh_name, sh_type, ..., sh_offset, sh_size, sh_link, ...
+SHT_SYMTAB = 2
+SHN_UNDEF = 0
+
+
+def undefined_symbols(ko: bytes, what: str = "module") -> list[tuple[int, str]]:
+    """(offset of its Elf64_Sym in `ko`, name) of each named undefined symbol of a relocatable
+    x86-64 ELF object. Read with struct, not pyelftools, whose parsing and import took about a
+    second per apply in an emulated guest; the table is the one the kernel's loader reads."""
+    try:
+        if ko[:4] != b"\x7fELF" or ko[4:6] != b"\x02\x01":
+            raise ValueError("not a 64-bit little-endian ELF file")
+        shoff, = struct.unpack_from("<Q", ko, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", ko, 0x3A)
+        if shentsize != _ELF64_SECTION.size:
+            raise ValueError(f"section headers of {shentsize} bytes")
+        sections = [_ELF64_SECTION.unpack_from(ko, shoff + i * shentsize) for i in range(shnum)]
+        symtabs = [s for s in sections if s[1] == SHT_SYMTAB]
+        if len(symtabs) != 1:
+            raise ValueError(f"{len(symtabs)} symbol tables")
+        _, _, _, _, offset, size, link, _, _, entsize = symtabs[0]
+        if entsize != _ELF64_SYM.size or offset + size > len(ko) or link >= shnum:
+            raise ValueError("a malformed symbol table")
+        strings = ko[sections[link][4]:sections[link][4] + sections[link][5]]
+        out = []
+        for at in range(offset, offset + size - entsize + 1, entsize):
+            st_name, _, _, st_shndx, _, _ = _ELF64_SYM.unpack_from(ko, at)
+            if st_shndx == SHN_UNDEF and st_name:
+                end = strings.index(b"\0", st_name)
+                out.append((at, strings[st_name:end].decode()))
+        return out
+    except (struct.error, ValueError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
+        raise BadInput(f"{what} is not a valid x86-64 kernel module ({exc})") from None
+
+
+def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None = None,
+                    what: str = "module") -> bytes:
     """The module with undefined symbols made absolute: those in `names` at the address given,
     and every one the kernel does not export at its (unique) vmlinux address in kallsyms. The
     module loader then leaves them as they are, as for any SHN_ABS symbol; exported ones it
     resolves itself, with their version checks."""
-    import io
-
-    from elftools.elf.elffile import ELFFile
-
-    elf = ELFFile(io.BytesIO(ko))
-    symtab = elf.get_section_by_name(".symtab")
     out = bytearray(ko)
     missing = []
-    for i, sym in enumerate(symtab.iter_symbols()):
-        if not sym.name or sym["st_shndx"] != "SHN_UNDEF":
-            continue
-        if names is not None and sym.name in names:
-            address = names[sym.name]
-        elif kallsyms.by_name.get("__ksymtab_" + sym.name):
+    for entry, name in undefined_symbols(ko, what):
+        if names is not None and name in names:
+            address = names[name]
+        elif kallsyms.exported(name):
             continue
         else:
-            candidates = kallsyms.lookup(sym.name)  # vmlinux's
+            candidates = kallsyms.lookup(name)  # vmlinux's
             found = [c for c in candidates if c.is_global] or candidates
             if len(found) != 1:
-                missing.append(sym.name)
+                missing.append(name)
                 continue
             address = found[0].address
-        entry = symtab["sh_offset"] + i * symtab["sh_entsize"]
+        # st_shndx and st_value, after st_name, st_info and st_other.
         struct.pack_into("<HQ", out, entry + 6, SHN_ABS, address)
     if missing:
         raise LivespliceError("the running kernel has no single symbol for "

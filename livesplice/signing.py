@@ -29,12 +29,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from .errors import BadInput, Refused
+
+# cryptography is imported where a key is used: reading an unsigned package on a machine without
+# trusted keys (every apply there) needs none, and its import cost 0.3 s in an emulated guest.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 SIGNATURE_FORMAT = 1
 SIGNED_PREFIX = b"livesplice package signature v1\n"
@@ -59,6 +64,9 @@ def default_trusted_keys_dir() -> Path:
 
 
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     if isinstance(key, Ed25519PrivateKey):
         key = key.public_key()
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -68,15 +76,22 @@ def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
 # --- keys ---------------------------------------------------------------------------------------
 
 def generate_key() -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.generate()
 
 
 def private_pem(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def public_openssh(key: Ed25519PrivateKey | Ed25519PublicKey, comment: str = "") -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     if isinstance(key, Ed25519PrivateKey):
         key = key.public_key()
     line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -96,6 +111,10 @@ def _read_key_file(path: Path, what: str) -> bytes:
 
 def load_private_key(path: Path | str) -> Ed25519PrivateKey:
     """An unencrypted Ed25519 private key in PEM (PKCS#8) or OpenSSH format."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     path = Path(path)
     data = _read_key_file(path, "signing key")
     key: object
@@ -115,6 +134,10 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path | str) -> Ed25519PublicKey:
     """An Ed25519 public key in PEM (SubjectPublicKeyInfo) or OpenSSH format."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     path = Path(path)
     data = _read_key_file(path, "trusted key")
     try:
@@ -215,6 +238,8 @@ def verify(sums: bytes, signature: Signature | None, trusted: TrustedKeys, what:
     signed it; None when no key is configured (nothing required, nothing verified). Refused (exit 3)
     when a key is configured and the package is unsigned, signed by another key, or its signature
     does not verify (a changed member, or SHA256SUMS recomputed after a change)."""
+    from cryptography.exceptions import InvalidSignature
+
     if not trusted.required:
         return None
     where = f"trusted keys in {trusted.directory}"

@@ -148,10 +148,10 @@ def test_dry_run_stacked_and_already_applied(vm, packages):
 LEAVE_MODULE = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from livesplice import apply
+    from livesplice import apply, kernel
     # What an apply killed after loading its new code leaves: the module, linked, not switched.
     plan = apply.check_apply(apply.read_package(Path(sys.argv[1])), [], [])
-    apply._insmod_bytes(plan.module, plan.new_code)
+    kernel.insmod(plan.module, plan.new_code)
     print(plan.module)
 """)
 
