@@ -183,7 +183,7 @@ def test_list_and_view_share_one_shape(vm, packages):
         one = json.loads(guest_cli(vm, "view", "prctl-a", "--json").out)
         assert listed == every
         [record] = listed
-        assert set(record) == {"id", "module", "functions", "pause_ns", "work_ns", "overridden",
+        assert set(record) == {"id", "module", "functions", "pause_ns", "work_ns", "overridden", "jumps",
                                "format"}
         assert {k: one[k] for k in record} == record
         assert set(one) - set(record) == {"patch", "target"}
