@@ -21,9 +21,10 @@ from collections import Counter
 from pathlib import Path
 
 from livesplice import debian
-from livesplice.build import WorkTree, file_patch
+from livesplice.build import WorkTree
 from livesplice.create import create
 from livesplice.errors import LivespliceError, NothingToDo, Refused
+from livesplice.patches import file_patch
 from livesplice.testbed import CommandTimeout, GuestError, Session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,9 +190,8 @@ def main() -> None:
     old, new = old_files.source_tree, new_files.source_tree
     tree = WorkTree(old, old_files.config)
     with tree.locked():
-        tree.sync()
-        tree.prepare()
-    builtin_sources = {o[:-2] + ".c" for o in tree.vmlinux_objects}
+        tree.sync_and_prepare()
+    builtin_sources = {o[:-2] + ".c" for o in tree.objects.vmlinux_objects}
     changed = changed_c_files(old, new)
     builtin_changed = [f for f in changed if f in builtin_sources]
     files = list(builtin_changed)

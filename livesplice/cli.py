@@ -274,8 +274,8 @@ def vm_run(kernel: str, cpus: int, memory: str, rwdirs: tuple[str, ...], timeout
 def create_cmd(source, debian_version, config, patch_file, diffext, update_id, output, target_abi,
                as_json, jobs, sign_key) -> None:
     """Build an update package from a source patch (pre/post object code comparison)."""
-    from .build import diffext_patch
     from .create import create
+    from .patches import diffext_patch
     from .signing import load_private_key
 
     signing_key = load_private_key(sign_key) if sign_key is not None else None  # before building

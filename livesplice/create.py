@@ -1,8 +1,10 @@
 """`create`: from a source tree, its config and a patch, an update package.
 
-Phase 1 builds the pre and post objects the patch touches (build), phase 2 finds the functions whose
-code changed and what cannot change live (objdiff, layout), phase 3 turns the new code into a
-module (newcode), phase 4 bundles it with the pre code run-pre matching needs (package).
+`create()` is the pipeline, one named stage after another: check the request, prepare the work
+tree, find the target kernel, build the pre and post objects (build), diff them and refuse what
+cannot change live (objdiff, structlayout), extract the new code into a module and build it
+with the core module (newcode), record the pre code run-pre matching needs, write the package
+(package).
 """
 
 from __future__ import annotations
@@ -12,28 +14,46 @@ import hashlib
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import debian
-from .build import WorkTree, build_pre_post, config_hash, console, kernel_release, patch_files
+from . import debian, pkgformat
+from .build import BuiltPair, WorkTree, build_pre_post
 from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
 from .errors import BadInput, NothingToDo, Refused
-from .layout import layout_changes
-from .newcode import (Extractor, NewCode, build_core, build_module, callbacks, check_problems,
-                      section_name)
+from .includes import LeftOut
+from .kbuild import console
+from .kconfig import config_hash, kernel_release
+from .newcode import Extractor, NewCode, build_module, callbacks, check_problems, core_module, section_name
 from .objdiff import ObjectDiff, diff_objects, section_kind
 from .package import Package
-from . import pkgformat
-from .pkgformat import (FORMAT_VERSION, VMLINUX, KernelIdentity, Manifest, Mask, ModuleFile,
-                        NewFunction, PatchedObject, PreCode, PreFunction, Relocation,
-                        ReplacedFunction, Source)
+from .patches import patch_files
+from .pkgformat import (
+    FORMAT_VERSION,
+    VMLINUX,
+    KernelIdentity,
+    Manifest,
+    Mask,
+    ModuleFile,
+    NewFunction,
+    PatchedObject,
+    PreCode,
+    PreFunction,
+    Relocation,
+    ReplacedFunction,
+    Source,
+)
+from .structlayout import layout_refusals
 
 KBUILD_FILES = re.compile(r"(^|/)(Kconfig[^/]*|Makefile[^/]*|Kbuild[^/]*)$")
 
 
 @dataclass
-class Target:
+class TargetKernel:
+    """The kernel an update is for."""
+
     release: str
     version: str | None  # the image's version banner (release (builder) #N ...), if known
     headers: Path
@@ -52,10 +72,103 @@ class CreateResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def find_target(tree: WorkTree, target_abi: str | None) -> Target:
+@dataclass
+class Request:
+    """What create was asked for, checked."""
+
+    patch: str
+    files: list[str]  # that the patch touches
+    update_id: str
+    output: Path
+
+
+@dataclass
+class Modules:
+    name: str
+    update: bytes  # the new code's module
+    core: bytes
+
+
+ObjectPairs = dict[str, tuple[ObjectFile, ObjectFile]]
+
+
+def create(source: Path, config: Path, patch: str, update_id: str | None = None,
+           output: Path | None = None, jobs: int | None = None, target_abi: str | None = None,
+           source_version: str | None = None, signing_key=None) -> CreateResult:
+    """`signing_key`: an Ed25519 private key (signing.load_private_key) to sign the package with."""
+    timings: dict[str, float] = {}
+    with stage_timer(timings, "total"):
+        with stage_timer(timings, "prepare"):
+            request = check_request(patch, config, update_id, output)
+            tree = WorkTree(source, config, jobs, log_name=f"create-{request.update_id}")
+        with work_dir(request.update_id) as work:
+            with tree.locked():  # from the sync to the last object copied out
+                with stage_timer(timings, "prepare"):
+                    tree.sync_and_prepare()
+                with stage_timer(timings, "build"):
+                    target = find_target_kernel(tree, target_abi)
+                    pair = build_pre_post(tree, request.patch, work)
+            with stage_timer(timings, "diff"):
+                objects = read_objects(pair)
+                diffs = diff_all_objects(tree, objects)
+                refuse_what_cannot_change_live(request.files, diffs, pair.left_out)
+                refuse_when_no_function_changed(diffs, pair.left_out)
+            with stage_timer(timings, "module"):
+                code = extract_new_code(diffs, objects)
+                modules = build_modules(code, request.update_id, target, tree.jobs, work)
+            pre_code = record_pre_code(diffs, objects, code)
+            manifest = build_manifest(request.update_id, target, tree, request.patch, diffs, code,
+                                      pre_code, modules.name, source_version, pair.left_out)
+            package = write_package(manifest, pre_code, modules, request.output, signing_key)
+    return CreateResult(package, request.output, diffs, timings)
+
+
+@contextmanager
+def stage_timer(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the time spent inside to timings[name]."""
+    t = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - t
+
+
+# --- the stages, in order --------------------------------------------------------------------
+
+def check_request(patch: str, config: Path, update_id: str | None,
+                  output: Path | None) -> Request:
+    if not patch.strip():
+        raise BadInput("the patch is empty")
+    files = patch_files(patch)
+    if not files:
+        raise BadInput("the patch names no files (expected a unified diff, -p1)")
+    update_id = update_id or default_id(patch, config)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", update_id):
+        raise BadInput(f"--id {update_id!r}: use 1-40 letters, digits, '-' or '_'")
+    output = output or Path(f"livesplice-{update_id}.tar.gz")
+    if not output.parent.is_dir():
+        raise BadInput(f"output directory {output.parent} does not exist")
+    return Request(patch, files, update_id, output)
+
+
+@contextmanager
+def work_dir(update_id: str) -> Iterator[Path]:
+    """A fixed place per id, emptied before and removed after: the module's debug info names
+    it, and the same change must give the same package."""
+    root = debian.cache_root() / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f"create-{update_id}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def find_target_kernel(tree: WorkTree, target_abi: str | None) -> TargetKernel:
     """The kernel the update is for: a stock kernel named or recognised by its config."""
     if target_abi is None:
-        own = config_hash(tree.config_path)
+        own = tree.config.sha256
         for abi in debian.KNOWN_KERNELS:
             files = debian.kernel_files(abi)
             if files.config.exists() and config_hash(files.config) == own:
@@ -65,16 +178,134 @@ def find_target(tree: WorkTree, target_abi: str | None) -> Target:
         files = debian.kernel_files(target_abi)
         if not (files.root / ".complete").exists() or not files.headers.exists():
             files = debian.fetch_kernel(target_abi, with_source=False)
-        return Target(target_abi, debian.image_version(files.vmlinuz), files.headers, target_abi,
-                      debian.image_build_id(files))
-    release = kernel_release(tree.src, tree.config)
-    headers = Path(f"/lib/modules/{release}/build")
-    if not headers.exists():
-        raise BadInput(f"no headers for kernel {release} at {headers}: pass --target with a "
-                       "stock kernel, or install that kernel's headers")
-    build_id, note = tree_build_id(tree.source / "vmlinux", release)
-    return Target(release, None, headers, None, build_id, note)
+        target = TargetKernel(target_abi, debian.image_version(files.vmlinuz), files.headers,
+                              target_abi, debian.image_build_id(files))
+    else:
+        release = kernel_release(tree.src, tree.config.options)
+        headers = Path(f"/lib/modules/{release}/build")
+        if not headers.exists():
+            raise BadInput(f"no headers for kernel {release} at {headers}: pass --target with a "
+                           "stock kernel, or install that kernel's headers")
+        build_id, note = tree_build_id(tree.source / "vmlinux", release)
+        target = TargetKernel(release, None, headers, None, build_id, note)
+    if target.build_id_note:
+        console.print(f"[yellow]warning:[/] {target.build_id_note}", highlight=False)
+    return target
 
+
+def read_objects(pair: BuiltPair) -> ObjectPairs:
+    """Each object's pre and post build, parsed once for every stage after."""
+    return {o: (ObjectFile(pair.pre_dir / o), ObjectFile(pair.post_dir / o)) for o in pair.objects}
+
+
+def diff_all_objects(tree: WorkTree, objects: ObjectPairs) -> list[ObjectDiff]:
+    diffs = []
+    for o, (pre, post) in objects.items():
+        d = diff_objects(pre, post, o)
+        if d.has_changes and (tree.src / (o[:-2] + ".S")).exists():
+            d.refusals.append(f"{o}: assembly code changed; livesplice updates C functions only")
+        if d.has_changes:
+            d.refusals += layout_refusals(o, pre, post)
+        diffs.append(d)
+    return diffs
+
+
+def refuse_what_cannot_change_live(files: list[str], diffs: list[ObjectDiff],
+                                   left_out: list[LeftOut]) -> None:
+    """Refuse (exit 3) what cannot change live, and any change to code the running kernel has
+    that the update would leave out (module code): applying the rest would leave the fix half
+    done while reporting success."""
+    refusals = _refusals_for_files(files) + [r for d in diffs for r in d.refusals]
+    refusals += [str(f) for f in left_out if f.built]
+    if refusals:
+        raise Refused("the change cannot be applied live", sorted(set(refusals)))
+
+
+def refuse_when_no_function_changed(diffs: list[ObjectDiff], left_out: list[LeftOut]) -> None:
+    """Nothing to do (exit 4) only when the running kernel's code would not change at all; the
+    message says which files were left out and why (none of them is code this kernel runs)."""
+    aside = f"; left out: {'; '.join(map(str, left_out))}" if left_out else ""
+    if not any(d.has_changes for d in diffs):
+        shifted = [f for d in diffs for f in d.line_only]
+        raise NothingToDo("no function's object code changed"
+                          + (f" (only __LINE__ values moved in {', '.join(shifted)})"
+                             if shifted else "") + aside)
+    if not any(d.changed for d in diffs):
+        added = [c.name for d in diffs for c in d.new]
+        raise NothingToDo("no existing function's object code changed; the new functions "
+                          f"({', '.join(added)}) are called by nothing the kernel runs" + aside)
+
+
+def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs) -> NewCode:
+    """The changed and new functions (with their parts) of every object, in one new object."""
+    code = NewCode()
+    for d in diffs:
+        if not d.has_changes:
+            continue
+        _, post = objects[d.object]
+        included = {c.name for c in d.changed + d.new}
+        included |= {p for c in d.changed + d.new for p in c.parts}
+        ex = Extractor(code, d.object, post, d.names, included)
+        for c in d.changed + d.new:
+            ex.add_function(post.functions[c.name])
+            for part in c.parts:
+                ex.add_function(post.functions[part])
+    code.bind_own_globals()
+    check_problems(code)
+    return code
+
+
+def build_modules(code: NewCode, update_id: str, target: TargetKernel, jobs: int,
+                  work: Path) -> Modules:
+    name = Manifest.module_name(update_id)
+    ko = build_module(code, name, update_id, target.headers, work / "module", jobs)
+    core = core_module(target.headers, target.release, target.build_id, work / "core", jobs)
+    return Modules(name, ko.read_bytes(), core)
+
+
+def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs,
+                    code: NewCode) -> list[PreFunction]:
+    """Pre code of every replaced function (and its parts), of every function the new code calls
+    that the objects define, and of functions that use local data the new code uses: matching
+    them against the running kernel decides which of several same-named symbols is meant."""
+    records: dict[tuple[str, str], PreFunction] = {}
+
+    def add(objname: str, pre: ObjectFile, name: str | None, referenced_only: bool = False) -> None:
+        if name is not None and (objname, name) not in records and name in pre.functions:
+            records[(objname, name)] = pre_record(pre, objname, pre.functions[name],
+                                                  referenced_only)
+
+    for d in diffs:
+        pre, _ = objects[d.object]
+        for c in d.changed:
+            add(d.object, pre, c.pre_name)
+            for part in c.parts:
+                add(d.object, pre, d.names.get(part, part))
+    for ref in code.refs.values():
+        if not ref.local:
+            continue
+        pre, _ = objects[ref.object]
+        if ref.kind == "func":
+            add(ref.object, pre, ref.name, referenced_only=True)
+            continue
+        # Init code is gone from the running kernel: only code that is still there can tell.
+        users = [f for f in pre.functions.values() if section_kind(f.section.name) == "normal"
+                 and any(pre.target(r).name == ref.name for r in f.relocs)]
+        for f in users[:3]:
+            add(ref.object, pre, f.name, referenced_only=True)
+    return list(records.values())
+
+
+def write_package(manifest: Manifest, pre_code: list[PreFunction], modules: Modules, output: Path,
+                  signing_key) -> Package:
+    package = Package(manifest, PreCode(pre_code),
+                      {f"modules/{modules.name}.ko": modules.update,
+                       "modules/livesplice_core.ko": modules.core})
+    package.write(output, signing_key)
+    return package
+
+
+# --- what the stages use ---------------------------------------------------------------------
 
 def tree_build_id(vmlinux: Path, release: str) -> tuple[str | None, str | None]:
     """The build id of a self-built kernel, from the vmlinux in its tree if that is a build of
@@ -142,146 +373,16 @@ def default_id(patch: str, config: Path) -> str:
     return "ls-" + hashlib.sha256(patch.encode() + config_hash(config).encode()).hexdigest()[:10]
 
 
-def create(source: Path, config: Path, patch: str, update_id: str | None = None,
-           output: Path | None = None, jobs: int | None = None, target_abi: str | None = None,
-           source_version: str | None = None, signing_key=None) -> CreateResult:
-    """`signing_key`: an Ed25519 private key (signing.load_private_key) to sign the package with."""
-    timings: dict[str, float] = {}
-    t0 = time.monotonic()
-    if not patch.strip():
-        raise BadInput("the patch is empty")
-    files = patch_files(patch)
-    if not files:
-        raise BadInput("the patch names no files (expected a unified diff, -p1)")
-    update_id = update_id or default_id(patch, config)
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", update_id):
-        raise BadInput(f"--id {update_id!r}: use 1-40 letters, digits, '-' or '_'")
-    output = output or Path(f"livesplice-{update_id}.tar.gz")
-    if not output.parent.is_dir():
-        raise BadInput(f"output directory {output.parent} does not exist")
-
-    tree = WorkTree(source, config, jobs)
-    # A fixed place per id: the module's debug info names it, and the same change must give
-    # the same package.
-    work = _tmp_root() / f"create-{update_id}"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        with tree.locked():
-            tree.sync()
-            tree.prepare()
-            timings["prepare"] = time.monotonic() - t0
-            target = find_target(tree, target_abi)
-            if target.build_id_note:
-                console.print(f"[yellow]warning:[/] {target.build_id_note}", highlight=False)
-            pair = build_pre_post(tree, patch, work)
-        timings["build"] = time.monotonic() - t0 - timings["prepare"]
-
-        t1 = time.monotonic()
-        diffs: list[ObjectDiff] = []
-        objects: dict[str, tuple[ObjectFile, ObjectFile]] = {}
-        refusals = _refusals_for_files(files)
-        for o in pair.objects:
-            pre, post = ObjectFile(pair.pre_dir / o), ObjectFile(pair.post_dir / o)
-            objects[o] = (pre, post)
-            d = diff_objects(pre, post, o)
-            if o.endswith(".o") and (tree.src / (o[:-2] + ".S")).exists() and d.has_changes:
-                d.refusals.append(f"{o}: assembly code changed; livesplice updates C functions only")
-            if d.has_changes:
-                d.refusals += [f"{o}: changed layout of {c}" for c in layout_changes(pre, post)]
-            diffs.append(d)
-            refusals += d.refusals
-        timings["diff"] = time.monotonic() - t1
-        if refusals:
-            raise Refused("the change cannot be applied live", sorted(set(refusals)))
-        if not any(d.has_changes for d in diffs):
-            shifted = [f for d in diffs for f in d.line_only]
-            raise NothingToDo("no function's object code changed"
-                              + (f" (only __LINE__ values moved in {', '.join(shifted)})"
-                                 if shifted else ""))
-        if not any(d.changed for d in diffs):
-            added = [c.name for d in diffs for c in d.new]
-            raise NothingToDo("no existing function's object code changed; the new functions "
-                              f"({', '.join(added)}) are called by nothing the kernel runs")
-
-        t2 = time.monotonic()
-        code = NewCode()
-        for d in diffs:
-            if not d.has_changes:
-                continue
-            pre, post = objects[d.object]
-            included = {c.name for c in d.changed + d.new}
-            included |= {p for c in d.changed + d.new for p in c.parts}
-            ex = Extractor(code, d.object, post, d.names, included)
-            for c in d.changed + d.new:
-                ex.add_function(post.functions[c.name])
-                for part in c.parts:
-                    ex.add_function(post.functions[part])
-        code.bind_own_globals()
-        check_problems(code)
-        module_name = Manifest.module_name(update_id)
-        ko = build_module(code, module_name, update_id, target.headers, work / "module",
-                          tree.jobs)
-        core = build_core(target.headers, work / "core", tree.jobs)
-        timings["module"] = time.monotonic() - t2
-
-        pre_code = _pre_code(diffs, objects, code)
-        manifest = build_manifest(update_id, target, tree, patch, diffs, code, pre_code,
-                                  module_name, source_version)
-        package = Package(manifest, PreCode(pre_code),
-                          {f"modules/{module_name}.ko": ko.read_bytes(),
-                           "modules/livesplice_core.ko": core.read_bytes()})
-        package.write(output, signing_key)
-        timings["total"] = time.monotonic() - t0
-        return CreateResult(package, output, diffs, timings)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _tmp_root() -> Path:
-    root = debian.cache_root() / "tmp"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _pre_code(diffs: list[ObjectDiff], objects, code: NewCode) -> list[PreFunction]:
-    """Pre code of every replaced function (and its parts), of every function the new code calls
-    that the objects define, and of functions that use local data the new code uses: matching
-    them against the running kernel decides which of several same-named symbols is meant."""
-    records: dict[tuple[str, str], PreFunction] = {}
-
-    def add(objname: str, pre: ObjectFile, name: str, referenced_only: bool = False) -> None:
-        if (objname, name) not in records and name in pre.functions:
-            records[(objname, name)] = pre_record(pre, objname, pre.functions[name],
-                                                  referenced_only)
-
-    for d in diffs:
-        pre, _ = objects[d.object]
-        for c in d.changed:
-            add(d.object, pre, c.pre_name)
-            for part in c.parts:
-                add(d.object, pre, d.names.get(part, part))
-    for ref in code.refs.values():
-        if not ref.local:
-            continue
-        pre, _ = objects[ref.object]
-        if ref.kind == "func":
-            add(ref.object, pre, ref.name, referenced_only=True)
-            continue
-        # Init code is gone from the running kernel: only code that is still there can tell.
-        users = [f for f in pre.functions.values() if section_kind(f.section.name) == "normal"
-                 and any(pre.target(r).name == ref.name for r in f.relocs)]
-        for f in users[:3]:
-            add(ref.object, pre, f.name, referenced_only=True)
-    return list(records.values())
-
-
-def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
+def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: str,
                    diffs: list[ObjectDiff], code: NewCode, pre_code: list[PreFunction],
-                   module_name: str, source_version: str | None) -> Manifest:
+                   module_name: str, source_version: str | None,
+                   left_out: list[LeftOut] | None = None) -> Manifest:
+    left_out = left_out or []
     by_key = {r.key: r for r in pre_code}
     replaced = []
     for d in diffs:
         for c in d.changed:
+            assert c.pre_name is not None  # a changed function has a pre name; a new one has not
             rec = by_key[(d.object, c.pre_name)]
             replaced.append(ReplacedFunction(
                 target=VMLINUX, object=d.object, name=c.pre_name, new_name=c.name,
@@ -298,7 +399,7 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
         kernel=KernelIdentity(target.release, target.version, target.stock, target.build_id),
         targets=[PatchedObject(VMLINUX, target.build_id)],
         source=Source(str(tree.source), source_version, kernel_release(tree.src, {})),
-        config_sha256=config_hash(tree.config_path),
+        config_sha256=tree.config.sha256,
         patch=patch,
         module=ModuleFile(module_name, f"modules/{module_name}.ko"),
         replaced=replaced,
@@ -309,5 +410,6 @@ def build_manifest(update_id: str, target: Target, tree: WorkTree, patch: str,
         callbacks=callbacks(code),
         line_only=[f for d in diffs for f in d.line_only],
         notes=[n for d in diffs for n in d.notes] + code.notes
+        + [f"left out: {f}" for f in left_out]
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),
     )

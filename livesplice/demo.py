@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import debian
-from .build import diffext_patch, file_patch
 from .create import create
 from .errors import LivespliceError
+from .patches import diffext_patch, file_patch
 from .testbed import Session
 
 REPO = Path(__file__).resolve().parent.parent

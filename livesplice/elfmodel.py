@@ -9,6 +9,7 @@ describe. `ElfWriter` writes a new relocatable object, for the update module's n
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from dataclasses import dataclass, field
@@ -22,11 +23,15 @@ from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from .errors import BadInput
 
 R = ENUM_RELOC_TYPE_x64
-R_NAMES = {v: k for k, v in R.items()}
 # Bytes a relocation of each type writes, at its offset.
 RELOC_WIDTH = {R["R_X86_64_64"]: 8, R["R_X86_64_PC64"]: 8, R["R_X86_64_PC32"]: 4,
                R["R_X86_64_PLT32"]: 4, R["R_X86_64_32"]: 4, R["R_X86_64_32S"]: 4}
 PC_RELATIVE = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_PC64"]}
+
+
+def reloc_width(rtype: int) -> int:
+    """Bytes a relocation of type `rtype` writes (RELOC_WIDTH; any other type is taken as 4)."""
+    return RELOC_WIDTH.get(rtype, 4)
 
 # Compiler-made names: "foo.isra.0", "foo.constprop.3", "foo.part.1", "foo.cold", "rs.12".
 _NUMBERED = re.compile(r"\.(\d+)(?=\.|$)")
@@ -48,11 +53,7 @@ class Section:
     addralign: int
     entsize: int
     data: bytes
-    relocs: list["Reloc"] = field(default_factory=list)
-
-    @property
-    def is_code(self) -> bool:
-        return bool(self.flags & SH_FLAGS.SHF_EXECINSTR)
+    relocs: list[Reloc] = field(default_factory=list)
 
     @property
     def is_alloc(self) -> bool:
@@ -66,7 +67,7 @@ class Section:
     def size(self) -> int:
         return len(self.data)
 
-    def relocs_in(self, start: int, end: int) -> list["Reloc"]:
+    def relocs_in(self, start: int, end: int) -> list[Reloc]:
         return [r for r in self.relocs if start <= r.offset < end]
 
 
@@ -79,14 +80,10 @@ class Symbol:
     section: Section | None  # None: undefined or absolute
     value: int
     size: int
-    shndx: object = None
-
-    @property
-    def defined(self) -> bool:
-        return self.section is not None
 
     def __repr__(self) -> str:
-        return f"<Symbol {self.name} {self.type} {self.bind} {self.section.name if self.section else 'UND'}+{self.value:#x}/{self.size}>"
+        where = self.section.name if self.section else "UND"
+        return f"<Symbol {self.name} {self.type} {self.bind} {where}+{self.value:#x}/{self.size}>"
 
 
 @dataclass(eq=False)
@@ -98,15 +95,11 @@ class Reloc:
 
     @property
     def width(self) -> int:
-        return RELOC_WIDTH.get(self.type, 4)
-
-    @property
-    def type_name(self) -> str:
-        return R_NAMES.get(self.type, str(self.type))
+        return reloc_width(self.type)
 
 
 @dataclass(frozen=True)
-class Target:
+class RelocTarget:
     """Where a relocation points, independent of section layout.
 
     kind "sym": symbol `name` at `offset` from its start (offset is the raw addend less the symbol's
@@ -152,20 +145,24 @@ class ObjectFile:
                 self.raw = f.read()
         except OSError as exc:
             raise BadInput(f"cannot read object {self.path}: {exc.strerror}") from None
-        import io
-
         # Here, not at the top: apply imports this module for its constants and reads no object.
         from elftools.elf.elffile import ELFFile
+        from elftools.elf.relocation import RelocationSection
+        from elftools.elf.sections import SymbolTableSection
 
-        self._elf = ELFFile(io.BytesIO(self.raw))
-        if self._elf["e_type"] != "ET_REL" or self._elf["e_machine"] != "EM_X86_64":
+        # Parsed once: the sections, symbols and relocations below, and the DWARF that
+        # structlayout reads, all come from this one ELFFile.
+        self.elf = ELFFile(io.BytesIO(self.raw))
+        if self.elf["e_type"] != "ET_REL" or self.elf["e_machine"] != "EM_X86_64":
             raise BadInput(f"{self.path}: not an x86-64 relocatable object")
         self.sections: list[Section | None] = []
-        for i, s in enumerate(self._elf.iter_sections()):
+        for i, s in enumerate(self.elf.iter_sections()):
             data = bytes(s["sh_size"]) if s["sh_type"] == "SHT_NOBITS" else s.data()
             self.sections.append(Section(i, s.name, s["sh_type"], s["sh_flags"], s["sh_addralign"],
                                          s["sh_entsize"], data))
-        symtab = self._elf.get_section_by_name(".symtab")
+        symtab = self.elf.get_section_by_name(".symtab")
+        if not isinstance(symtab, SymbolTableSection):
+            raise BadInput(f"{self.path}: no symbol table")
         self.symbols: list[Symbol] = []
         for i, sym in enumerate(symtab.iter_symbols()):
             shndx = sym["st_shndx"]
@@ -174,9 +171,9 @@ class ObjectFile:
             if sym["st_info"]["type"] == "STT_SECTION" and section is not None:
                 name = section.name
             self.symbols.append(Symbol(i, name, sym["st_info"]["type"], sym["st_info"]["bind"],
-                                       section, sym["st_value"], sym["st_size"], shndx))
-        for s in self._elf.iter_sections():
-            if s["sh_type"] == "SHT_RELA":
+                                       section, sym["st_value"], sym["st_size"]))
+        for s in self.elf.iter_sections():
+            if isinstance(s, RelocationSection) and s["sh_type"] == "SHT_RELA":
                 target = self.sections[s["sh_info"]]
                 target.relocs = sorted(
                     (Reloc(r["r_offset"], r["r_info_type"], self.symbols[r["r_info_sym"]], r["r_addend"])
@@ -235,7 +232,7 @@ class ObjectFile:
             end = len(data)
         return data[start:end].decode("latin-1"), offset - start
 
-    def target(self, reloc: Reloc) -> Target:
+    def target(self, reloc: Reloc) -> RelocTarget:
         sym = reloc.symbol
         section = sym.section
         # Assembler labels the object keeps (.LC0 in a mergeable section) are anonymous places in
@@ -244,14 +241,14 @@ class ObjectFile:
             sym.type == "STT_NOTYPE" and sym.bind == "STB_LOCAL" and section is not None
             and sym.name.startswith(".L"))
         if not anonymous:
-            return Target("sym", sym.name, reloc.addend)
+            return RelocTarget("sym", sym.name, reloc.addend)
         assert section is not None
         # A PC-relative field sits at the end of its instruction: the byte it means is 4 further.
         adjust = 4 if reloc.type in (R["R_X86_64_PC32"], R["R_X86_64_PLT32"]) else 0
         where = sym.value + reloc.addend + adjust
         if section.is_strings:
             text, inside = self.string_at(section, where)
-            return Target("str", text, inside - adjust)
+            return RelocTarget("str", text, inside - adjust)
         item = self.item_at(section, where)
         for extra in (1, 2, 4) if adjust and item is None else ():
             # An immediate after the displacement (cmpb $0, x(%rip)) moves the field further
@@ -260,12 +257,13 @@ class ObjectFile:
             if item is not None:
                 break
         if item is not None:
-            return Target("sym", item.name, sym.value + reloc.addend - item.start)
-        return Target("sec", section.name, sym.value + reloc.addend)
+            return RelocTarget("sym", item.name, sym.value + reloc.addend - item.start)
+        return RelocTarget("sec", section.name, sym.value + reloc.addend)
 
     # --- the kernel's special sections -----------------------------------------------------------
 
-    def sites(self, section_name: str, entry_size: int, field_offset: int = 0) -> list[tuple[Section, int, int]]:
+    def sites(self, section_name: str, entry_size: int,
+              field_offset: int = 0) -> list[tuple[Section, int, int]]:
         """For a table section, (target section, offset, entry index) of each entry's field at
         `field_offset`: the code location that entry describes."""
         sec = self.section(section_name)
@@ -413,7 +411,7 @@ class OutSection:
     align: int = 16
     type: str = "SHT_PROGBITS"
     entsize: int = 0
-    relocs: list[tuple[int, int, "OutSymbol", int]] = field(default_factory=list)
+    relocs: list[tuple[int, int, OutSymbol, int]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -494,13 +492,13 @@ class ElfWriter:
 
         out = bytearray(64)
         headers = [bytes(64)]
-        for name_off, data, typ, flags, link, info, align, entsize, nobits in blobs:
+        for name_off, data, typ, flags, link, info, align, entsize, nobits_size in blobs:
             align = max(align, 1)
             while len(out) % align:
                 out.append(0)
             offset = len(out)
             out.extend(data)
-            size = nobits if typ == SHT["SHT_NOBITS"] else len(data)
+            size = nobits_size if typ == SHT["SHT_NOBITS"] else len(data)
             headers.append(struct.pack("<IIQQQQIIQQ", name_off, typ, flags, 0, offset, size, link,
                                        info, align, entsize))
         while len(out) % 8:

@@ -12,17 +12,29 @@ module against the target kernel's headers.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from elftools.elf.constants import SH_FLAGS
 
-from .elfmodel import (CODE_TABLES, ORC_ENTRY_SIZE, ElfWriter, Item, ObjectFile, OutSection,
-                       OutSymbol, R, Reloc, Section)
+from . import debian
+from .elfmodel import (
+    CODE_TABLES,
+    ORC_ENTRY_SIZE,
+    ElfWriter,
+    Item,
+    ObjectFile,
+    OutSection,
+    OutSymbol,
+    R,
+    Reloc,
+    Section,
+)
 from .errors import LivespliceError, Refused
+from .kbuild import run_make
 from .objdiff import DYNDBG_SECTION, read_only
 from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
@@ -78,7 +90,7 @@ class NewCode:
         """A global symbol one object of the update uses and another defines (a new function in
         a.c called from b.c) is the update's own, not the kernel's: the placeholder becomes that
         symbol (kallsyms would not have it, or have the old one)."""
-        for (obj, name), ref in list(self.refs.items()):
+        for obj, name in list(self.refs):
             if obj or name not in self.own_globals:
                 continue
             _, own = self.own_globals[name]
@@ -277,16 +289,32 @@ def build_module(code: NewCode, module_name: str, update_id: str, headers: Path,
     (workdir / "livesplice_stub.c").write_text(STUB_C.format(id=update_id))
     (workdir / "Makefile").write_text(
         f"obj-m := {module_name}.o\n{module_name}-y := livesplice_stub.o livesplice_new.o\n")
-    proc = subprocess.run(["make", "-C", str(headers), f"M={workdir}", f"-j{jobs}",
-                           "KBUILD_MODPOST_WARN=1", "modules"], capture_output=True, text=True)
-    ko = workdir / f"{module_name}.ko"
-    if proc.returncode != 0 or not ko.exists():
-        raise LivespliceError("building the update module failed:\n"
-                              + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
-    return ko
+    return _make_module(headers, workdir, jobs, f"{module_name}.ko", "building the update module",
+                        f"create-{update_id}-module")
 
 
 CORE_SOURCE = Path(__file__).with_name("kmod")
+
+
+def core_module(headers: Path, release: str, build_id: str | None, workdir: Path,
+                jobs: int = 2) -> bytes:
+    """The core module (kmod/livesplice_core.c) built for the target kernel: built once per
+    (kernel, its headers' config, core source), then taken from the cache."""
+    key = hashlib.sha256()
+    for part in (release, build_id or "", (headers / ".config").read_bytes()):
+        key.update(part.encode() if isinstance(part, str) else part)
+        key.update(b"\0")
+    for f in sorted(p for p in CORE_SOURCE.iterdir() if p.is_file()):
+        key.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    cached = debian.cache_root() / "core" / f"{release}-{key.hexdigest()[:16]}" / "livesplice_core.ko"
+    if cached.is_file():
+        return cached.read_bytes()
+    ko = build_core(headers, workdir, jobs).read_bytes()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_bytes(ko)
+    os.replace(partial, cached)  # whole or absent, even with two creates at once
+    return ko
 
 
 def build_core(headers: Path, workdir: Path, jobs: int = 2) -> Path:
@@ -295,12 +323,17 @@ def build_core(headers: Path, workdir: Path, jobs: int = 2) -> Path:
         shutil.rmtree(workdir)
     shutil.copytree(CORE_SOURCE, workdir)
     # The core calls unexported kernel functions directly; apply links them (kernel.link_unexported).
-    proc = subprocess.run(["make", "-C", str(headers), f"M={workdir}", f"-j{jobs}",
-                           "KBUILD_MODPOST_WARN=1", "modules"], capture_output=True, text=True)
-    ko = workdir / "livesplice_core.ko"
-    if proc.returncode != 0 or not ko.exists():
-        raise LivespliceError("building the core module failed:\n"
-                              + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
+    return _make_module(headers, workdir, jobs, "livesplice_core.ko", "building the core module",
+                        "core-module")
+
+
+def _make_module(headers: Path, workdir: Path, jobs: int, ko_name: str, what: str,
+                 log_name: str) -> Path:
+    run_make(["make", "-C", str(headers), f"M={workdir}", f"-j{jobs}", "KBUILD_MODPOST_WARN=1",
+              "modules"], what, log_name)
+    ko = workdir / ko_name
+    if not ko.exists():
+        raise LivespliceError(f"{what} failed: make made no {ko_name}")
     return ko
 
 

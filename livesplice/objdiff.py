@@ -2,7 +2,7 @@
 
 Two functions are the same when their bytes are equal once relocation fields are masked, and their
 relocations agree in type, offset, target and addend, with targets named by symbol (see
-`elfmodel.Target`) and compiler-numbered names (`.isra.N`, `.constprop.N`, `.part.N`, `.cold`,
+`elfmodel.RelocTarget`) and compiler-numbered names (`.isra.N`, `.constprop.N`, `.part.N`, `.cold`,
 `name.N` static locals) correlated between the two builds. The entries the kernel's tables hold for a
 function (alternatives, jump labels, exception fixups, ...) are part of what is compared.
 A difference only in the `__LINE__` immediates passed to might_sleep() and friends, or in the line
@@ -20,8 +20,17 @@ from dataclasses import dataclass, field
 
 from elftools.elf.constants import SH_FLAGS
 
-from .elfmodel import (CODE_TABLES, SITES_PATCHED_AT_BOOT, Item, ObjectFile, RuntimeSite, Target,
-                       base_name, fentry_offset, runtime_patched_sites)
+from .elfmodel import (
+    CODE_TABLES,
+    SITES_PATCHED_AT_BOOT,
+    Item,
+    ObjectFile,
+    RelocTarget,
+    RuntimeSite,
+    base_name,
+    fentry_offset,
+    runtime_patched_sites,
+)
 
 # Sections whose functions livesplice does not redirect, with why.
 UNREDIRECTABLE_SECTIONS = {
@@ -123,7 +132,7 @@ def _content_key(obj: ObjectFile, item: Item) -> tuple:
     relocation fields and a dynamic debug descriptor's line number masked), and what each relocation
     points at: strings and read-only objects by their contents, anything else by base name."""
     data = bytearray(_mask_line(item, item.data))
-    targets = []
+    targets: list[tuple] = []
     for r in item.relocs:
         off = r.offset - item.start
         data[off:off + r.width] = bytes(r.width)
@@ -173,7 +182,7 @@ def signature(obj: ObjectFile, item: Item, rename) -> tuple[bytes, list[tuple]]:
             continue
         for site_sec, site_off, idx in obj.sites(table, entry):
             if site_sec is item.section and item.start <= site_off < item.start + item.size:
-                fields = []
+                fields: list[tuple] = []
                 for r in sec.relocs_in(idx * entry, (idx + 1) * entry):
                     t = obj.target(r)
                     if t.kind == "sym" and t.name == item.name:  # self reference: keep the offset
@@ -198,7 +207,7 @@ def _alt_replacement(obj: ObjectFile, alt, idx: int) -> bytes:
     return b""
 
 
-def _norm(target: Target, rename) -> tuple:
+def _norm(target: RelocTarget, rename) -> tuple:
     if target.kind == "sym":
         return ("sym", rename(target.name), target.offset)
     return (target.kind, target.name, target.offset)
@@ -303,9 +312,9 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
         changed_units.setdefault(parent, set()).add(fname)
 
     for parent, members in sorted(changed_units.items()):
-        item = post_funcs.get(parent)
+        parent_item = post_funcs.get(parent)
         pre_name = names.get(parent)
-        if item is None or pre_name not in pre_funcs:
+        if parent_item is None or pre_name is None or pre_name not in pre_funcs:
             diff.refusals.append(f"{name}: {', '.join(sorted(members))} changed but its parent "
                                  f"function {parent} is not in both objects")
             continue
@@ -315,8 +324,8 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
             diff.refusals.append(f"{name}: cannot redirect changed function {parent}: {reason}")
             continue
         parts = [n for n in (parent + ".cold",) if n in post_funcs]
-        diff.changed.append(FunctionChange(parent, pre_name, item.section.name, item.size,
-                                           pre_item.size, parts))
+        diff.changed.append(FunctionChange(parent, pre_name, parent_item.section.name,
+                                           parent_item.size, pre_item.size, parts))
     # A .cold part whose parent is new goes with its parent.
     new_names = {c.name for c in diff.new}
     for c in list(diff.new):

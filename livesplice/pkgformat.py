@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, TypeVar
 
-from .elfmodel import RELOC_WIDTH, SITE_KINDS
+from .elfmodel import SITE_KINDS, reloc_width
 from .errors import BadInput
 
 # 3: objects patched are named per function (`target`: vmlinux or a module) and listed in
@@ -396,7 +396,7 @@ class Relocation(Record):
 
     @property
     def width(self) -> int:
-        return RELOC_WIDTH.get(self.type, 4)
+        return reloc_width(self.type)
 
 
 @dataclass

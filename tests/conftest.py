@@ -51,7 +51,7 @@ def livesplice_cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] 
 def edit_patch(tree: Path, edits: dict[str, list[tuple[str, str]]]) -> str:
     """A -p1 unified diff that makes each (old, new) text replacement (each old text must occur
     exactly once) in the named files of `tree`, which is left as it is."""
-    from livesplice.build import file_patch
+    from livesplice.patches import file_patch
 
     chunks = []
     for rel, replacements in edits.items():

@@ -1,12 +1,16 @@
 """`livesplice create` against linux-source-6.1 6.1.187-1 with the stock 6.1.0-53-amd64 config."""
 
+import dataclasses
 import hashlib
 import json
+import logging
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import livesplice_cli
+from conftest import edit_patch, livesplice_cli
 
 from livesplice import debian
 from livesplice.package import Package
@@ -69,6 +73,13 @@ def tree_state(tree, files):
             for f in files}
 
 
+def failure(proc) -> str:
+    """A failed `create --json`'s error: its message and reasons (JSON on stdout)."""
+    error = json.loads(proc.stdout)
+    assert error["status"] == proc.returncode, error
+    return "\n".join([error["error"], *error["reasons"]])
+
+
 def create(tmp_path, patch, *extra):
     p = tmp_path / "change.patch"
     p.write_text(patch)
@@ -105,16 +116,16 @@ def test_prctl_fix_replaces_exactly_do_sys_prctl(tmp_path, source):
 
 def test_comment_only_patch_is_nothing_to_do(tmp_path, source):
     proc, _ = create(tmp_path, COMMENT_ONLY)
-    assert proc.returncode == 4, proc.stderr
-    assert "no function's object code changed" in proc.stderr
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "no function's object code changed" in failure(proc)
 
 
 def test_struct_field_in_header_is_refused(tmp_path, source):
     before = tree_state(source, ["kernel/audit.h"])
     proc, out = create(tmp_path, STRUCT_FIELD)
-    assert proc.returncode == 3, proc.stderr
-    assert "changed layout of struct audit_netlink_list" in proc.stderr
-    assert "added cookie" in proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "changed layout of struct audit_netlink_list" in failure(proc)
+    assert "added cookie" in failure(proc)
     assert not out.exists()
     assert tree_state(source, ["kernel/audit.h"]) == before
 
@@ -123,7 +134,7 @@ def test_patch_that_does_not_apply(tmp_path, source):
     before = tree_state(source, ["kernel/sys.c"])
     proc, out = create(tmp_path, NOT_APPLYING)
     assert proc.returncode == 2
-    assert "does not apply" in proc.stderr
+    assert "does not apply" in failure(proc)
     assert not out.exists()
     assert tree_state(source, ["kernel/sys.c"]) == before
 
@@ -165,12 +176,108 @@ def test_diffext_and_patch_give_identical_packages(tmp_path, source):
                            str(tmp_path / "p.patch"), "--id", "same", "-o", str(tmp_path / "b.tar.gz"))
         assert b.returncode == 0, b.stderr
         pa, pb = Package.read(tmp_path / "a.tar.gz"), Package.read(tmp_path / "b.tar.gz")
-        for p in (pa, pb):
-            p.manifest.pop("created")
-            p.manifest.pop("patch")  # the same change, written by diff or by hand
-        assert pa.manifest == pb.manifest
+        # the same change, written by diff or by hand, at another time
+        same = {"created": "", "patch": ""}
+        assert dataclasses.replace(pa.manifest, **same) == dataclasses.replace(pb.manifest, **same)
         assert pa.pre == pb.pre
         assert pa.members == pb.members
         assert sysc.read_text() != new  # the user's file is as it was
     finally:
         shutil.rmtree(tree)
+
+
+DOES_NOT_COMPILE = PRCTL_FIX.replace("|| arg3) {", "|| livesplice_undeclared) {")
+
+
+def test_failed_build_keeps_the_make_output_in_a_log(tmp_path, source):
+    before = tree_state(source, ["kernel/sys.c"])
+    proc, out = create(tmp_path, DOES_NOT_COMPILE, "--id", "no-compile")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = failure(proc)
+    assert "compiling kernel/sys.o failed" in message
+    match = re.search(r"the whole make output is in (\S+?)\)", message)
+    assert match, message
+    log = Path(match.group(1))
+    assert log.parent == debian.cache_root() / "logs" and log.name.startswith("create-no-compile-")
+    text = log.read_text()
+    assert re.search(r"sys\.c:\d+:\d+: error: .livesplice_undeclared. undeclared", text), text[-2000:]
+    assert text.startswith("$ make ")
+    assert not out.exists()
+    assert tree_state(source, ["kernel/sys.c"]) == before
+
+
+# A member added at the start of a struct that include/linux/pipe_fs_i.h defines and hundreds of
+# vmlinux objects include: every member after it moves.
+PIPE_MEMBER = ("include/linux/pipe_fs_i.h",
+               "struct pipe_inode_info {\n\tstruct mutex mutex;\n",
+               "struct pipe_inode_info {\n\tstruct mutex mutex;\n\tunsigned long livesplice_test;\n")
+
+
+def test_struct_layout_change_in_a_widely_included_header_is_refused_early(tmp_path, source,
+                                                                          stock_kernel, caplog):
+    """Refused after building one object that uses the struct, pre and post, not the hundreds
+    that include the header (counted from what the build asks make to compile)."""
+    from livesplice.build import WorkTree
+    from livesplice.create import create as create_update
+    from livesplice.errors import EXIT_REFUSED, Refused
+
+    header, old, new = PIPE_MEMBER
+    patch = edit_patch(source, {header: [(old, new)]})
+    tree = WorkTree(source, stock_kernel.config)
+    with tree.locked():
+        tree.sync_and_prepare()
+    includers = tree.deps.candidate_objects([header])
+    assert len(includers) > 300  # the case this is about
+    with caplog.at_level(logging.INFO, logger="livesplice.kbuild"), pytest.raises(Refused) as info:
+        create_update(source, stock_kernel.config, patch, "pipe-layout", tmp_path / "u.tar.gz")
+    assert info.value.exit_status == EXIT_REFUSED
+    reasons = info.value.reasons
+    assert reasons and all(": changed layout of struct pipe_inode_info: " in r for r in reasons)
+    assert "added livesplice_test (offset" in reasons[0]
+    compiled = [o for r in caplog.records for o in getattr(r, "objects", [])]
+    assert compiled and set(compiled) <= includers
+    assert len(compiled) <= 6, compiled  # pre and post of at most three tries
+    assert not (tmp_path / "u.tar.gz").exists()
+    assert (source / header).read_text().count("livesplice_test") == 0
+
+
+def test_core_module_is_built_once_per_kernel(tmp_path, stock_kernel):
+    from livesplice.build import WorkTree
+    from livesplice.create import find_target_kernel
+    from livesplice.newcode import core_module
+
+    target = find_target_kernel(WorkTree(stock_kernel.source_tree, stock_kernel.config),
+                                stock_kernel.kernel.abi)
+    first = core_module(target.headers, target.release, target.build_id, tmp_path / "a")
+    again = core_module(target.headers, target.release, target.build_id, tmp_path / "b")
+    assert again == first and first[:4] == b"\x7fELF"
+    assert not (tmp_path / "b").exists()  # taken from the cache, not built
+
+
+def test_module_code_is_refused_never_nothing_to_do(tmp_path, source):
+    """A change to code built into a module (ext4 is =m in the stock config) is not something
+    the running kernel needs nothing for: exit 3, naming the file and its module."""
+    before = tree_state(source, ["fs/ext4/ioctl.c", "fs/ext4/ext4.h"])
+    patch = edit_patch(source, {"fs/ext4/ioctl.c": [(
+        "\tif (!capable(CAP_SYS_ADMIN))\n\t\treturn -EPERM;\n\n\tif (get_user(flags, (__u32 __user *)arg))",
+        "\tif (!capable(CAP_SYS_ADMIN))\n\t\treturn -EACCES;\n\n\tif (get_user(flags, (__u32 __user *)arg))")]})
+    proc, out = create(tmp_path, patch)
+    assert proc.returncode == 3, proc.stderr
+    assert "fs/ext4/ioctl.c: built into module ext4 (fs/ext4/ext4.ko)" in proc.stdout
+    assert not out.exists()
+    # a header only module code includes
+    patch = edit_patch(source, {"fs/ext4/ext4.h": [(
+        "#define EXT4_MAX_BLOCK_LOG_SIZE\t\t16", "#define EXT4_MAX_BLOCK_LOG_SIZE\t\t17")]})
+    proc, out = create(tmp_path, patch)
+    assert proc.returncode == 3, proc.stderr
+    assert "fs/ext4/ext4.h: included by code of" in proc.stdout and "ext4" in proc.stdout
+    assert tree_state(source, ["fs/ext4/ioctl.c", "fs/ext4/ext4.h"]) == before
+
+
+def test_code_this_kernel_does_not_have_is_nothing_to_do_and_says_so(tmp_path, source):
+    patch = edit_patch(source, {"arch/arm64/kernel/sys.c": [(
+        "SYSCALL_DEFINE6(mmap, unsigned long, addr, unsigned long, len,",
+        "SYSCALL_DEFINE6(mmap, unsigned long, addr, unsigned long,  len,")]})
+    proc, _ = create(tmp_path, patch)
+    assert proc.returncode == 4, proc.stderr
+    assert "arch/arm64/kernel/sys.c: another architecture's" in proc.stdout

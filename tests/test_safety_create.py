@@ -8,7 +8,6 @@
    seq_file start of /proc/cpuinfo and of /proc/consoles) changed by one update.
 """
 
-import base64
 import json
 import textwrap
 
@@ -16,7 +15,7 @@ import pytest
 from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
 from test_apply import applied, assert_clean, dmesg_mark
 
-from livesplice.elfmodel import RELOC_WIDTH, Item, ObjectFile, runtime_patched_sites
+from livesplice.elfmodel import Item, ObjectFile, reloc_width, runtime_patched_sites
 from livesplice.package import Package
 
 pytestmark = pytest.mark.vm
@@ -118,7 +117,7 @@ def same_code(expected: bytes, ignore: set[int], got: bytes) -> bool:
 
 
 def relocated(relocs) -> set[int]:
-    return {off + i for off, rtype in relocs for i in range(RELOC_WIDTH.get(rtype, 4))}
+    return {off + i for off, rtype in relocs for i in range(reloc_width(rtype))}
 
 
 def test_same_named_static_functions_of_two_objects(vm, create, tmp_path):
@@ -160,16 +159,16 @@ def test_same_named_static_functions_of_two_objects(vm, create, tmp_path):
             ignore = relocated((r.offset, r.type) for r in item.relocs)
             ignore |= {s.offset + i for s in runtime_patched_sites(ko, item)
                        for i in range(s.length)}
-            new[e["object"]] = (item.data, ignore)
+            new[e.object] = (item.data, ignore)
         for site, target in jumps:
             owners = []
             for obj, rec in pre.items():
-                assert rec["fentry"] == 0  # so the jump is at +5
-                ignore = relocated((off, rtype) for off, rtype, *_ in rec["relocs"])
-                ignore |= {m[0] + i for m in rec["masks"] for i in range(m[1])}
+                assert rec.fentry == 0  # so the jump is at +5
+                ignore = relocated((r.offset, r.type) for r in rec.relocs)
+                ignore |= {m.offset + i for m in rec.masks for i in range(m.length)}
                 ignore |= set(range(5, 10))  # the jump
-                at_site = read_kernel(vm, [(site - 5, rec["size"])])[0]
-                if same_code(base64.b64decode(rec["code"]), ignore, at_site):
+                at_site = read_kernel(vm, [(site - 5, rec.size)])[0]
+                if same_code(rec.data(), ignore, at_site):
                     owners.append(obj)
             assert len(owners) == 1, (hex(site), owners)
             code, ignore = new[owners[0]]

@@ -1,16 +1,20 @@
-"""Data-structure layout changes, from the objects' DWARF type information.
+"""Struct and union layouts, from the objects' DWARF type information, and their changes.
 
 A patch that adds a member to a struct changes no data object and shows up only as many changed
 functions; applying it live would make new code read old objects with the new layout. So every
 struct and union that both the pre and the post object describe is compared: size, and each
 member's offset and type.
+
+A header's struct is described by the DWARF of the objects that use it (and only those), so to
+see a header patch's layout change early, create first builds one object whose source names a
+struct the patch edits (`structs_at_lines` finds which, from the header's text).
 """
 
 from __future__ import annotations
 
+import re
+import weakref
 from dataclasses import dataclass
-
-from elftools.elf.elffile import ELFFile
 
 from .elfmodel import ObjectFile
 
@@ -19,7 +23,7 @@ from .elfmodel import ObjectFile
 class Layout:
     kind: str  # struct or union
     size: int
-    members: tuple[tuple[str, int, str], ...]  # (name, byte offset or bit offset, type)
+    members: tuple[tuple[str, int | str, str], ...]  # (name, byte offset or "bit N", type)
 
 
 def _type_name(die, depth: int = 0) -> str:
@@ -52,10 +56,19 @@ def _type_name(die, depth: int = 0) -> str:
     return name or tag
 
 
+# Reading an object's DWARF takes seconds: once per object.
+_layouts: weakref.WeakKeyDictionary[ObjectFile, dict[str, Layout]] = weakref.WeakKeyDictionary()
+
+
 def layouts(obj: ObjectFile) -> dict[str, Layout]:
     """Named structs and unions defined (not just declared) in the object's DWARF."""
-    import io
-    elf = ELFFile(io.BytesIO(obj.raw))
+    if obj not in _layouts:
+        _layouts[obj] = _read_layouts(obj)
+    return _layouts[obj]
+
+
+def _read_layouts(obj: ObjectFile) -> dict[str, Layout]:
+    elf = obj.elf
     if not elf.has_dwarf_info():
         return {}
     out: dict[str, Layout] = {}
@@ -78,6 +91,7 @@ def layouts(obj: ObjectFile) -> dict[str, Layout]:
                 cattrs = child.attributes
                 mname = cattrs["DW_AT_name"].value.decode(errors="replace") \
                     if "DW_AT_name" in cattrs else "<anonymous>"
+                offset: int | str
                 if "DW_AT_data_bit_offset" in cattrs:
                     offset = f"bit {cattrs['DW_AT_data_bit_offset'].value}"
                 elif "DW_AT_data_member_location" in cattrs:
@@ -103,9 +117,9 @@ def describe_change(name: str, pre: Layout, post: Layout) -> str:
         parts.append("added " + ", ".join(f"{m} (offset {post_m[m][1]})" for m in added))
     if removed:
         parts.append("removed " + ", ".join(removed))
-    for m in pre_m:
+    for m, (_, po, pt) in pre_m.items():
         if m in post_m and pre_m[m] != post_m[m]:
-            (_, po, pt), (_, qo, qt) = pre_m[m], post_m[m]
+            _, qo, qt = post_m[m]
             if po != qo:
                 parts.append(f"{m} moved {po} -> {qo}")
             if pt != qt:
@@ -118,3 +132,36 @@ def describe_change(name: str, pre: Layout, post: Layout) -> str:
 def layout_changes(pre: ObjectFile, post: ObjectFile) -> list[str]:
     a, b = layouts(pre), layouts(post)
     return [describe_change(n, a[n], b[n]) for n in sorted(set(a) & set(b)) if a[n] != b[n]]
+
+
+def layout_refusals(objname: str, pre: ObjectFile, post: ObjectFile) -> list[str]:
+    """create's refusal of each struct or union whose layout differs between pre and post."""
+    return [f"{objname}: changed layout of {c}" for c in layout_changes(pre, post)]
+
+
+# What brace counting must not see: comments, string and character literals, and preprocessor
+# lines (a macro's braces are not the file's).
+_NOT_CODE = re.compile(r"/\*.*?\*/|//[^\n]*|\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*'"
+                       r"|^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", re.DOTALL | re.MULTILINE)
+_BRACE = re.compile(r"\b(struct|union)\s+(\w+)\s*\{|[{}]")
+
+
+def structs_at_lines(text: str, positions: set[float]) -> set[str]:
+    """The named structs and unions ("struct foo") whose definitions in a C header's `text` hold
+    any of `positions`: line numbers (1-based), or a line number plus 0.5 for a place between two
+    lines (where a patch inserts). The definitions are found by counting braces."""
+    code = _NOT_CODE.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    stack: list[tuple[str | None, int]] = []
+    spans: list[tuple[str, int, int]] = []
+    line, counted = 1, 0
+    for m in _BRACE.finditer(code):
+        line += code.count("\n", counted, m.start())
+        counted = m.start()
+        if m.group(0) == "}":
+            if stack:
+                name, start = stack.pop()
+                if name is not None:
+                    spans.append((name, start, line))
+        else:
+            stack.append((f"{m.group(1)} {m.group(2)}" if m.group(1) else None, line))
+    return {name for name, start, end in spans if any(start <= p <= end for p in positions)}
