@@ -182,3 +182,37 @@ def test_same_named_static_functions_of_two_objects(vm, create, tmp_path):
     assert vm.run(["cat", "/proc/consoles"], check=True).out.splitlines() == consoles
     assert applied(vm) == []
     assert_clean(vm, mark)
+
+
+CROSS_OBJECT = {
+    "kernel/sys.c": [("SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,",
+                      "noinline int livesplice_test_year(void)\n{\n\treturn 2026;\n}\n\n"
+                      "SYSCALL_DEFINE5(prctl, int, option, unsigned long, arg2, unsigned long, arg3,")],
+    "fs/proc/version.c": [("#include \"internal.h\"\n",
+                           "#include \"internal.h\"\n\nint livesplice_test_year(void);\n"),
+                          ("\t\tutsname()->version);\n\treturn 0;",
+                           "\t\tutsname()->version);\n"
+                           "\tseq_printf(m, \"livesplice-year %d\\n\", livesplice_test_year());\n"
+                           "\treturn 0;")],
+}
+
+
+def test_a_new_global_function_called_from_another_object(vm, create):
+    """A function the patch adds in kernel/sys.c, called from fs/proc/version.c: the call goes
+    to the update's own copy (before, apply refused: the kernel has no such symbol)."""
+    mark = dmesg_mark(vm)
+    proc, package = create("crossobj", CROSS_OBJECT)
+    assert proc.returncode == 0, proc.stderr
+    manifest = Package.read(package).manifest
+    assert [n.name for n in manifest.new] == ["livesplice_test_year"]
+    assert "livesplice_test_year" not in {r.name for r in manifest.kernel_refs}
+    assert "livesplice-year" not in vm.run(["cat", "/proc/version"], check=True).out
+    r = guest_cli(vm, "apply", str(package), "--json")
+    assert r.status == 0, r.err
+    try:
+        assert "livesplice-year 2026" in vm.run(["cat", "/proc/version"], check=True).out
+    finally:
+        assert guest_cli(vm, "undo", "crossobj").status == 0
+    assert "livesplice-year" not in vm.run(["cat", "/proc/version"], check=True).out
+    assert applied(vm) == []
+    assert_clean(vm, mark)
