@@ -216,3 +216,31 @@ def test_a_new_global_function_called_from_another_object(vm, create):
     assert "livesplice-year" not in vm.run(["cat", "/proc/version"], check=True).out
     assert applied(vm) == []
     assert_clean(vm, mark)
+
+
+REMAP_ONCE = {"mm/mmap.c": [(
+    "\tpr_warn_once(\"%s (%d) uses deprecated remap_file_pages() syscall. See "
+    "Documentation/mm/remap_file_pages.rst.\\n\",",
+    "\tpr_warn_once(\"%s (%d) uses remap_file_pages(), deprecated (livesplice-once). See "
+    "Documentation/mm/remap_file_pages.rst.\\n\",")]}
+
+
+def test_a_once_only_message_gets_a_flag_of_its_own(vm, create):
+    """pr_warn_once's flag (__already_done.N, of which the kernel has many) is the new code's own:
+    the new message shows once, however often the function runs."""
+    mark = dmesg_mark(vm)
+    proc, package = create("remaponce", REMAP_ONCE)
+    assert proc.returncode == 0, proc.stderr
+    manifest = Package.read(package).manifest
+    assert any("once-only flag" in n for n in manifest.notes), manifest.notes
+    assert not [r for r in manifest.kernel_refs if r.name.startswith("__already_done")]
+    r = guest_cli(vm, "apply", str(package), "--json")
+    assert r.status == 0, r.err
+    try:
+        call = "import ctypes; libc = ctypes.CDLL(None); [libc.syscall(216, 0, 0, 1, 0, 0) for _ in range(3)]"
+        vm.run(["python3", "-c", call], check=True)
+        assert vm.dmesg().count("livesplice-once") == 1
+    finally:
+        assert guest_cli(vm, "undo", "remaponce").status == 0
+    assert applied(vm) == []
+    assert_clean(vm, mark)
