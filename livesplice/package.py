@@ -36,7 +36,17 @@ from pathlib import Path
 
 from . import signing
 from .errors import BadInput, Refused
-from .pkgformat import FORMAT_VERSION, MODULE_PREFIX, Manifest, PreCode, read_manifest, read_pre
+from .pkgformat import (
+    FORMAT_VERSION,
+    MAX_MANIFEST_BYTES,
+    MAX_PRE_BYTES,
+    MODULE_PREFIX,
+    Manifest,
+    MiB,
+    PreCode,
+    read_manifest,
+    read_pre,
+)
 
 __all__ = ["FORMAT_VERSION", "MODULE_PREFIX", "Package", "write_archive", "visible"]
 
@@ -52,15 +62,12 @@ CORE_MODULE = "modules/livesplice_core.ko"
 # at most MAX_UNPACKED_BYTES for the members plus the parsed JSON: at most MAX_JSON_CONTAINERS
 # lists and objects per JSON member, and scalars (measured with tracemalloc on the worst cases
 # tests/test_package.py makes: under 100 MiB in all).
-MiB = 1024 * 1024
 MAX_PACKAGE_BYTES = 48 * MiB  # the .tar.gz file itself
 MAX_UNPACKED_BYTES = 48 * MiB  # the decompressed tar stream: headers, padding and all members
 MAX_MEMBERS = 6  # tar entries, the five members and SIGNATURE
 MAX_EXTENDED_HEADER = 64 * 1024  # a pax or GNU long-name header's data
 MAX_SIGNATURE_BYTES = 4 * 1024
 MAX_SUMS_BYTES = 4 * 1024
-MAX_MANIFEST_BYTES = 4 * MiB  # mostly the patch text
-MAX_PRE_BYTES = 8 * MiB
 MAX_MODULE_BYTES = 24 * MiB  # each module
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects; the real formats need 5
 MAX_JSON_CONTAINERS = 250_000  # arrays and objects in one JSON member (a relocation is one)

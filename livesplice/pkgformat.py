@@ -31,8 +31,8 @@ PLACEHOLDER_PREFIX = "__livesplice_sym_"  # how the new code names what the kern
 MODULE_PREFIX = "livesplice_"  # an update's module is livesplice_ID (ID with '-' as '_')
 
 MiB = 1024 * 1024
-MAX_TEXT = 4 * MiB  # the patch text
-MAX_CODE_TEXT = 8 * MiB  # base64 of one function
+MAX_MANIFEST_BYTES = 4 * MiB  # manifest.json, mostly the patch text (so the patch's cap too)
+MAX_PRE_BYTES = 8 * MiB  # pre.json (so the cap of one function's base64 code too)
 MAX_FUNCTION_SIZE = 16 * MiB  # bytes of one function
 MAX_LIST = 100_000  # entries of any list
 
@@ -321,7 +321,7 @@ class Manifest(Record):
     targets: list[PatchedObject] = spec(records(PatchedObject, min_len=1))
     source: Source = spec(record(Source))
     config_sha256: str = spec(SHA256)
-    patch: str = spec(string(max_len=MAX_TEXT))
+    patch: str = spec(string(max_len=MAX_MANIFEST_BYTES))
     module: ModuleFile = spec(record(ModuleFile))
     replaced: list[ReplacedFunction] = spec(records(ReplacedFunction, min_len=1))
     new: list[NewFunction] = spec(records(NewFunction))
@@ -419,7 +419,7 @@ class PreFunction(Record):
     size: int = spec(CODE_SIZE)
     local: bool = spec(boolean)
     type: str = spec(string(r"STT_[A-Z0-9_]{1,32}", "an ELF symbol type (STT_FUNC)"))
-    code: str = spec(string(max_len=MAX_CODE_TEXT))  # base64
+    code: str = spec(string(max_len=MAX_PRE_BYTES))  # base64
     relocs: list[Relocation] = spec(records(Relocation))
     masks: list[Mask] = spec(records(Mask))
     fentry: int | None = spec(integer(0, MAX_FUNCTION_SIZE, nullable=True))
