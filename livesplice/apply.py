@@ -28,11 +28,11 @@ from . import coreproto, journal, kernel
 from .errors import EXIT_INTERNAL, EXIT_NOTHING, BadInput, LivespliceError, NothingToDo, Refused
 from .package import CORE_MODULE as CORE_MEMBER
 from .package import Package
+from .pkgformat import MODULE_PREFIX
 from .runpre import Matcher, MatchResult
 
 STATE_DIR = Path(os.environ.get("LIVESPLICE_STATE", "/run/livesplice"))
 SKIP_TARGET_CHECK = "LIVESPLICE_UNSAFE_SKIP_TARGET_CHECK"  # tests only: reach run-pre matching
-UPDATE_MODULE_PREFIX = "livesplice_"
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def locked():
 def _leftover_modules(applied: list[coreproto.AppliedUpdate]) -> list[str]:
     """Update modules loaded but not applied: what a killed apply left behind."""
     in_use = {u.module for u in applied}
-    return [d.name for d in sorted(Path("/sys/module").glob(UPDATE_MODULE_PREFIX + "*"))
+    return [d.name for d in sorted(Path("/sys/module").glob(MODULE_PREFIX + "*"))
             if d.name != coreproto.CORE_MODULE and d.name not in in_use
             and (d / "sections").is_dir()]
 
