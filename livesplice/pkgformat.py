@@ -3,9 +3,9 @@
 
 Each record is a dataclass whose fields carry their JSON check (`spec`), so the schema a reader
 enforces and the type a writer fills are the same lines. Reading is strict: every field present
-(unless `optional`), of its type and well-formed, nothing unknown; the first problem is reported
-naming the field ("manifest field replaced[2].name: expected a string"). docs/package-format.md
-describes every field and how versions evolve.
+(a new field is a new format, never an optional one), of its type and well-formed, nothing
+unknown; the first problem is reported naming the field ("manifest field replaced[2].name:
+expected a string"). docs/package-format.md describes every field and how versions evolve.
 """
 
 from __future__ import annotations
@@ -139,15 +139,9 @@ OFFSET = integer(0, MAX_FUNCTION_SIZE)
 
 # --- records -------------------------------------------------------------------------------------
 
-def spec(check: Check, *, optional: bool = False, default: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its JSON check; `optional`: a reader accepts it left out (then
-    `default`)."""
-    metadata = {"check": check, "optional": optional}
-    if default is dataclasses.MISSING:
-        return field(metadata=metadata)
-    if isinstance(default, list):
-        return field(default_factory=list, metadata=metadata)
-    return field(default=default, metadata=metadata)
+def spec(check: Check) -> Any:
+    """A dataclass field with its JSON check."""
+    return field(metadata={"check": check})
 
 
 R = TypeVar("R", bound="Record")
@@ -172,8 +166,6 @@ class Record:
             raise Invalid(where or "(top level)", "expected an object")
         for f in specs:
             if f.name not in value:
-                if f.metadata["optional"]:
-                    continue
                 raise Invalid(sub(where, f.name), "missing")
             f.metadata["check"](value[f.name], sub(where, f.name))
         names = {f.name for f in specs}
@@ -188,7 +180,7 @@ class Record:
         specs = dataclasses.fields(cls)  # type: ignore[arg-type]
         if cls.POSITIONAL:
             return cls(*(_convert(f, v) for f, v in zip(specs, value)))
-        return cls(**{f.name: _convert(f, value[f.name]) for f in specs if f.name in value})
+        return cls(**{f.name: _convert(f, value[f.name]) for f in specs})
 
     def to_json(self) -> Any:
         specs = dataclasses.fields(self)  # type: ignore[arg-type]
