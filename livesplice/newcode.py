@@ -58,8 +58,8 @@ class NewCode:
     tables: dict[str, OutSection] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the new code does differently, harmlessly
-    # global symbols the update's own objects define: (object, name) -> symbol
-    own_globals: dict[str, tuple[str, OutSymbol]] = field(default_factory=dict)
+    # global functions the update's own objects define, by name
+    own_globals: dict[str, OutSymbol] = field(default_factory=dict)
     _strsec: OutSection | None = None
 
     def ref(self, name: str, obj: str, local: bool, kind: str) -> OutSymbol:
@@ -93,7 +93,7 @@ class NewCode:
         for obj, name in list(self.refs):
             if obj or name not in self.own_globals:
                 continue
-            _, own = self.own_globals[name]
+            own = self.own_globals[name]
             placeholder = self.ref_symbols.pop((obj, name))
             placeholder.section, placeholder.value = own.section, own.value
             placeholder.size, placeholder.type, placeholder.bind = own.size, own.type, "STB_LOCAL"
@@ -141,7 +141,7 @@ class Extractor:
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym
         if item.symbol.bind != "STB_LOCAL":
-            self.code.own_globals.setdefault(item.name, (self.objname, sym))
+            self.code.own_globals.setdefault(item.name, sym)
         for r in item.relocs:
             self._relocate(sec, r.offset - item.start, r)
         self._tables(item, sym)
@@ -171,8 +171,9 @@ class Extractor:
             # A once-flag (printk_once, WARN_ONCE...: DO_ONCE_LITE's __already_done.N): objects
             # have many, often not told apart by kallsyms. A copy of its own costs at most one
             # more message.
-            self.code.notes.append(f"{self.objname}: the new code has its own {name} (a "
-                                   "once-only flag: its message may show once more)")
+            if (self.objname, data.name) not in self.code.data:  # one note per flag
+                self.code.notes.append(f"{self.objname}: the new code has its own {name} (a "
+                                       "once-only flag: its message may show once more)")
             return self._add_data(data), offset
         if name in functions and (name not in self.names or is_compiler_clone(name)):
             # A post-only function that is not part of the update: carry it along too. So also a
