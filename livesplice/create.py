@@ -119,9 +119,11 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
                 refuse_what_cannot_change_live(request.files, diffs, pair.left_out)
                 refuse_when_no_function_changed(diffs, pair.left_out)
             with stage_timer(timings, "module"):
-                code = extract_new_code(diffs, objects, pair.targets)
+                images = module_images(target, pair)
+                code = extract_new_code(diffs, objects, pair.targets, images)
                 pre_code = record_pre_code(diffs, objects, code, pair.targets)
-                images = place_in_module_targets(pre_code, code, target, pair)
+                place_in_modules(pre_code, code, images,
+                                 exporters(target.headers / "Module.symvers"))
                 modules = build_modules(code, request.update_id, target, tree.jobs, work)
             manifest = build_manifest(request.update_id, target, tree, request.patch, diffs, code,
                                       pre_code, modules, source_version, pair, images)
@@ -244,8 +246,8 @@ def refuse_when_no_function_changed(diffs: list[ObjectDiff], left_out: list[Left
                           f"({', '.join(added)}) are called by nothing the kernel runs" + aside)
 
 
-def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs,
-                     targets: dict[str, str]) -> NewCode:
+def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs, targets: dict[str, str],
+                     images: dict[str, ModuleImage] | None = None) -> NewCode:
     """The changed and new functions (with their parts) of every object, in one new object."""
     code = NewCode()
     for d in diffs:
@@ -254,7 +256,9 @@ def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs,
         _, post = objects[d.object]
         included = {c.name for c in d.changed + d.new}
         included |= {p for c in d.changed + d.new for p in c.parts}
-        ex = Extractor(code, d.object, post, d.names, included, targets[d.object])
+        image = (images or {}).get(targets[d.object])
+        ex = Extractor(code, d.object, post, d.names, included, targets[d.object],
+                       image.defines if image is not None else None)
         for c in d.changed + d.new:
             ex.add_function(post.functions[c.name])
             for part in c.parts:
@@ -264,19 +268,16 @@ def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs,
     return code
 
 
-def place_in_module_targets(pre_code: list[PreFunction], code: NewCode, target: TargetKernel,
-                            pair: BuiltPair) -> dict[str, ModuleImage]:
-    """The compiled modules of the module targets, and the positions of the update's symbols
-    in them (moduletargets)."""
+def module_images(target: TargetKernel, pair: BuiltPair) -> dict[str, ModuleImage]:
+    """The target kernel's compiled modules that the update changes code of: where create finds
+    their build ids and the positions of the update's symbols in them (moduletargets)."""
     if not pair.module_paths:
         return {}
     if target.modules is None:
         raise BadInput("the patch changes module code, but the target kernel's modules are not "
                        "at hand")
     files = module_files(target.modules, pair.module_paths)
-    images = {name: ModuleImage(path, name) for name, path in files.items()}
-    place_in_modules(pre_code, code, images, exporters(target.headers / "Module.symvers"))
-    return images
+    return {name: ModuleImage(path, name) for name, path in files.items()}
 
 
 def build_modules(code: NewCode, update_id: str, target: TargetKernel, jobs: int,

@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from .objdiff import DYNDBG_SECTION, read_only
 from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
 SECTION_PREFIX = ".text.livesplice."
+# Where the key is, in an entry of the tables whose entries name a key.
+KEY_FIELDS = {"__jump_table": 8, ".static_call_sites": 4}
 ONCE_SECTION = ".data.once"  # DO_ONCE_LITE's flags
 # apply finds each new function through /sys/module/MODULE/sections/SECTION: a sysfs file name,
 # at most NAME_MAX (255) bytes.
@@ -133,10 +136,13 @@ class Extractor:
     """Copies what the update needs out of one post object into a NewCode."""
 
     def __init__(self, code: NewCode, objname: str, post: ObjectFile, names: dict[str, str],
-                 included: set[str], target: str = VMLINUX):
+                 included: set[str], target: str = VMLINUX,
+                 module_defines: Callable[[str], bool] | None = None):
         self.code, self.objname, self.post, self.names = code, objname, post, names
         self.included = included  # post function names that become new code
         self.target = target  # vmlinux or the module the object is linked into
+        # for a module's object: whether that module defines a symbol (stockmodule)
+        self.module_defines = module_defines
 
     def _section(self, section: OutSection) -> OutSection:
         self.code.section_targets.setdefault(section.name, set()).add(self.target)
@@ -256,6 +262,8 @@ class Extractor:
             for site_sec, site_off, idx in post.sites(table, entry, site_field):
                 if site_sec is not item.section or not item.start <= site_off < item.start + item.size:
                     continue
+                if self._module_key(table, sec, idx * entry, item):
+                    continue
                 out = self._table(table, sec)
                 base = len(out.data)
                 out.data.extend(sec.data[idx * entry:(idx + 1) * entry])
@@ -272,6 +280,33 @@ class Extractor:
                     if orc is not None:
                         self._table(".orc_unwind", orc).data.extend(
                             orc.data[idx * ORC_ENTRY_SIZE:(idx + 1) * ORC_ENTRY_SIZE])
+
+    def _module_key(self, table: str, sec: Section, entry: int, item: Item) -> bool:
+        """Whether to leave out a jump label or static call entry whose key the module target
+        itself defines: the module loader reads such entries when it loads the update, before
+        the target may even be loaded. A static call still goes through the module's trampoline
+        (a field the core links); a tracepoint's jump label stays as compiled, off, in the new
+        code. Any other key of the module's own cannot be linked."""
+        field = KEY_FIELDS.get(table)
+        if field is None or self.module_defines is None:
+            return False
+        key = next(iter(sec.relocs_in(entry + field, entry + field + 1)), None)
+        if key is None:
+            return False
+        name = self.post.target(key).name
+        if not self.module_defines(name):
+            return False
+        if table == "__jump_table":
+            if name.startswith("__tracepoint_"):
+                note = (f"{self.objname}: tracepoint {name[len('__tracepoint_'):]} does not fire "
+                        f"in the new code of {item.name} (its key is module {self.target}'s)")
+                if note not in self.code.notes:
+                    self.code.notes.append(note)
+            else:
+                self.code.problems.append(
+                    f"{self.objname}: {item.name} uses static key {name} of module {self.target}, "
+                    "which the new code cannot be linked to before the module loads")
+        return True
 
     def _table(self, name: str, like: Section) -> OutSection:
         if name not in self.code.tables:
