@@ -391,7 +391,7 @@ def applied_record(update: coreproto.AppliedUpdate, redirected: set[str]) -> dic
     """An applied update as `list --json` and `view --json` show it (docs/cli-json.md)."""
     return {"id": update.id, "module": update.module,
             "functions": [f.name for f in update.funcs],  # as apply --json gives them
-            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}"}
+            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.new_address:#x}"}
                       for f in update.funcs],
             "pause_ns": update.pause_ns, "work_ns": update.work_ns,
             # A live patch enabled after an update redirects at the fentry site, before the

@@ -51,7 +51,7 @@ class Matcher:
         self.ks = kallsyms
         self.mem = memory
         # Sites already redirected by an applied update: the code that runs is the jump's target.
-        self.redirected = {f.site: f.target for u in applied for f in u.funcs}
+        self.redirected = {f.site: f.new_address for u in applied for f in u.funcs if f.site}
 
     @staticmethod
     def site(original: int, record: PreFunction) -> int:
