@@ -85,12 +85,15 @@ def corpus_files(changed: list[str], vmlinux_objects: set[str],
 
 def short_reason(reason: str) -> str:
     """A reason without the names in it, for counting."""
+    if reason.startswith("modprobe exited"):
+        return "modprobe: " + reason.rsplit(": ", 1)[-1][:60]
     for key in ("changed data object", "changed layout of", "changed __init function",
                 "changed __exit function", "cannot redirect changed function", "Kconfig or Makefiles",
                 "assembly code", "anonymous writable data", "does not match the running kernel",
                 "not in /proc/kallsyms", "identical functions of that name", "code busy",
                 "does not build alone", "symbols this kernel does not have",
-                "no function's object code", "modprobe timed out", "loads with kernel log problems"):
+                "no function's object code", "modprobe timed out", "uses static key",
+                "loads with kernel log problems"):
         if key in reason:
             return key
     return reason[:60]
