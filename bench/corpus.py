@@ -469,6 +469,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip the files the state file already has a result for (an "
                              "interrupted run of the same selection goes on)")
+    parser.add_argument("--state", type=Path,
+                        help="the state file (default: state-FROM-TO.jsonl in the cache's corpus/)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "corpus")
     parser.add_argument("--merge", action="store_true",
                         help="replace only the rows of the files run in the existing report "
@@ -494,9 +496,9 @@ def main() -> None:
 
     exchange = debian.cache_root() / "corpus"
     exchange.mkdir(parents=True, exist_ok=True)
-    state_path = exchange / f"state-{args.old}-{args.new}.jsonl"
-    if not args.resume:
-        state_path.unlink(missing_ok=True)
+    state_path = args.state or exchange / f"state-{args.old}-{args.new}.jsonl"
+    if not args.resume and state_path.exists():
+        state_path.replace(state_path.with_name(state_path.name + ".prev"))  # without --resume: anew
     done = read_state(state_path)
     guest = Guest(exchange, running.abi)
     t0 = time.monotonic()

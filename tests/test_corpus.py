@@ -43,3 +43,33 @@ def test_corpus_sample(stock_kernel, tmp_path):
     assert all(e["pause_ms"] > 0 for e in outcomes.values() if e["outcome"] == "applied and undone")
     table = out.with_suffix(".md").read_text()
     assert "| applied and undone | 5 |" in table
+
+
+MODULES_EXPECTED = {
+    # A module fix applied with the module loaded, and (--before-load 1) before it loads.
+    "drivers/net/veth.c": "applied and undone",
+    # A module whose hardware the VM lacks: modprobe fails, its own outcome.
+    "arch/x86/events/intel/uncore.c": "module does not load in the VM",
+    # The module's dynamic debug key in a changed function: refused at create.
+    "drivers/usb/host/xhci.c": "refused at create",
+}
+
+
+def test_corpus_module_sample(stock_kernel, tmp_path):
+    out = tmp_path / "corpus"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "corpus.py"), "--modules", "--out",
+                           str(out), "--state", str(tmp_path / "state.jsonl"), "--before-load", "1",
+                           "--only", *MODULES_EXPECTED], capture_output=True, text=True,
+                          timeout=3000, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    outcomes = {e["file"]: e for e in report["patches"]}
+    assert {rel: e["outcome"] for rel, e in outcomes.items()} == MODULES_EXPECTED, outcomes
+    veth = outcomes["drivers/net/veth.c"]
+    assert veth["target"] == "veth" and veth["before_load"] == "applied and undone", veth
+    assert veth["pause_ms"] > 0
+    assert "No such device" in outcomes["arch/x86/events/intel/uncore.c"]["reasons"][0]
+    assert report["modules"]["applied_share"] == 1.0  # xhci_hcd loads: its refusal counts
+    assert outcomes["drivers/usb/host/xhci.c"]["module_loads"] is True
+    # The state file has one line per file: a rerun with --resume does nothing more.
+    assert len((tmp_path / "state.jsonl").read_text().splitlines()) == 3
