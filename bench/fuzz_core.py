@@ -30,7 +30,7 @@ GUEST = textwrap.dedent("""
     state = c.state()
     f = state[0].funcs[0]
     module = state[0].module
-    template = (f"apply fz {module} 1 0\\nf {f.name} {f.site:x} {f.target:x} 0102030405\\n"
+    template = (f"apply fz {module} 1 0\\nf {f.name} {f.site:x} {f.new_address:x} 0102030405\\n"
                 f"r {f.site:x} {f.site + 64:x} 0\\n")
     rng = random.Random(seed)
     tokens = ["apply", "undo", "bench", "state", "f", "r", "fz", module, "-1", "0", "1", "999999",

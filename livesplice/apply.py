@@ -492,7 +492,7 @@ def applied_record(update: coreproto.AppliedUpdate, redirected: set[str]) -> dic
     return {"id": update.id, "module": update.module,
             "functions": [f.name for f in update.funcs],  # as apply --json gives them
             # the jumps written now: a waiting module target has none
-            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.target:#x}",
+            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.new_address:#x}",
                        "target": f.target} for f in update.funcs if f.site],
             "targets": vmlinux + [{"name": name, "state": state}
                                   for name, state in update.targets.items()],

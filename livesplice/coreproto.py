@@ -11,16 +11,22 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LivespliceError, Refused
 
-PROTOCOL = 2
+PROTOCOL = 3
 CORE_MODULE = "livesplice_core"
 DEVICE = Path("/dev/livesplice")
 MISC_SYSFS = Path("/sys/class/misc/livesplice/dev")
 JUMP_SIZE = 5
+MAX_REQUEST = 4 << 20  # the core's bound on one request, in bytes
+B_LINE_BYTES = 256  # code bytes per b line, the core's maximum
+VMLINUX = "vmlinux"  # the target name of vmlinux's functions in the state
+# x86-64 relocation types a module target's fields may have, and their widths in bytes.
+FIELD_WIDTHS = {1: 8, 2: 4, 4: 4, 10: 4, 11: 4, 24: 8}  # 64, PC32, PLT32, 32, 32S, PC64
 # Answers that are a safety check's refusal (exit 3), as opposed to errors.
 REFUSALS = ("busy", "mismatch", "stacked", "refused")
 
@@ -42,6 +48,59 @@ class CodeRange:
     start: int
     end: int
     func: int
+
+
+@dataclass(frozen=True)
+class FieldCheck:
+    """A `c` line: the relocated field at `offset` in a module function must hold symbol + addend
+    (minus its own address when PC-relative); `sympos` 0 is a symbol outside the target."""
+
+    offset: int
+    type: int
+    symbol: str
+    sympos: int
+    addend: int
+
+
+@dataclass(frozen=True)
+class HeldField:
+    """An `h` line: the core writes symbol + addend into the new code's field at `address` each
+    time the target is patched."""
+
+    address: int
+    type: int
+    symbol: str
+    sympos: int
+    addend: int
+
+
+@dataclass(frozen=True)
+class ModuleFunction:
+    """A `p` line with its `b`, `m` and `c` lines: function `name`, the `sympos`-th of that name in
+    the target (1-based), `size` bytes of pre code, the jump at +`fentry` to `new_address`."""
+
+    name: str
+    sympos: int
+    size: int
+    fentry: int
+    new_address: int
+    code: bytes  # len == size
+    masks: list[tuple[int, int]]  # (offset, length): bytes not compared
+    checks: list[FieldCheck]
+
+    def __post_init__(self) -> None:
+        if len(self.code) != self.size:
+            raise ValueError(f"{self.name}: {len(self.code)} bytes of code for size {self.size}")
+
+
+@dataclass(frozen=True)
+class ModuleTarget:
+    """A `t` line and what follows: a module the update patches whenever it is loaded."""
+
+    name: str
+    build_id: str | None  # None -> "-"
+    functions: list[ModuleFunction]
+    held: list[HeldField]
 
 
 @dataclass
@@ -69,12 +128,26 @@ class Answer:
         return cls(status, op, id_, message if not rest else message + "\n" + rest, figures)
 
 
-def apply_request(update_id: str, module: str, switches: list[Switch], ranges: list[CodeRange],
-                  tries: int, delay_ms: int) -> str:
+def apply_request(update_id: str, module: str, switches: Sequence[Switch],
+                  ranges: Sequence[CodeRange], tries: int, delay_ms: int,
+                  targets: Sequence[ModuleTarget] = ()) -> str:
     lines = [f"apply {update_id} {module} {tries} {delay_ms}"]
     lines += [f"f {s.name} {s.site:x} {s.target:x} {s.expect.hex()}" for s in switches]
     lines += [f"r {r.start:x} {r.end:x} {r.func}" for r in ranges]
-    return "\n".join(lines) + "\n"
+    for t in targets:
+        lines.append(f"t {t.name} {t.build_id or '-'}")
+        for f in t.functions:
+            lines.append(f"p {f.name} {f.sympos} {f.size} {f.fentry} {f.new_address:x}")
+            lines += [f"b {at} {f.code[at:at + B_LINE_BYTES].hex()}"
+                      for at in range(0, f.size, B_LINE_BYTES)]
+            lines += [f"m {offset} {length}" for offset, length in f.masks]
+            lines += [f"c {c.offset} {c.type} {c.symbol} {c.sympos} {c.addend}" for c in f.checks]
+        lines += [f"h {h.address:x} {h.type} {h.symbol} {h.sympos} {h.addend}" for h in t.held]
+    text = "\n".join(lines) + "\n"
+    if len(text) > MAX_REQUEST:
+        raise LivespliceError(f"update {update_id} is too large for the core: its request is "
+                              f"{len(text)} bytes, the core takes {MAX_REQUEST}")
+    return text
 
 
 def undo_request(update_id: str, tries: int, delay_ms: int) -> str:
@@ -103,7 +176,7 @@ def _device() -> Path:
     except OSError:
         raise LivespliceError(
             f"module {CORE_MODULE} is loaded but has no device: it is an older core "
-            f"(protocol < {PROTOCOL}); undo its updates with the livesplice that applied them") \
+            "(protocol 1); undo its updates with the livesplice that applied them") \
             from None
     node = Path("/run/livesplice/dev-livesplice")
     node.parent.mkdir(parents=True, exist_ok=True)
@@ -156,9 +229,10 @@ def call(text: str, op: str, update_id: str = "-") -> dict[str, int]:
 @dataclass
 class AppliedFunc:
     name: str
-    site: int
-    target: int
-    saved: bytes
+    site: int  # 0 while its target waits
+    new_address: int  # the new code the jump leads to
+    saved: bytes  # what the jump replaced; b"" while its target waits
+    target: str = VMLINUX  # "vmlinux" or the module's name
 
 
 @dataclass
@@ -168,28 +242,42 @@ class AppliedUpdate:
     pause_ns: int
     work_ns: int
     funcs: list[AppliedFunc]
+    targets: dict[str, str] = field(default_factory=dict)  # module -> "patched" or "waiting"
 
 
 def state() -> list[AppliedUpdate]:
     """The applied updates, oldest first, as the core knows them."""
     if not core_loaded():
         return []
-    answer = request("state\n", "state")
-    head, *lines = answer.message.splitlines() if answer.message else [""]
+    return parse_state(request("state\n", "state").message)
+
+
+def parse_state(message: str) -> list[AppliedUpdate]:
+    """The `state` answer after its `ok state -`: `protocol=N`, then the `update`, `func` and
+    `target` lines of the applied updates, oldest first."""
+    head, *lines = message.splitlines() if message else [""]
     proto = dict(p.split("=", 1) for p in head.split() if "=" in p).get("protocol")
     if proto != str(PROTOCOL):
         raise LivespliceError(f"the loaded core speaks protocol {proto}; this livesplice speaks "
                               f"{PROTOCOL}")
     updates: dict[str, AppliedUpdate] = {}
-    for line in lines:
-        parts = line.split()
-        if not parts:
-            continue
-        if parts[0] == "update":
-            kv = dict(p.split("=", 1) for p in parts[4:] if "=" in p)
-            updates[parts[1]] = AppliedUpdate(parts[1], parts[2], int(kv.get("pause_ns", 0)),
-                                              int(kv.get("work_ns", 0)), [])
-        elif parts[0] == "func":
-            updates[parts[1]].funcs.append(AppliedFunc(parts[2], int(parts[3], 16),
-                                                       int(parts[4], 16), bytes.fromhex(parts[5])))
+    try:
+        for line in lines:
+            parts = line.split()
+            if not parts:
+                continue
+            if parts[0] == "update" and len(parts) >= 4:
+                kv = dict(p.split("=", 1) for p in parts[4:] if "=" in p)
+                updates[parts[1]] = AppliedUpdate(parts[1], parts[2], int(kv.get("pause_ns", 0)),
+                                                  int(kv.get("work_ns", 0)), [])
+            elif parts[0] == "func" and len(parts) == 7:
+                saved = b"" if parts[5] == "-" else bytes.fromhex(parts[5])
+                updates[parts[1]].funcs.append(AppliedFunc(parts[2], int(parts[3], 16),
+                                                           int(parts[4], 16), saved, parts[6]))
+            elif parts[0] == "target" and len(parts) == 4:
+                updates[parts[1]].targets[parts[2]] = parts[3]
+            else:
+                raise ValueError(line)
+    except (ValueError, KeyError) as exc:
+        raise LivespliceError(f"the core gave a malformed state line: {str(exc)[:200]!r}") from None
     return list(updates.values())

@@ -55,7 +55,7 @@ class Matcher:
         self.ks = kallsyms
         self.mem = memory
         # Sites already redirected by an applied update: the code that runs is the jump's target.
-        self.redirected = {f.site: f.target for u in applied for f in u.funcs if f.site}
+        self.redirected = {f.site: f.new_address for u in applied for f in u.funcs if f.site}
 
     def in_module(self, module: str, name: str, sympos: int) -> KSym | None:
         """The module's `sympos`-th symbol of that name (1-based, in /proc/kallsyms' order)."""

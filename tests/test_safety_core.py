@@ -278,7 +278,9 @@ def test_function_another_live_patch_redirects(vm, packages, stock_kernel, tmp_p
 
 def test_core_rejects_malformed_requests(vm, packages):
     """Requests to the core with wrong pointers, duplicate sites or garbage get an error
-    answer, never an oops."""
+    answer, never an oops; so do protocol 3's module target lines that are malformed or out of
+    bounds (types, offsets, sizes, a held field outside the update module), each beside a
+    valid request it differs from in one line."""
     since = mark(vm)
     assert guest_cli(vm, "apply", str(packages["prctl"])).status == 0
     code = textwrap.dedent("""
@@ -302,10 +304,54 @@ def test_core_rejects_malformed_requests(vm, packages):
         ]
         for q in reqs:
             print(c.raw_request(q).splitlines()[0][:100])
+
+        # Protocol 3: a module target that never loads. The base request is valid (it waits);
+        # each variant differs from it in one line.
+        base_dir = f"/sys/module/{m}/sections/"
+        starts = [int(open(base_dir + s).read(), 16) for s in os.listdir(base_dir)
+                  if not s.startswith(".init")]
+        core_end = min(starts) + int(open(f"/sys/module/{m}/coresize").read())
+        t, code = "t lsnotloaded -", "b 0 " + "00" * 16
+        p = f"p some_func 1 16 0 {new:x}"
+        rest = ["m 0 5", "c 6 4 printk 0 -4", f"h {new:x} 1 some_data 1 0"]
+
+        def req(*lines, id_="y"):
+            return f"apply {id_} {m} 1 0\\n" + "\\n".join(lines) + "\\n"
+
+        good = req(t, p, code, *rest, id_="ok3")
+        print("BASE", c.raw_request(good).splitlines()[0])
+        print("BASE", c.raw_request("undo ok3 1 0\\n").splitlines()[0])
+        bad = [
+            req("t lsnotloaded", p, code), req("t vmlinux -", p, code), req("t lsnotloaded xyz", p, code),
+            req("t lsnotloaded 123", p, code), req(t, p, code, t, p, code), req(t, p, code, "t other -"),
+            req(p, code), req(t, p.replace(" 1 16 ", " 0 16 "), code),
+            req(t, p.replace(" 16 0 ", " 0 0 "), code), req(t, p.replace(" 16 0 ", " 4 0 "), "b 0 00000000"),
+            req(t, p.replace(" 16 0 ", " 1048577 0 "), code), req(t, p.replace(" 16 0 ", " 16 12 "), code),
+            req(t, f"p some_func 1 16 0 {site:x}", code), req(t, "p some_func 1 16 0 zz", code),
+            req(t, p, code, "b 16 00"), req(t, p.replace(" 16 0 ", " 300 0 "), "b 0 " + "00" * 257, "b 257 " + "00" * 43),
+            req(t, p, "b 0 000"), req(t, p, "b 0 " + "zz" * 16), req(t, p, code, "b 8 00"),
+            req(t, p, "b 0 " + "00" * 8), req(t, p, code, "m 10 7"), req(t, p, code, "m 0 0"),
+            req(t, p, code, "c 0 3 printk 0 0"), req(t, p, code, "c 0 12 printk 0 0"),
+            req(t, p, code, "c 0 0 printk 0 0"), req(t, p, code, "c 14 2 printk 0 0"),
+            req(t, p, code, "c 10 1 printk 0 0"), req(t, p, code, "c 0 2 printk 70000 0"),
+            req(t, p, code, "c 0 2 printk 0 abc"), req(t, p, code, "c 0 2 printk 0 0 0"),
+            req(t, p, code, f"h {site:x} 1 some_data 1 0"), req(t, p, code, f"h {new:x} 5 some_data 1 0"),
+            req(t, p, code, f"h {core_end - 4:x} 1 some_data 1 0"),
+            req(t, p.replace("p ", "p  "), code), req(t, "b 0 00", p, code), req(t, p, code, "x 1 2"),
+            req(f"h {new:x} 1 some_data 1 0", t, p, code),
+            req(t, p, code, *rest[:2], f"h {new:x} 2 some_data 1 0 extra"),
+        ]
+        for q in bad:
+            print("P3", c.raw_request(q).splitlines()[0][:150])
     """)
     r = vm.run([GUEST_CLI[0], "-c", code], cwd=str(REPO))
     assert r.status == 0, r.err
-    statuses = [line.split()[0] for line in r.out.splitlines()]
+    lines = r.out.splitlines()
+    base = [line for line in lines if line.startswith("BASE ")]
+    assert base[0].startswith("BASE ok apply ok3") and base[1].startswith("BASE ok undo ok3"), base
+    p3 = [line for line in lines if line.startswith("P3 ")]
+    assert len(p3) == 38 and all(line.startswith("P3 error apply ") for line in p3), "\n".join(p3)
+    statuses = [line.split()[0] for line in lines if not line.startswith(("BASE ", "P3 "))]
     assert statuses and all(s in ("error", "unknown", "refused") for s in statuses), r.out
     assert applied(vm) == ["prctl"]
     assert guest_cli(vm, "undo", "prctl").status == 0

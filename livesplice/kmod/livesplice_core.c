@@ -9,6 +9,11 @@
  * unwinder), check that the bytes to be overwritten are the ones user space matched, write (or
  * restore) the 5-byte jumps int3-first, and remember what it wrote.
  *
+ * Module targets (protocol 3) are described to it declaratively instead: it resolves their
+ * symbols in the module's own symbol table, checks their code and writes their jumps itself, at
+ * apply for a loaded module and from its module notifier whenever the module loads, with no
+ * user space then.
+ *
  * Interface: the character device /dev/livesplice. Each open file carries one request and its
  * answer: write the whole request in one write(), then read the answer. The grammar is in
  * docs/core-protocol.md (LIVESPLICE_PROTOCOL below is its version); livesplice/coreproto.py is
@@ -53,24 +58,67 @@
 #include <asm/text-patching.h>
 #include <asm/unwind.h>
 
-#define LIVESPLICE_PROTOCOL 2
+#define LIVESPLICE_PROTOCOL 3
 #define JMP_SIZE 5
 #define INT3 0xcc
-#define MAX_FUNCS 4096
-#define MAX_RANGES 16384
+#define MAX_FUNCS 4096			/* f and p lines of one request together */
+#define MAX_RANGES 16384		/* r lines */
+#define MAX_TARGETS 64			/* t lines */
+#define MAX_FIELDS 131072		/* c and h lines together */
+#define MAX_MASKS 131072		/* m lines */
+#define MAX_CODE_SIZE (1 << 20)		/* SIZE of a p line */
+#define MAX_B_BYTES 256			/* bytes of one b line */
+#define MAX_SYMPOS 65535
+#define BUILD_ID_HEX 129		/* up to 64 bytes in hex, and the NUL */
 #define MAX_REQUEST (4 << 20)
 #define ID_LEN 48
 #define MAX_BUSY 8
 #define MAX_RANGE_SIZE (1 << 20)
 #define MAX_WAIT_MS (10 * 60 * 1000)	/* tries x delay: the lock is held meanwhile */
 
+/* A relocated field: a c line (where: offset in its function) or an h line (where: address in
+ * the new code). It holds NAME + ADDEND, minus its own address when PC-relative. */
+struct ls_field {
+	unsigned long where;
+	char *name;
+	unsigned int sympos;		/* 0: anywhere in the kernel; n: the target's n-th NAME */
+	unsigned int type;		/* R_X86_64_* */
+	s64 addend;
+	u64 value;			/* h: what is written, once resolved */
+};
+
+struct ls_mask {
+	unsigned int offset, length;
+};
+
 struct ls_func {
 	char name[KSYM_NAME_LEN];
-	unsigned long site;		/* where the jump goes: old function + fentry size */
+	unsigned long site;		/* where the jump goes: old function + fentry size; 0 while
+					 * a module target waits */
 	unsigned long target;		/* the new function */
-	u8 expect[JMP_SIZE];		/* the bytes user space matched at site */
+	u8 expect[JMP_SIZE];		/* the bytes matched at site */
 	u8 saved[JMP_SIZE];		/* what the site held before this update */
 	u8 jump[JMP_SIZE];		/* jmp target */
+	/* A module target's function (p line); tgt is -1 for vmlinux's (f line). */
+	int tgt;
+	unsigned int sympos, size, fentry;
+	u8 *code;			/* the pre code, size bytes */
+	unsigned long *cmp;		/* bitmap: the bytes compared (given, not masked, not a c field) */
+	struct ls_mask *masks;
+	struct ls_field *checks;
+	int nmasks, nchecks;
+	unsigned long addr, live;	/* resolved: the function; where its code runs now */
+};
+
+struct ls_target {
+	char name[MODULE_NAME_LEN];
+	char build_id[BUILD_ID_HEX];	/* "-": none given */
+	struct module *mod;		/* while patched: the instance its jumps are in */
+	bool patched;
+	bool pending;			/* checked at this load, to be written */
+	int first, nfuncs;		/* its functions: funcs[first .. first + nfuncs) */
+	struct ls_field *held;
+	int nheld;
 };
 
 struct ls_range {
@@ -82,9 +130,13 @@ struct ls_update {
 	struct list_head list;
 	char id[ID_LEN];
 	struct module *mod;		/* the new code, pinned while applied */
-	int nfuncs, nranges;
+	int nfuncs, nranges;		/* nfuncs: all; vmlinux's (f lines) first */
+	int nvmlinux, ntargets, nchecks, nheld, nmasks, maxranges;
 	struct ls_func *funcs;
 	struct ls_range *ranges;	/* the old code, checked on apply */
+	struct ls_target *targets;
+	struct ls_field *checks, *held;
+	struct ls_mask *masks;
 	u64 pause_ns, work_ns;
 	int attempts;
 };
@@ -162,8 +214,9 @@ static notrace bool addr_in_update(struct ls_switch *s, unsigned long addr, int 
 	}
 	for (i = 0; i < u->nfuncs; i++) {
 		/* The jump's own bytes, whatever ranges user space sent: a task stopped inside them
-		 * would resume in the middle of the jump. */
-		if (addr > u->funcs[i].site && addr < u->funcs[i].site + JMP_SIZE) {
+		 * would resume in the middle of the jump. (Site 0: a waiting module target.) */
+		if (u->funcs[i].site && addr > u->funcs[i].site &&
+		    addr < u->funcs[i].site + JMP_SIZE) {
 			*func = i;
 			return true;
 		}
@@ -349,18 +402,22 @@ static notrace void write_sites(struct ls_switch *s)
 
 	WRITE_ONCE(active_switch, s);
 	for (i = 0; i < u->nfuncs; i++)
-		text_poke_kgdb((void *)u->funcs[i].site, &int3, 1);
+		if (u->funcs[i].site)
+			text_poke_kgdb((void *)u->funcs[i].site, &int3, 1);
 	sync_others(s);
 	for (i = 0; i < u->nfuncs; i++) {
 		struct ls_func *f = &u->funcs[i];
 
-		text_poke_kgdb((void *)f->site + 1, (s->undo ? f->saved : f->jump) + 1, JMP_SIZE - 1);
+		if (f->site)
+			text_poke_kgdb((void *)f->site + 1, (s->undo ? f->saved : f->jump) + 1,
+				       JMP_SIZE - 1);
 	}
 	sync_others(s);
 	for (i = 0; i < u->nfuncs; i++) {
 		struct ls_func *f = &u->funcs[i];
 
-		text_poke_kgdb((void *)f->site, s->undo ? f->saved : f->jump, 1);
+		if (f->site)
+			text_poke_kgdb((void *)f->site, s->undo ? f->saved : f->jump, 1);
 	}
 	sync_others(s);
 	WRITE_ONCE(active_switch, NULL);
@@ -377,7 +434,7 @@ static notrace int ls_int3(struct notifier_block *nb, unsigned long val, void *d
 		return NOTIFY_DONE;
 	ip = args->regs->ip - 1;	/* the int3 is one byte */
 	for (i = 0; i < s->u->nfuncs; i++) {
-		if (s->u->funcs[i].site == ip) {
+		if (s->u->funcs[i].site && s->u->funcs[i].site == ip) {
 			args->regs->ip = s->u->funcs[i].target;
 			return NOTIFY_STOP;
 		}
@@ -404,14 +461,15 @@ static notrace int switch_stopped(struct ls_switch *s)
 	for (i = 0; i < u->nfuncs; i++) {
 		struct ls_func *f = &u->funcs[i];
 
-		if (memcmp((void *)f->site, s->undo ? f->jump : f->expect, JMP_SIZE)) {
+		if (f->site && memcmp((void *)f->site, s->undo ? f->jump : f->expect, JMP_SIZE)) {
 			s->mismatch_func = i;
 			return -EILSEQ;
 		}
 	}
 	if (!s->undo)
 		for (i = 0; i < u->nfuncs; i++)
-			memcpy(u->funcs[i].saved, (void *)u->funcs[i].site, JMP_SIZE);
+			if (u->funcs[i].site)
+				memcpy(u->funcs[i].saved, (void *)u->funcs[i].site, JMP_SIZE);
 	write_sites(s);
 	return 0;
 }
@@ -644,12 +702,30 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 
 /* --- requests ------------------------------------------------------------------------------------- */
 
+/* Not in the kernel's public headers (kernel/module/internal.h); apply links it as it links the
+ * unexported functions. */
+extern struct mutex module_mutex;
+
 static void free_update(struct ls_update *u)
 {
+	int i;
+
 	if (!u)
 		return;
+	for (i = 0; u->funcs && i < u->nfuncs; i++) {
+		kvfree(u->funcs[i].code);
+		kvfree(u->funcs[i].cmp);
+	}
+	for (i = 0; u->checks && i < u->nchecks; i++)
+		kfree(u->checks[i].name);
+	for (i = 0; u->held && i < u->nheld; i++)
+		kfree(u->held[i].name);
 	kvfree(u->funcs);
 	kvfree(u->ranges);
+	kvfree(u->targets);
+	kvfree(u->checks);
+	kvfree(u->held);
+	kvfree(u->masks);
 	kfree(u);
 }
 
@@ -687,6 +763,21 @@ static bool valid_id(const char *id)
 	return true;
 }
 
+/* "-", or 1 to 64 bytes in hex. */
+static bool valid_build_id(const char *s)
+{
+	size_t n = strnlen(s, BUILD_ID_HEX);
+
+	if (!strcmp(s, "-"))
+		return true;
+	if (n < 2 || n >= BUILD_ID_HEX || n % 2)
+		return false;
+	for (; *s; s++)
+		if (!isxdigit(*s))
+			return false;
+	return true;
+}
+
 /* Code of the running kernel (vmlinux or a module), all of [start, end): ranges are only
  * compared with, never written. */
 static bool kernel_code(unsigned long start, unsigned long end)
@@ -705,18 +796,129 @@ static struct module *text_module(unsigned long addr)
 	return m;
 }
 
+/* [start, start + size) lies in mod's core (not init) text. */
+static bool in_core_text(struct module *mod, unsigned long start, unsigned long size)
+{
+	unsigned long base = (unsigned long)mod->core_layout.base;
+
+	return start >= base && size <= mod->core_layout.text_size &&
+	       start - base <= mod->core_layout.text_size - size;
+}
+
 static int parse_hex(const char *hex, u8 *out, int n)
 {
 	return strlen(hex) == 2 * n ? hex2bin(out, hex, n) : -EINVAL;
 }
 
-/* Is anything of this request in the way of its jumps? Say what, and return -EINVAL if so. */
+/* Split a line at single spaces: the number of tokens, or -1 for more than max or an empty one. */
+static int split_tokens(char *line, char **tok, int max)
+{
+	char *p;
+	int n = 0;
+
+	while ((p = strsep(&line, " ")) != NULL) {
+		if (!*p || n == max)
+			return -1;
+		tok[n++] = p;
+	}
+	return n;
+}
+
+static bool parse_uint(const char *s, unsigned int max, unsigned int *out)
+{
+	return !kstrtouint(s, 10, out) && *out <= max;
+}
+
+/* The width of a field of this relocation type; 0 for a type the protocol does not take. */
+static unsigned int field_width(unsigned int type)
+{
+	switch (type) {
+	case R_X86_64_64:
+	case R_X86_64_PC64:
+		return 8;
+	case R_X86_64_PC32:
+	case R_X86_64_PLT32:
+	case R_X86_64_32:
+	case R_X86_64_32S:
+		return 4;
+	}
+	return 0;
+}
+
+/* What a field of this type at `place` holds when it refers to sym + addend (the low bytes of
+ * *value, little-endian); -ERANGE if the field cannot hold it. */
+static int field_value(unsigned int type, unsigned long sym, s64 addend, unsigned long place,
+		       u64 *value)
+{
+	u64 v = sym + addend;
+
+	switch (type) {
+	case R_X86_64_64:
+		*value = v;
+		return 0;
+	case R_X86_64_PC64:
+		*value = v - place;
+		return 0;
+	case R_X86_64_PC32:
+	case R_X86_64_PLT32:
+		v -= place;
+		fallthrough;
+	case R_X86_64_32S:
+		if ((s64)v != (s32)v)
+			return -ERANGE;
+		*value = (u32)v;
+		return 0;
+	case R_X86_64_32:
+		if (v != (u32)v)
+			return -ERANGE;
+		*value = v;
+		return 0;
+	}
+	return -EINVAL;
+}
+
+/*
+ * The sympos-th symbol `name` of mod (1-based), in its symbol table's order, counting only
+ * defined symbols whose address lies in its core memory: the order of /proc/kallsyms' lines for
+ * the module and of its .ko's symbol table, the same while its init runs (the whole table) and
+ * after (the core symbols only). 0 if there is none.
+ */
+static unsigned long module_symbol(struct module *mod, const char *name, unsigned int sympos)
+{
+	struct mod_kallsyms *ks;
+	unsigned long addr = 0;
+	unsigned int i, seen = 0;
+
+	preempt_disable();
+	ks = rcu_dereference_sched(mod->kallsyms);
+	for (i = 0; ks && i < ks->num_symtab; i++) {
+		const Elf_Sym *sym = &ks->symtab[i];
+
+		if (sym->st_shndx == SHN_UNDEF || !within_module_core(sym->st_value, mod) ||
+		    strcmp(ks->strtab + sym->st_name, name))
+			continue;
+		if (++seen == sympos) {
+			addr = sym->st_value;
+			break;
+		}
+	}
+	preempt_enable();
+	return addr;
+}
+
+/* SYMPOS 0: a symbol outside the target, by name in the whole kernel. */
+static unsigned long resolve_symbol(struct module *mod, const char *name, unsigned int sympos)
+{
+	return sympos ? module_symbol(mod, name, sympos) : kallsyms_lookup_name(name);
+}
+
+/* Is anything of this request in the way of its vmlinux jumps? Say what, and return -EINVAL if so. */
 static int check_funcs(struct ls_update *u, struct ls_answer *a)
 {
 	struct ls_update *other;
 	int i, j;
 
-	for (i = 0; i < u->nfuncs; i++) {
+	for (i = 0; i < u->nvmlinux; i++) {
 		struct ls_func *f = &u->funcs[i];
 		void *site = (void *)f->site, *last = site + JMP_SIZE - 1;
 
@@ -762,9 +964,9 @@ static int check_funcs(struct ls_update *u, struct ls_answer *a)
 	/* A site another update already redirects can only be stacked on: then the expected
 	 * bytes are that update's jump, which the byte check under stop_machine confirms. */
 	list_for_each_entry(other, &updates, list) {
-		for (i = 0; i < u->nfuncs; i++)
+		for (i = 0; i < u->nvmlinux; i++)
 			for (j = 0; j < other->nfuncs; j++)
-				if (u->funcs[i].site != other->funcs[j].site &&
+				if (other->funcs[j].site && u->funcs[i].site != other->funcs[j].site &&
 				    u->funcs[i].site < other->funcs[j].site + JMP_SIZE &&
 				    other->funcs[j].site < u->funcs[i].site + JMP_SIZE) {
 					say(a, "error apply %s site of %s overlaps update %s's jump in %s\n",
@@ -775,55 +977,657 @@ static int check_funcs(struct ls_update *u, struct ls_answer *a)
 	return 0;
 }
 
+/* The module targets' new code and held fields are the update module's own. */
+static int check_targets(struct ls_update *u, struct ls_answer *a)
+{
+	int i;
+
+	for (i = u->nvmlinux; i < u->nfuncs; i++) {
+		struct ls_func *f = &u->funcs[i];
+
+		if (text_module(f->target) != u->mod || text_module(f->target + JMP_SIZE - 1) != u->mod) {
+			say(a, "error apply %s bad target %lx of %s: not in module %s\n", u->id, f->target,
+			    f->name, u->mod->name);
+			return -EINVAL;
+		}
+	}
+	for (i = 0; i < u->nheld; i++) {
+		struct ls_field *h = &u->held[i];
+
+		/* The whole field in the module's core (text or data, not init, which is freed). */
+		if (!within_module_core(h->where, u->mod) ||
+		    !within_module_core(h->where + field_width(h->type) - 1, u->mod)) {
+			say(a, "error apply %s bad held field %lx: not in module %s\n", u->id, h->where,
+			    u->mod->name);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+/* --- module targets ---------------------------------------------------------------------------- */
+
+static bool refuse_mismatch = true;
+module_param(refuse_mismatch, bool, 0644);
+MODULE_PARM_DESC(refuse_mismatch,
+		 "refuse to load a module an update waits for whose code does not match (default); 0: let it load unpatched");
+
+struct ls_coming {
+	struct list_head list;
+	struct module *mod;
+};
+
+/*
+ * Modules whose MODULE_STATE_COMING this core's notifier has handled, until they are live or
+ * gone (under ls_mutex). An apply patches such a module at once, as a live one: its init may be
+ * running. A module still coming otherwise is left to the notifier, which waits on ls_mutex for
+ * the apply: patched at once, such a module could yet fail its load in a notifier before this
+ * one and be freed with no MODULE_STATE_GOING to tell the core.
+ */
+static LIST_HEAD(coming);
+
+static bool seen_coming(struct module *mod)
+{
+	struct ls_coming *c;
+
+	list_for_each_entry(c, &coming, list)
+		if (c->mod == mod)
+			return true;
+	return false;
+}
+
+static void forget_coming(struct module *mod)
+{
+	struct ls_coming *c, *tmp;
+
+	list_for_each_entry_safe(c, tmp, &coming, list) {
+		if (c->mod == mod) {
+			list_del(&c->list);
+			kfree(c);
+		}
+	}
+}
+
+static struct ls_target *find_target(struct ls_update *u, const char *name)
+{
+	int i;
+
+	for (i = 0; i < u->ntargets; i++)
+		if (!strcmp(u->targets[i].name, name))
+			return &u->targets[i];
+	return NULL;
+}
+
+/* The loaded instance of module `name` to patch now, or NULL: it waits (not loaded, unformed,
+ * going, or coming with the notifier still to run). Under ls_mutex, which keeps the module's
+ * memory: it is freed only after the MODULE_STATE_GOING notifier, which takes ls_mutex. */
+static struct module *target_to_patch(const char *name)
+{
+	struct module *m;
+
+	mutex_lock(&module_mutex);
+	m = find_module(name);
+	if (m && m->state != MODULE_STATE_LIVE && !(m->state == MODULE_STATE_COMING && seen_coming(m)))
+		m = NULL;
+	mutex_unlock(&module_mutex);
+	return m;
+}
+
+/* A target's functions wait again: no site, nothing saved. */
+static void forget_target(struct ls_update *u, struct ls_target *t)
+{
+	int i;
+
+	for (i = t->first; i < t->first + t->nfuncs; i++) {
+		struct ls_func *f = &u->funcs[i];
+
+		f->site = 0;
+		f->addr = 0;
+		f->live = 0;
+		memset(f->saved, 0, JMP_SIZE);
+	}
+	t->patched = false;
+	t->pending = false;
+	t->mod = NULL;
+}
+
+/*
+ * The function of an update older than u (all applied ones while u is not in the list) whose
+ * jump is, or at this load is about to be, at `site`: the one u's function stacks on; *clash is
+ * set to one whose jump overlaps the site without being at it.
+ */
+static struct ls_func *stacked_on(struct ls_update *u, unsigned long site, struct ls_update **owner,
+				  struct ls_func **clash)
+{
+	struct ls_update *other;
+	struct ls_func *found = NULL;
+	int j;
+
+	*clash = NULL;
+	list_for_each_entry(other, &updates, list) {
+		if (other == u)
+			break;
+		for (j = 0; j < other->nfuncs; j++) {
+			struct ls_func *g = &other->funcs[j];
+
+			if (!g->site)
+				continue;
+			if (g->site == site) {
+				found = g;
+				*owner = other;
+			} else if (g->site < site + JMP_SIZE && site < g->site + JMP_SIZE) {
+				*clash = g;
+			}
+		}
+	}
+	return found;
+}
+
+/*
+ * Resolve target t of update u in its loaded module mod and check its code: each function's
+ * bytes outside the masks and its relocated fields by value, where its code runs now (the new
+ * code of an older update when one is at the site, as user space matches vmlinux); then the
+ * values of the held fields. Sets each function's site, expected bytes and jump; writes
+ * nothing. 0, or -EILSEQ (the code differs), -EPERM (a site is unsafe to write), -EINVAL, with
+ * why; on failure the target is left waiting.
+ */
+static int resolve_target(struct ls_update *u, struct ls_target *t, struct module *mod, char *why,
+			  size_t len)
+{
+	int i, j, ret;
+
+	for (i = t->first; i < t->first + t->nfuncs; i++) {
+		struct ls_func *f = &u->funcs[i], *below, *clash;
+		struct ls_update *owner = NULL;
+		unsigned long site;
+		void *last;
+		const u8 *code;
+
+		f->addr = module_symbol(mod, f->name, f->sympos);
+		if (!f->addr) {
+			snprintf(why, len, "%.128s (sympos %u) is not a symbol of %s", f->name,
+				 f->sympos, t->name);
+			ret = -EILSEQ;
+			goto fail;
+		}
+		if (!in_core_text(mod, f->addr, f->size)) {
+			snprintf(why, len, "%.128s (sympos %u) is not %u bytes of %s's code", f->name,
+				 f->sympos, f->size, t->name);
+			ret = -EILSEQ;
+			goto fail;
+		}
+		site = f->addr + f->fentry;
+		last = (void *)site + JMP_SIZE - 1;
+		if (within_kprobe_blacklist(site) || ftrace_text_reserved((void *)site, last)) {
+			snprintf(why, len, "%.128s: %pS is code the kernel lets no probe write", f->name,
+				 (void *)site);
+			ret = -EPERM;
+			goto fail;
+		}
+		if (jump_label_text_reserved((void *)site, last) ||
+		    static_call_text_reserved((void *)site, last)) {
+			snprintf(why, len, "%.128s: the jump at %pS would cover a jump label or static call site",
+				 f->name, (void *)site);
+			ret = -EPERM;
+			goto fail;
+		}
+		below = stacked_on(u, site, &owner, &clash);
+		if (clash) {
+			snprintf(why, len, "%.128s: the jump at %pS overlaps another update's jump in %.128s",
+				 f->name, (void *)site, clash->name);
+			ret = -EINVAL;
+			goto fail;
+		}
+		if (below) {
+			f->live = below->target;
+			if (!in_core_text(owner->mod, f->live, f->size)) {
+				snprintf(why, len, "%.128s does not match: update %s's code runs there",
+					 f->name, owner->id);
+				ret = -EILSEQ;
+				goto fail;
+			}
+			memcpy(f->expect, below->jump, JMP_SIZE);
+		} else {
+			f->live = f->addr;
+			memcpy(f->expect, (void *)site, JMP_SIZE);
+		}
+		code = (const u8 *)f->live;
+		for_each_set_bit(j, f->cmp, f->size) {
+			if (code[j] != f->code[j]) {
+				snprintf(why, len, "%.128s does not match: its byte at offset %#x differs",
+					 f->name, j);
+				ret = -EILSEQ;
+				goto fail;
+			}
+		}
+		for (j = 0; j < f->nchecks; j++) {
+			struct ls_field *c = &f->checks[j];
+			unsigned long place = f->live + c->where;
+			unsigned long sym = resolve_symbol(mod, c->name, c->sympos);
+			u64 want, have = 0;
+
+			memcpy(&have, (void *)place, field_width(c->type));
+			if (!sym || field_value(c->type, sym, c->addend, place, &want) || have != want) {
+				snprintf(why, len, "%.128s does not match: its field at offset %#lx does not refer to %.128s%+lld (sympos %u)",
+					 f->name, c->where, c->name, c->addend, c->sympos);
+				ret = -EILSEQ;
+				goto fail;
+			}
+		}
+		f->site = site;
+		make_jump(f->jump, site, f->target);
+	}
+	for (i = t->first; i < t->first + t->nfuncs; i++) {
+		for (j = t->first; j < i; j++) {
+			if (u->funcs[i].site < u->funcs[j].site + JMP_SIZE &&
+			    u->funcs[j].site < u->funcs[i].site + JMP_SIZE) {
+				snprintf(why, len, "the jumps in %.128s and %.128s overlap",
+					 u->funcs[i].name, u->funcs[j].name);
+				ret = -EINVAL;
+				goto fail;
+			}
+		}
+	}
+	for (i = 0; i < t->nheld; i++) {
+		struct ls_field *h = &t->held[i];
+		unsigned long sym = resolve_symbol(mod, h->name, h->sympos);
+
+		if (!sym || field_value(h->type, sym, h->addend, h->where, &h->value)) {
+			snprintf(why, len, "the new code's field at %#lx cannot refer to %.128s%+lld (sympos %u)",
+				 h->where, h->name, h->addend, h->sympos);
+			ret = -EILSEQ;
+			goto fail;
+		}
+	}
+	return 0;
+fail:
+	forget_target(u, t);
+	return ret;
+}
+
+/* The held fields of the new code, once its target is resolved. Under text_mutex. */
+static void write_held(struct ls_target *t)
+{
+	int i;
+
+	for (i = 0; i < t->nheld; i++)
+		text_poke((void *)t->held[i].where, &t->held[i].value, field_width(t->held[i].type));
+}
+
+static void ls_sync_core(void *unused)
+{
+	sync_core();
+}
+
+/*
+ * MODULE_STATE_COMING of a module that applied updates wait for, oldest first: check them all,
+ * then write the held fields and the jumps of those that match, with text_poke. No stop_machine:
+ * none of the module's code has run yet. A mismatch refuses the load (nothing written) unless
+ * refuse_mismatch is off; then that update waits on.
+ */
+static int module_coming(struct module *mod)
+{
+	struct ls_update *u;
+	struct ls_target *t;
+	char why[320];
+	bool wrote = false;
+	int i, ret;
+
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (!t || t->patched)
+			continue;
+		ret = resolve_target(u, t, mod, why, sizeof(why));
+		if (!ret) {
+			t->pending = true;
+			t->mod = mod;
+			continue;
+		}
+		if (refuse_mismatch) {
+			pr_err("livesplice: update %s: refusing to load %s: %s (the update is for build id %s)\n",
+			       u->id, mod->name, why, t->build_id);
+			list_for_each_entry(u, &updates, list) {
+				t = find_target(u, mod->name);
+				if (t && t->pending)
+					forget_target(u, t);
+			}
+			return -EINVAL;
+		}
+		pr_warn("livesplice: update %s: %s loads unpatched: %s (the update is for build id %s)\n",
+			u->id, mod->name, why, t->build_id);
+	}
+	mutex_lock(&text_mutex);
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (!t || !t->pending)
+			continue;
+		write_held(t);
+		for (i = t->first; i < t->first + t->nfuncs; i++) {
+			struct ls_func *f = &u->funcs[i];
+
+			/* An older update's jump, written just before, when stacked. */
+			memcpy(f->saved, (void *)f->site, JMP_SIZE);
+			text_poke((void *)f->site, f->jump, JMP_SIZE);
+		}
+		t->pending = false;
+		t->patched = true;
+		wrote = true;
+		pr_info("livesplice: update %s: patched %s (%d functions)\n", u->id, mod->name,
+			t->nfuncs);
+	}
+	mutex_unlock(&text_mutex);
+	if (wrote)
+		on_each_cpu(ls_sync_core, NULL, 1);
+	return 0;
+}
+
+/* MODULE_STATE_GOING: the module's text goes with it; its updates forget their sites there. */
+static void module_going(struct module *mod)
+{
+	struct ls_update *u;
+	struct ls_target *t;
+
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (!t || !t->patched || t->mod != mod)
+			continue;
+		forget_target(u, t);
+		pr_info("livesplice: update %s: %s unloaded; patched again when it loads\n", u->id,
+			mod->name);
+	}
+}
+
+static int ls_module_notify(struct notifier_block *nb, unsigned long action, void *data)
+{
+	struct module *mod = data;
+	struct ls_coming *c;
+	int ret = 0;
+
+	mutex_lock(&ls_mutex);
+	switch (action) {
+	case MODULE_STATE_COMING:
+		ret = module_coming(mod);
+		c = ret ? NULL : kmalloc(sizeof(*c), GFP_KERNEL);
+		if (c) {	/* without it, an apply during its init leaves it to its next load */
+			c->mod = mod;
+			list_add(&c->list, &coming);
+		}
+		break;
+	case MODULE_STATE_LIVE:
+		forget_coming(mod);
+		break;
+	case MODULE_STATE_GOING:
+		module_going(mod);
+		forget_coming(mod);
+		break;
+	}
+	mutex_unlock(&ls_mutex);
+	return notifier_from_errno(ret);
+}
+
+/* Below jump_label (1) and static_call (0): their sites in the module are settled. */
+static struct notifier_block ls_module_nb = {
+	.notifier_call = ls_module_notify,
+	.priority = -1,
+};
+
+/* --- apply ------------------------------------------------------------------------------------- */
+
+struct ls_counts {
+	int f, r, t, p, b, m, c, h;
+};
+
+/* How many lines of each kind follow the first: the request is allocated for exactly those. */
+static void count_lines(const char *req, struct ls_counts *n)
+{
+	const char *p = strchr(req, '\n');
+
+	memset(n, 0, sizeof(*n));
+	while (p) {
+		switch (*++p) {
+		case 'f': n->f++; break;
+		case 'r': n->r++; break;
+		case 't': n->t++; break;
+		case 'p': n->p++; break;
+		case 'b': n->b++; break;
+		case 'm': n->m++; break;
+		case 'c': n->c++; break;
+		case 'h': n->h++; break;
+		}
+		p = strchr(p, '\n');
+	}
+}
+
+/* Where the parse of a request is: the next free entry of each kind, the current t and p line. */
+struct ls_parse {
+	int f, r, p, t, c, h, m;
+	struct ls_target *target;
+	struct ls_func *func;
+};
+
+/* A field of a c or h line: TYPE NAME SYMPOS ADDEND after its place. */
+static bool parse_field(struct ls_field *fl, char **tok)
+{
+	if (kstrtouint(tok[0], 10, &fl->type) || !field_width(fl->type) ||
+	    !valid_token(tok[1], KSYM_NAME_LEN) || !parse_uint(tok[2], MAX_SYMPOS, &fl->sympos) ||
+	    kstrtos64(tok[3], 10, &fl->addend))
+		return false;
+	fl->name = kstrdup(tok[1], GFP_KERNEL);
+	return fl->name != NULL;
+}
+
+/* One t, p, b, m, c or h line (a module target), checked; false if it is bad. */
+static bool parse_target_line(struct ls_update *u, struct ls_parse *ps, char *line)
+{
+	char *tok[6];
+	int n = split_tokens(line, tok, ARRAY_SIZE(tok));
+	struct ls_func *f = ps->func;
+	unsigned int off, len;
+
+	if (n < 1 || strlen(tok[0]) != 1)
+		return false;
+	switch (tok[0][0]) {
+	case 't': {
+		struct ls_target *t = &u->targets[ps->t];
+
+		/* "vmlinux" names vmlinux in the state */
+		if (n != 3 || !valid_token(tok[1], MODULE_NAME_LEN) || !strcmp(tok[1], "vmlinux") ||
+		    !valid_build_id(tok[2]) || find_target(u, tok[1]))
+			return false;
+		strscpy(t->name, tok[1], sizeof(t->name));
+		strscpy(t->build_id, tok[2], sizeof(t->build_id));
+		t->first = u->nvmlinux + ps->p;
+		t->held = &u->held[ps->h];
+		ps->target = t;
+		ps->func = NULL;
+		u->ntargets = ++ps->t;
+		return true;
+	}
+	case 'p':
+		if (n != 6 || !ps->target)
+			return false;
+		f = &u->funcs[u->nvmlinux + ps->p];
+		f->tgt = ps->target - u->targets;
+		if (!valid_token(tok[1], KSYM_NAME_LEN) ||
+		    !parse_uint(tok[2], MAX_SYMPOS, &f->sympos) || !f->sympos ||
+		    !parse_uint(tok[3], MAX_CODE_SIZE, &f->size) || f->size < JMP_SIZE ||
+		    !parse_uint(tok[4], MAX_CODE_SIZE, &f->fentry) || f->fentry > f->size - JMP_SIZE ||
+		    kstrtoul(tok[5], 16, &f->target))
+			return false;
+		strscpy(f->name, tok[1], sizeof(f->name));
+		f->code = kvmalloc(f->size, GFP_KERNEL);
+		f->cmp = kvcalloc(BITS_TO_LONGS(f->size), sizeof(long), GFP_KERNEL);
+		if (!f->code || !f->cmp)
+			return false;
+		f->masks = &u->masks[ps->m];
+		f->checks = &u->checks[ps->c];
+		ps->target->nfuncs++;
+		ps->func = f;
+		ps->p++;
+		return true;
+	case 'b':
+		/* All SIZE bytes are given, each once, in any order; cmp marks the given ones. */
+		if (n != 3 || !f)
+			return false;
+		len = strlen(tok[2]) / 2;
+		if (!parse_uint(tok[1], MAX_CODE_SIZE, &off) || !len ||
+		    len > MAX_B_BYTES || strlen(tok[2]) != 2 * len || off > f->size ||
+		    len > f->size - off || find_next_bit(f->cmp, off + len, off) < off + len ||
+		    hex2bin(f->code + off, tok[2], len))
+			return false;
+		bitmap_set(f->cmp, off, len);
+		return true;
+	case 'm':
+		if (n != 3 || !f || !parse_uint(tok[1], MAX_CODE_SIZE, &off) ||
+		    !parse_uint(tok[2], MAX_CODE_SIZE, &len) || !len || off > f->size ||
+		    len > f->size - off)
+			return false;
+		u->masks[ps->m].offset = off;
+		u->masks[ps->m].length = len;
+		ps->m++;
+		f->nmasks++;
+		return true;
+	case 'c': {
+		struct ls_field *c = &u->checks[ps->c];
+
+		if (n != 6 || !f || !parse_uint(tok[1], MAX_CODE_SIZE, &off) ||
+		    !parse_field(c, tok + 2) || off > f->size || field_width(c->type) > f->size - off)
+			return false;
+		c->where = off;
+		ps->c++;
+		f->nchecks++;
+		return true;
+	}
+	case 'h': {
+		struct ls_field *h = &u->held[ps->h];
+
+		if (n != 6 || !ps->target || kstrtoul(tok[1], 16, &h->where) || !parse_field(h, tok + 2))
+			return false;
+		ps->h++;
+		ps->target->nheld++;
+		return true;
+	}
+	}
+	return false;
+}
+
+/* After the last line: every target has functions, every function all its bytes; the bytes
+ * compared are those given, less the masks and the c fields (checked by value). */
+static int finish_targets(struct ls_update *u, struct ls_answer *a)
+{
+	int i, j;
+
+	for (i = 0; i < u->ntargets; i++) {
+		if (!u->targets[i].nfuncs) {
+			say(a, "error apply %s target %s has no functions\n", u->id, u->targets[i].name);
+			return -EINVAL;
+		}
+	}
+	for (i = u->nvmlinux; i < u->nfuncs; i++) {
+		struct ls_func *f = &u->funcs[i];
+
+		if (!bitmap_full(f->cmp, f->size)) {
+			say(a, "error apply %s %s: its b lines do not give all its %u bytes\n", u->id,
+			    f->name, f->size);
+			return -EINVAL;
+		}
+		for (j = 0; j < f->nmasks; j++)
+			bitmap_clear(f->cmp, f->masks[j].offset, f->masks[j].length);
+		for (j = 0; j < f->nchecks; j++)
+			bitmap_clear(f->cmp, f->checks[j].where, field_width(f->checks[j].type));
+	}
+	return 0;
+}
+
+/* Allocate an update for exactly the lines counted, within the protocol's bounds. */
+static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct ls_answer *a)
+{
+	if (n->f + n->p > MAX_FUNCS || n->r > MAX_RANGES || n->t > MAX_TARGETS ||
+	    n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS) {
+		say(a, "error apply %s too many lines: at most %d f and p, %d r, %d t, %d c and h, %d m\n",
+		    u->id, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS);
+		return -EINVAL;
+	}
+	u->nvmlinux = n->f;
+	u->nfuncs = n->f + n->p;
+	u->nchecks = n->c;
+	u->nheld = n->h;
+	u->nmasks = n->m;
+	u->maxranges = n->r + 2 * n->p;	/* the module functions' old code, and where it runs */
+	u->funcs = kvcalloc(max(u->nfuncs, 1), sizeof(*u->funcs), GFP_KERNEL);
+	u->ranges = kvcalloc(max(u->maxranges, 1), sizeof(*u->ranges), GFP_KERNEL);
+	u->targets = kvcalloc(max(n->t, 1), sizeof(*u->targets), GFP_KERNEL);
+	u->checks = kvcalloc(max(n->c, 1), sizeof(*u->checks), GFP_KERNEL);
+	u->held = kvcalloc(max(n->h, 1), sizeof(*u->held), GFP_KERNEL);
+	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), GFP_KERNEL);
+	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks) {
+		say(a, "error apply %s out of memory\n", u->id);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+static const char *resolve_status(int ret)
+{
+	return ret == -EILSEQ ? "mismatch" : ret == -EPERM ? "refused" : "error";
+}
+
 /*
  * apply ID MODULE TRIES DELAY_MS
- * f NAME SITE TARGET EXPECT_HEX      one per function
+ * f NAME SITE TARGET EXPECT_HEX      one per vmlinux function
  * r START END FUNC_INDEX             old code to find no thread in
+ * t, p, b, m, c, h                   module targets (docs/core-protocol.md, protocol 3)
  */
 static int handle_apply(char *req, struct ls_answer *a)
 {
 	struct ls_update *u;
+	struct ls_counts counts;
+	struct ls_parse ps = {};
 	char *line;
-	char modname[MODULE_NAME_LEN], hex[2 * JMP_SIZE + 2];
-	int tries, delay, ret = -EINVAL;
+	char modname[MODULE_NAME_LEN], hex[2 * JMP_SIZE + 2], why[320];
+	int tries, delay, ret = -EINVAL, i;
+	size_t linelen = 0, j;
 	struct module *mod;
 
+	count_lines(req, &counts);
 	line = strsep(&req, "\n");
 	u = kzalloc(sizeof(*u), GFP_KERNEL);
-	if (!u)
-		goto nomem;
-	u->funcs = kvcalloc(MAX_FUNCS, sizeof(*u->funcs), GFP_KERNEL);
-	u->ranges = kvcalloc(MAX_RANGES, sizeof(*u->ranges), GFP_KERNEL);
-	if (!u->funcs || !u->ranges)
-		goto nomem;
+	if (!u) {
+		say(a, "error apply - out of memory\n");
+		return -ENOMEM;
+	}
 	if (sscanf(line, "apply %47s %55s %d %d", u->id, modname, &tries, &delay) != 4 ||
 	    !valid_id(u->id) || !valid_token(modname, MODULE_NAME_LEN) || tries < 1 || tries > 1000 ||
 	    delay < 0 || delay > 60000 || (u64)tries * delay > MAX_WAIT_MS) {
 		say(a, "error apply - bad apply line\n");
 		goto out;
 	}
+	ret = alloc_update(u, &counts, a);
+	if (ret)
+		goto out;
+	ret = -EINVAL;
 	while ((line = strsep(&req, "\n")) != NULL) {
 		struct ls_func *f;
-		struct ls_range *r;
 		unsigned long x, y;
 		int idx;
 
 		if (!*line)
 			continue;
-		if (line[0] == 'f' && u->nfuncs < MAX_FUNCS) {
-			f = &u->funcs[u->nfuncs];
+		linelen = strlen(line);
+		if (line[0] == 'f') {
+			f = &u->funcs[ps.f];
+			f->tgt = -1;
 			if (sscanf(line, "f %511s %lx %lx %11s", f->name, &f->site, &f->target, hex) != 4 ||
 			    !valid_token(f->name, KSYM_NAME_LEN) || parse_hex(hex, f->expect, JMP_SIZE))
 				goto bad_line;
-			u->nfuncs++;
-		} else if (line[0] == 'r' && u->nranges < MAX_RANGES &&
-			   sscanf(line, "r %lx %lx %d", &x, &y, &idx) == 3 && idx >= 0 &&
-			   idx < u->nfuncs) {
-			r = &u->ranges[u->nranges++];
-			r->start = x;
-			r->end = y;
-			r->func = idx;
-		} else {
+			ps.f++;
+		} else if (line[0] == 'r' && sscanf(line, "r %lx %lx %d", &x, &y, &idx) == 3 &&
+			   idx >= 0 && idx < ps.f) {
+			u->ranges[ps.r].start = x;
+			u->ranges[ps.r].end = y;
+			u->ranges[ps.r].func = idx;
+			u->nranges = ++ps.r;
+		} else if (!strchr("tpbmch", line[0]) || !parse_target_line(u, &ps, line)) {
 			goto bad_line;
 		}
 	}
@@ -831,16 +1635,20 @@ static int handle_apply(char *req, struct ls_answer *a)
 		say(a, "error apply %s no functions\n", u->id);
 		goto out;
 	}
+	ret = finish_targets(u, a);
+	if (ret)
+		goto out;
+	ret = -EINVAL;
 	if (find_update(u->id)) {
 		say(a, "error apply %s an update with this id is applied\n", u->id);
 		goto out;
 	}
 	/* The new code's module, pinned while the update is applied. */
-	preempt_disable();
+	mutex_lock(&module_mutex);
 	mod = find_module(modname);
 	if (mod && (mod->state != MODULE_STATE_LIVE || !try_module_get(mod)))
 		mod = NULL;
-	preempt_enable();
+	mutex_unlock(&module_mutex);
 	if (!mod) {
 		say(a, "error apply %s module %s is not loaded\n", u->id, modname);
 		goto out;
@@ -848,7 +1656,40 @@ static int handle_apply(char *req, struct ls_answer *a)
 	u->mod = mod;
 	ret = check_funcs(u, a);
 	if (!ret)
+		ret = check_targets(u, a);
+	/* Module targets loaded now are patched in this switch; the others wait for their load. */
+	for (i = 0; !ret && i < u->ntargets; i++) {
+		struct ls_target *t = &u->targets[i];
+		struct module *tmod = target_to_patch(t->name);
+
+		if (!tmod)
+			continue;
+		ret = resolve_target(u, t, tmod, why, sizeof(why));
+		if (ret) {
+			say(a, "%s apply %s %s: %s\n", resolve_status(ret), u->id, t->name, why);
+			break;
+		}
+		t->pending = true;
+		t->mod = tmod;
+	}
+	if (!ret) {
+		mutex_lock(&text_mutex);	/* nothing jumps to the new code yet */
+		for (i = 0; i < u->ntargets; i++)
+			if (u->targets[i].pending)
+				write_held(&u->targets[i]);
+		mutex_unlock(&text_mutex);
+		for (i = u->nvmlinux; i < u->nfuncs; i++) {
+			struct ls_func *f = &u->funcs[i];
+
+			if (!f->site)
+				continue;
+			u->ranges[u->nranges++] = (struct ls_range){ f->addr, f->addr + f->size, i };
+			if (f->live != f->addr)
+				u->ranges[u->nranges++] =
+					(struct ls_range){ f->live, f->live + f->size, i };
+		}
 		ret = switch_update(u, false, tries, delay, a);
+	}
 	if (ret) {
 		module_put(mod);
 		goto out;
@@ -857,18 +1698,38 @@ static int handle_apply(char *req, struct ls_answer *a)
 	add_taint(TAINT_LIVEPATCH, LOCKDEP_STILL_OK);
 	pr_info("livesplice: applied %s (%s): %d functions, machine stopped %llu us\n", u->id,
 		mod->name, u->nfuncs, div_u64(u->pause_ns, 1000));
+	for (i = 0; i < u->ntargets; i++) {
+		struct ls_target *t = &u->targets[i];
+
+		if (t->pending) {
+			t->pending = false;
+			t->patched = true;
+			pr_info("livesplice: update %s: patched %s (%d functions)\n", u->id, t->name,
+				t->nfuncs);
+		} else {
+			pr_info("livesplice: update %s: waiting for %s\n", u->id, t->name);
+		}
+	}
 	list_add_tail(&u->list, &updates);
 	u = NULL;
 out:
 	free_update(u);
 	return ret;
 bad_line:
+	for (j = 0; j < linelen; j++)	/* the tokenizer cut it at its spaces */
+		if (!line[j])
+			line[j] = ' ';
 	say(a, "error apply %s bad line: %.200s\n", u->id[0] ? u->id : "-", line);
 	goto out;
-nomem:
-	say(a, "error apply - out of memory\n");
-	ret = -ENOMEM;
-	goto out;
+}
+
+/* Does g (of a later update v) stack on f (of u)? The same site, or the same module function. */
+static bool stacks_on(struct ls_update *u, struct ls_func *f, struct ls_update *v, struct ls_func *g)
+{
+	if (f->site && f->site == g->site)
+		return true;
+	return f->tgt >= 0 && g->tgt >= 0 && f->sympos == g->sympos && !strcmp(f->name, g->name) &&
+	       !strcmp(u->targets[f->tgt].name, v->targets[g->tgt].name);
 }
 
 static int handle_undo(char *req, struct ls_answer *a)
@@ -888,17 +1749,18 @@ static int handle_undo(char *req, struct ls_answer *a)
 		say(a, "unknown undo %s no applied update %s\n", id, id);
 		return -ENOENT;
 	}
-	/* A later update that patched one of the same sites stacks on this one. */
+	/* A later update that patched one of the same sites, or waits to, stacks on this one. */
 	later = u;
 	list_for_each_entry_continue(later, &updates, list) {
 		for (i = 0; i < u->nfuncs; i++)
 			for (j = 0; j < later->nfuncs; j++)
-				if (u->funcs[i].site == later->funcs[j].site) {
+				if (stacks_on(u, &u->funcs[i], later, &later->funcs[j])) {
 					say(a, "stacked undo %s update %s stacks on %s (%s): undo it first\n",
 					    id, later->id, u->id, u->funcs[i].name);
 					return -EBUSY;
 				}
 	}
+	/* Patched targets switch back with vmlinux's functions; waiting ones are just forgotten. */
 	ret = switch_update(u, true, tries, delay, a);
 	if (ret)
 		return ret;
@@ -953,9 +1815,19 @@ static int handle_state(struct ls_answer *a)
 	list_for_each_entry(u, &updates, list) {
 		say(a, "update %s %s %d pause_ns=%llu work_ns=%llu attempts=%d\n", u->id,
 		    u->mod->name, u->nfuncs, u->pause_ns, u->work_ns, u->attempts);
-		for (i = 0; i < u->nfuncs; i++)
-			say(a, "func %s %s %lx %lx %*phN\n", u->id, u->funcs[i].name, u->funcs[i].site,
-			    u->funcs[i].target, JMP_SIZE, u->funcs[i].saved);
+		for (i = 0; i < u->nfuncs; i++) {
+			struct ls_func *f = &u->funcs[i];
+			const char *target = f->tgt < 0 ? "vmlinux" : u->targets[f->tgt].name;
+
+			if (f->site)
+				say(a, "func %s %s %lx %lx %*phN %s\n", u->id, f->name, f->site,
+				    f->target, JMP_SIZE, f->saved, target);
+			else	/* its target waits */
+				say(a, "func %s %s 0 %lx - %s\n", u->id, f->name, f->target, target);
+		}
+		for (i = 0; i < u->ntargets; i++)
+			say(a, "target %s %s %s\n", u->id, u->targets[i].name,
+			    u->targets[i].patched ? "patched" : "waiting");
 	}
 	return 0;
 }
@@ -1016,7 +1888,8 @@ static ssize_t ls_write(struct file *file, const char __user *buf, size_t len, l
 		struct ls_update *u;
 
 		list_for_each_entry(u, &updates, list)
-			cap += 256 + u->nfuncs * (KSYM_NAME_LEN + 128);
+			cap += 256 + u->nfuncs * (KSYM_NAME_LEN + MODULE_NAME_LEN + 128) +
+			       u->ntargets * (ID_LEN + MODULE_NAME_LEN + 32);
 	}
 	a->buf = kvzalloc(cap, GFP_KERNEL);
 	a->cap = cap;
@@ -1074,15 +1947,30 @@ static int __init livesplice_core_init(void)
 
 	if (ret)
 		return ret;
+	ret = register_module_notifier(&ls_module_nb);
+	if (ret)
+		goto no_module_notifier;
 	ret = misc_register(&ls_dev);
 	if (ret)
-		unregister_die_notifier(&ls_int3_nb);
+		goto no_device;
+	return 0;
+no_device:
+	unregister_module_notifier(&ls_module_nb);
+no_module_notifier:
+	unregister_die_notifier(&ls_int3_nb);
 	return ret;
 }
 
 static void __exit livesplice_core_exit(void)
 {
+	struct ls_coming *c, *tmp;
+
 	misc_deregister(&ls_dev);
+	unregister_module_notifier(&ls_module_nb);	/* waits for a call in progress */
+	list_for_each_entry_safe(c, tmp, &coming, list) {
+		list_del(&c->list);
+		kfree(c);
+	}
 	unregister_die_notifier(&ls_int3_nb);
 	/* A parked task may still be returning from ls_park_fn(). */
 	synchronize_rcu_tasks();
@@ -1091,5 +1979,5 @@ static void __exit livesplice_core_exit(void)
 module_init(livesplice_core_init);
 module_exit(livesplice_core_exit);
 MODULE_LICENSE("GPL");
-MODULE_DESCRIPTION("livesplice core: switches kernel functions under stop_machine");
+MODULE_DESCRIPTION("livesplice core: switches kernel functions under stop_machine, and module targets at their load");
 MODULE_INFO(livesplice_protocol, __stringify(LIVESPLICE_PROTOCOL));
