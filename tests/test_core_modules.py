@@ -31,18 +31,20 @@ UPDATE_C = textwrap.dedent("""
     #include <linux/device.h>
     #include <linux/sysfs.h>
 
-    /* zram's num_devices: written by the core (an h line) each time zram is patched. */
-    unsigned int *lszram_num_devices;
+    /* The address of zram's disksize_show: written by the core (an h line) each time zram is
+     * patched; a parameter, so that the test can read it and clear it. */
+    unsigned long lszram_target;
+    module_param(lszram_target, ulong, 0644);
 
     ssize_t lszram_comp_algorithm_show(struct device *dev, struct device_attribute *attr, char *buf)
     {
-    \treturn sysfs_emit(buf, "livesplice %u\\n", *lszram_num_devices);
+    \treturn sysfs_emit(buf, "livesplice %ps\\n", (void *)lszram_target);
     }
 
     /* What a second update, stacked on the first, replaces it with. */
     ssize_t lszram_comp_algorithm_show2(struct device *dev, struct device_attribute *attr, char *buf)
     {
-    \treturn sysfs_emit(buf, "livesplice again %u\\n", *lszram_num_devices);
+    \treturn sysfs_emit(buf, "livesplice again %ps\\n", (void *)lszram_target);
     }
 
     static int __init lszram_init(void) { return 0; }
@@ -53,6 +55,8 @@ UPDATE_C = textwrap.dedent("""
 """)
 REPLACED = "comp_algorithm_show"
 SYSFS = "/sys/block/zram0/comp_algorithm"
+HELD = "disksize_show"  # what the new code's held field refers to, in zram
+PATCHED = f"livesplice {HELD} [zram]"
 # Fields the kernel rewrites at load: masked, whatever they hold.
 RUNTIME_PATCHED = ("__fentry__", "__x86_return_thunk", "__x86_indirect_thunk_")
 WIDTH = {1: 8, 2: 4, 4: 4, 10: 4, 11: 4, 24: 8}
@@ -110,7 +114,7 @@ GUEST = textwrap.dedent('''
                              symbol("%(update)s", new), bytes(code),
                              [tuple(m) for m in spec_["masks"]],
                              [c.FieldCheck(**ch) for ch in spec_["checks"]])
-        held = [c.HeldField(symbol("%(update)s", "lszram_num_devices"), 1, "num_devices", 1, 0)]
+        held = [c.HeldField(symbol("%(update)s", "lszram_target"), 1, "%(held)s", 1, 0)]
         return c.apply_request(update_id, "%(update)s", [], [], 3, 100,
                                [c.ModuleTarget("zram", spec_["build_id"], [f], held)])
 
@@ -129,7 +133,7 @@ GUEST = textwrap.dedent('''
         print(json.dumps([{"id": u.id, "targets": u.targets,
                            "funcs": [[f.name, f.site, f.target, f.saved.hex()] for f in u.funcs]}
                           for u in c.state()]))
-''') % {"width": WIDTH, "runtime": RUNTIME_PATCHED, "update": UPDATE_MODULE}
+''') % {"width": WIDTH, "runtime": RUNTIME_PATCHED, "update": UPDATE_MODULE, "held": HELD}
 
 
 def function_info(ko: Path, name: str) -> dict:
@@ -226,6 +230,17 @@ def shown(vm) -> str:
     return vm.run(["cat", SYSFS], check=True).out.strip()
 
 
+def held_is_linked(vm) -> bool:
+    """The new code's held field holds the address of zram's function, as the kernel has it now."""
+    value = int(vm.run(["cat", f"/sys/module/{UPDATE_MODULE}/parameters/lszram_target"], check=True).out)
+    line = vm.run(f"grep ' {HELD}\t\\[zram\\]' /proc/kallsyms", check=True).out.split()
+    return value == int(line[0], 16) != 0
+
+
+def clear_held(vm) -> None:
+    vm.run(f"echo 0 > /sys/module/{UPDATE_MODULE}/parameters/lszram_target", check=True)
+
+
 def mark(vm) -> int:
     return len(vm.dmesg().splitlines())
 
@@ -263,7 +278,7 @@ def test_patched_at_apply_and_undone(vm, guest):
     assert update["targets"] == {"zram": "patched"}
     [(name, site, target, saved)] = update["funcs"]
     assert (name, target) == (REPLACED, "zram") and site and len(saved) == 10
-    assert shown(vm) == "livesplice 1"  # the held field points at zram's num_devices
+    assert shown(vm) == PATCHED and held_is_linked(vm)
     assert answer(vm, "undo", "zr1").startswith("ok undo zr1")
     assert shown(vm) == original and state(vm) == []
     assert "livesplice: update zr1: patched zram (1 functions)" in log_since(vm, since)
@@ -278,11 +293,12 @@ def test_reload_while_applied_patches_again(vm, guest):
     assert "livesplice: update zr2: zram unloaded; patched again when it loads" in log_since(vm, since)
     [update] = state(vm)
     assert update["targets"] == {"zram": "waiting"} and update["funcs"][0][1:] == [0, "zram", ""]
-    # Another instance, another address, another num_devices: linked anew.
+    # Another instance: the held field is linked anew.
+    clear_held(vm)
     zram(vm, True, "num_devices=2")
     assert "livesplice: update zr2: patched zram (1 functions)" in log_since(vm, since)
     assert state(vm)[0]["targets"] == {"zram": "patched"} and state(vm)[0]["funcs"][0][1]
-    assert shown(vm) == "livesplice 2"
+    assert shown(vm) == PATCHED and held_is_linked(vm)
     assert answer(vm, "undo", "zr2").startswith("ok undo zr2")
     assert shown(vm) == original
     zram(vm, False)
@@ -299,7 +315,7 @@ def test_applied_while_not_loaded_patches_at_load(vm, guest):
     zram(vm, True)
     assert "livesplice: update zr3: patched zram (1 functions)" in log_since(vm, since)
     assert state(vm)[0]["targets"] == {"zram": "patched"}
-    assert shown(vm) == "livesplice 1"
+    assert shown(vm) == PATCHED and held_is_linked(vm)
     assert answer(vm, "undo", "zr3").startswith("ok undo zr3")
     assert shown(vm) == original
     assert_clean(vm, since)
@@ -347,14 +363,14 @@ def test_stacked_on_a_module_function(vm, guest):
     assert apply(vm, "zrb", "lszram_comp_algorithm_show2", spec="second-spec.json").startswith("ok apply zrb")
     a, b = state(vm)
     assert b["funcs"][0][1] == a["funcs"][0][1]  # the same site, B's saved bytes A's jump
-    assert shown(vm) == "livesplice again 1"
+    assert shown(vm) == f"livesplice again {HELD} [zram]"
     assert answer(vm, "undo", "zra").startswith("stacked undo zra update zrb stacks on zra")
     zram(vm, False)
     zram(vm, True)
     assert log_since(vm, since).count("patched zram (1 functions)") == 4
-    assert shown(vm) == "livesplice again 1"
+    assert shown(vm) == f"livesplice again {HELD} [zram]"
     assert answer(vm, "undo", "zrb").startswith("ok undo zrb")
-    assert shown(vm) == "livesplice 1"
+    assert shown(vm) == PATCHED
     zram(vm, False)
     assert apply(vm, "zrb", "lszram_comp_algorithm_show2", spec="second-spec.json").startswith("ok apply zrb")
     assert answer(vm, "undo", "zra").startswith("stacked undo zra")  # waiting, still stacked
