@@ -461,6 +461,12 @@ def select(items: list[CorpusFile], args: argparse.Namespace) -> list[CorpusFile
     return items
 
 
+def spread_order(items: list[CorpusFile], passes: int = 4) -> list[CorpusFile]:
+    """The order to run in: every `passes`-th file first, then the ones after them, and so on, so
+    that what an interrupted run has done is spread over the whole list."""
+    return [item for start in range(passes) for item in items[start::passes]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -517,7 +523,7 @@ def main() -> None:
     created_modules = sum(1 for e in done.values() if e["target"] != VMLINUX and "package" in e)
     try:
         with state_path.open("a") as state:
-            for i, item in enumerate(files):
+            for i, item in enumerate(spread_order(files)):
                 if item.file in done or args.report_only:
                     continue
                 entry = classify_create(item, old, new, old_files.config, exchange)
