@@ -78,3 +78,10 @@ def test_reports_have_a_vmlinux_and_a_module_table(tmp_path):
     report = json.loads((tmp_path / "corpus.json").read_text())
     assert report["modules"]["counts"]["failed"] == 1
     assert report["applied_share_of_data_free"] == 1.0  # vmlinux's, as before module targets
+
+
+def test_spread_order_runs_every_file_once_spread_first():
+    items = [corpus.CorpusFile(f"f{i}.c", "m", f"m{i:04d}") for i in range(10)]
+    order = [f.file for f in corpus.spread_order(items)]
+    assert sorted(order) == sorted(f.file for f in items)
+    assert order[:3] == ["f0.c", "f4.c", "f8.c"]
