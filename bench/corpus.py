@@ -443,7 +443,6 @@ def write_reports(entries: list[dict], prefix: Path, meta: dict) -> None:
     prefix.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     lines = [f"# Corpus: Debian {meta['from']} -> {meta['to']} on {meta['kernel']}", "",
              f"{meta['date']}, {meta['machine']}. {meta['scope']}", ""]
-    lines += meta.get("notes", [])
     totals = meta["totals"]
     lines += table(builtin, f"vmlinux ({len(builtin)} of {totals[VMLINUX]} files)", "", totals[VMLINUX])
     lines += [""] + table(modular, f"Modules ({len(modular)} of {totals['modules']} files)",
