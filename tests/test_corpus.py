@@ -50,8 +50,8 @@ MODULES_EXPECTED = {
     "drivers/net/veth.c": "applied and undone",
     # A module whose hardware the VM lacks: modprobe fails, its own outcome.
     "arch/x86/events/intel/uncore.c": "module does not load in the VM",
-    # The module's dynamic debug key in a changed function: refused at create.
-    "drivers/usb/host/xhci.c": "refused at create",
+    # A changed driver structure (data): refused at create, outside the share the target is about.
+    "drivers/hwmon/adt7462.c": "refused at create",
 }
 
 
@@ -69,7 +69,7 @@ def test_corpus_module_sample(stock_kernel, tmp_path):
     assert veth["target"] == "veth" and veth["before_load"] == "applied and undone", veth
     assert veth["pause_ms"] > 0
     assert "No such device" in outcomes["arch/x86/events/intel/uncore.c"]["reasons"][0]
-    assert report["modules"]["applied_share"] == 1.0  # xhci_hcd loads: its refusal counts
-    assert outcomes["drivers/usb/host/xhci.c"]["module_loads"] is True
+    assert report["modules"]["applied_share"] == 1.0
+    assert "changed data object adt7462_driver" in outcomes["drivers/hwmon/adt7462.c"]["reasons"][0]
     # The state file has one line per file: a rerun with --resume does nothing more.
     assert len((tmp_path / "state.jsonl").read_text().splitlines()) == 3
