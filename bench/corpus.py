@@ -158,8 +158,16 @@ class Guest:
     # helpers on the running guest
 
     def cli(self, *args: str) -> tuple[int, str, str]:
+        """Status, stdout and the error: with --json a command's error is its JSON on stdout."""
         r = self.get().run([*CLI, *args], timeout=600, cwd=str(REPO))
-        return r.status, r.out, r.err.strip()
+        err = r.err.strip()
+        if r.status != 0 and "--json" in args:
+            try:
+                answer = json.loads(r.out)
+                err = "; ".join([answer["error"], *answer.get("reasons", [])])
+            except (ValueError, KeyError, TypeError):
+                err = f"{err} {r.out.strip()}".strip()
+        return r.status, r.out, err
 
     def listed(self) -> list[dict]:
         """What `livesplice list --json` says is applied."""
