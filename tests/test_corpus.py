@@ -2,7 +2,9 @@
 
 Each file is a real change between Debian's 6.1.187-1 and 6.1.190-1 sources, run exactly as the
 benchmark runs it: create against 6.1.187-1, then apply, smoke check and undo in the VM with the
-stock 6.1.0-53-amd64 kernel. The sample holds one file of each class of bug the corpus found.
+stock 6.1.0-53-amd64 kernel. The sample holds one file of each class of bug the corpus found;
+the module sample one file of each outcome of module code (module loaded first, and applied before
+its module loads).
 """
 
 import json
