@@ -6,6 +6,9 @@ the addresses matching found; then ask the core to switch, with every CPU stoppe
 is in the code being replaced. On any failure everything loaded for this apply is unloaded again.
 The checks before anything is loaded are one function, `check_apply`; a dry run stops after it.
 Each apply and undo, done or failed, is recorded in the system journal (`journal`).
+A module target that is loaded is matched here and patched with the rest; one that is not waits:
+the core is given everything it needs (`module_targets`) and patches it when it loads
+(docs/module-targets.md).
 What is applied is the core's state, so `list` is right even after the tool crashed; the manifests
 kept in /run (gone at reboot, like the updates themselves) add the patch text. Commands that change
 or read the updates hold one lock, so two of them never interleave.
@@ -26,9 +29,10 @@ from pathlib import Path
 
 from . import coreproto, journal, kernel
 from .errors import EXIT_INTERNAL, EXIT_NOTHING, BadInput, LivespliceError, NothingToDo, Refused
+from .objdiff import jump_offset
 from .package import CORE_MODULE as CORE_MEMBER
 from .package import Package
-from .pkgformat import MODULE_PREFIX
+from .pkgformat import MODULE_PREFIX, VMLINUX, Manifest, PreFunction
 from .runpre import Matcher, MatchResult
 
 STATE_DIR = Path(os.environ.get("LIVESPLICE_STATE", "/run/livesplice"))
@@ -142,6 +146,17 @@ class ApplyPlan:
     unload_first: list[str]  # what an interrupted command left loaded, which cleanup unloads
     started: float  # time.monotonic() when the kernel's checks began
     match_seconds: float
+    loaded_targets: list[str]  # module targets loaded now (patched at apply); the rest wait
+
+    @property
+    def waiting_targets(self) -> list[str]:
+        return [t.name for t in self.package.manifest.targets
+                if t.name != VMLINUX and t.name not in self.loaded_targets]
+
+    def target_states(self) -> list[dict]:
+        return [{"name": t.name, "build_id": t.build_id,
+                 "state": "waiting" if t.name in self.waiting_targets else "patched"}
+                for t in self.package.manifest.targets]
 
     @property
     def module(self) -> str:
@@ -155,7 +170,10 @@ class ApplyPlan:
             "functions": [r.name for r in manifest.replaced],
             "jumps": [{"name": fm.name, "object": fm.object, "site": f"{fm.site:#x}",
                        "runs": f"{fm.live:#x}", "expect": fm.expect.hex()}
-                      for fm in (self.match.functions[(r.object, r.name)] for r in manifest.replaced)],
+                      for fm in (self.match.functions.get((r.object, r.name))
+                                 for r in manifest.replaced) if fm is not None],
+            "targets": [{**s, "state": "would wait" if s["state"] == "waiting" else "would patch"}
+                        for s in self.target_states()],
             "kernel_refs": [{"name": by_placeholder[p].name,
                              "object": by_placeholder[p].object or None, "address": f"{a:#x}"}
                             for p, a in sorted(self.addresses.items())],
@@ -180,14 +198,22 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
         raise NothingToDo(f"update {package.id} is already applied")
     check_lockdown()
     t0 = time.monotonic()
+    loaded = loaded_module_targets(manifest)
     ks = kernel.Kallsyms()
     matcher = Matcher(ks, kernel.KernelMemory(), applied)
-    log.info("run-pre matching %d functions against /proc/kcore", len(package.pre.functions))
-    match = matcher.match(package.pre.functions)
+    # vmlinux's pre code, and the replaced functions of the module targets loaded now (create
+    # used the witnesses of module code already: the core finds module symbols by position).
+    records = [r for r in package.pre.functions if r.target == VMLINUX
+               or (r.target in loaded and not r.referenced_only)]
+    log.info("run-pre matching %d functions against /proc/kcore", len(records))
+    match = matcher.match(records)
     for fm in match.functions.values():
         log.debug("matched %s (%s) at %#x, running at %#x", fm.name, fm.object, fm.original, fm.live)
     addresses, unresolved = {}, []
     for ref in manifest.kernel_refs:
+        if ref.target not in ("", VMLINUX):
+            addresses[ref.placeholder] = 0  # held: the core links it into its module (held)
+            continue
         address = matcher.resolve(ref, match)
         if address is None:
             unresolved.append(f"{ref.name} ({ref.object or 'global'}): not found, or "
@@ -214,7 +240,23 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     # No update applied: no core after cleanup (it unloads an idle one), so the package's loads.
     core = (None if applied else
             kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER))
-    return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match)
+    return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match, loaded)
+
+
+def loaded_module_targets(manifest: Manifest) -> list[str]:
+    """The package's module targets that are loaded now; Refused if one of them is another
+    build of the module than the package's."""
+    loaded = []
+    for target in manifest.targets:
+        if target.name == VMLINUX or not kernel.module_loaded(target.name):
+            continue
+        running = kernel.module_build_id(target.name)
+        if target.build_id and running and running != target.build_id.lower():
+            raise Refused(f"module {target.name} is loaded, but it is not the build the update "
+                          f"was made for (build id {running}; the update's: {target.build_id}); "
+                          "nothing was changed")
+        loaded.append(target.name)
+    return loaded
 
 
 def read_package(path: Path) -> Package:
@@ -277,10 +319,12 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
         log.info("loading the new code, module %s", module)
         kernel.insmod(module, plan.new_code)
         switches, ranges = _switches(package, plan.match)
-        log.info("switching %d functions", len(switches))
+        targets = module_targets(package.manifest, package.pre.functions, module)
+        log.info("switching %d functions%s", len(switches) + sum(len(t.functions) for t in targets),
+                 f"; waiting for {', '.join(plan.waiting_targets)}" if plan.waiting_targets else "")
         figures = coreproto.call(
             coreproto.apply_request(package.id, module, switches, ranges, max(1, retries),
-                                    int(retry_delay * 1000)), "apply", package.id)
+                                    int(retry_delay * 1000), targets), "apply", package.id)
     except BaseException:
         if kernel.module_loaded(module):
             kernel.rmmod(module)
@@ -290,8 +334,10 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
     (STATE_DIR / f"{package.id}.json").write_text(json.dumps(package.manifest.to_json()))
     log.info("applied %s: the machine stopped for %.3f ms", package.id,
              figures.get("pause_ns", 0) / 1e6)
+    states = {u.id: u for u in coreproto.state()}.get(package.id)
     return {"id": package.id, "module": module, "dry_run": False,
             "functions": [r.name for r in package.manifest.replaced],
+            "targets": target_records(package.manifest.targets, states),
             "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
             "attempts": figures.get("attempts", 1), "match_seconds": plan.match_seconds,
             "total_seconds": time.monotonic() - plan.started}
@@ -303,7 +349,7 @@ def _switches(package: Package, match: MatchResult
     manifest = package.manifest
     module = manifest.module.name
     switches, ranges = [], []
-    for i, r in enumerate(manifest.replaced):
+    for i, r in enumerate(r for r in manifest.replaced if r.target == VMLINUX):
         fm = match.functions[(r.object, r.name)]
         target = kernel.module_section(module, r.new_section)
         switches.append(coreproto.Switch(r.name, fm.site, target, fm.expect))
@@ -315,6 +361,58 @@ def _switches(package: Package, match: MatchResult
             if pm is not None:
                 ranges.append(coreproto.CodeRange(pm.live, pm.live + pm.size, i))
     return switches, ranges
+
+
+def module_targets(manifest: Manifest, pre: list[PreFunction], module: str
+                   ) -> list[coreproto.ModuleTarget]:
+    """What the core needs to check, link and patch each module target, now or when it loads:
+    the replaced functions by position, their pre code with what to skip and what to check, and
+    the new code's fields that refer into the module (protocol 3, docs/core-protocol.md)."""
+    records = {r.key: r for r in pre}
+    refs = {r.placeholder: r for r in manifest.kernel_refs}
+    out = []
+    for target in manifest.targets:
+        if target.name == VMLINUX:
+            continue
+        functions = []
+        for r in manifest.replaced:
+            if r.target != target.name:
+                continue
+            rec = records[(r.object, r.name)]
+            masks = [(m.offset, m.length) for m in rec.masks]
+            masked = bytearray(rec.size)
+            for off, length in masks:
+                masked[off:off + length] = b"\1" * length
+            checks = []
+            for rel in rec.relocs:
+                if rel.kind != "sym" or any(masked[rel.offset:rel.offset + rel.width]):
+                    masks.append((rel.offset, rel.width))  # a string, a section, a rewritten site
+                else:
+                    checks.append(coreproto.FieldCheck(rel.offset, rel.type, rel.name, rel.sympos,
+                                                       rel.addend))
+            functions.append(coreproto.ModuleFunction(
+                rec.name, rec.sympos, rec.size, jump_offset(rec.fentry),
+                kernel.module_section(module, r.new_section), rec.data(), masks, checks))
+        held = []
+        for h in manifest.held:
+            if h.target != target.name:
+                continue
+            ref = refs[h.placeholder]
+            held.append(coreproto.HeldField(kernel.module_section(module, h.section) + h.offset,
+                                            h.type, ref.name,
+                                            ref.sympos if ref.target == target.name else 0,
+                                            h.addend))
+        out.append(coreproto.ModuleTarget(target.name, target.build_id, functions, held))
+    return out
+
+
+def target_records(targets, update: coreproto.AppliedUpdate | None) -> list[dict]:
+    """Each target of an update and its state: vmlinux is patched while the update is applied;
+    a module target is patched, or waits for its module to load."""
+    states = update.targets if update is not None else {}
+    return [{"name": t.name, "build_id": t.build_id,
+             "state": "patched" if t.name == VMLINUX else states.get(t.name, "waiting")}
+            for t in targets]
 
 
 def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
@@ -389,10 +487,15 @@ def _applied() -> list[coreproto.AppliedUpdate]:
 
 def applied_record(update: coreproto.AppliedUpdate, redirected: set[str]) -> dict:
     """An applied update as `list --json` and `view --json` show it (docs/cli-json.md)."""
+    vmlinux = [{"name": VMLINUX, "state": "patched"}] if any(
+        f.target == VMLINUX for f in update.funcs) else []
     return {"id": update.id, "module": update.module,
             "functions": [f.name for f in update.funcs],  # as apply --json gives them
-            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.new_address:#x}"}
-                      for f in update.funcs],
+            # the jumps written now: a waiting module target has none
+            "jumps": [{"name": f.name, "site": f"{f.site:#x}", "new": f"{f.new_address:#x}",
+                       "target": f.target} for f in update.funcs if f.site],
+            "targets": vmlinux + [{"name": name, "state": state}
+                                  for name, state in update.targets.items()],
             "pause_ns": update.pause_ns, "work_ns": update.work_ns,
             # A live patch enabled after an update redirects at the fentry site, before the
             # jump: its code runs, not the update's. Say so rather than show it as if it ran.

@@ -82,6 +82,8 @@ class BuiltPair:
     pre_dir: Path
     post_dir: Path
     left_out: list[LeftOut]  # changed files whose effect is not in `objects`, and why
+    targets: dict[str, str]  # object -> vmlinux, or the module it is linked into
+    module_paths: dict[str, str]  # module name -> kbuild's path for it (fs/ext4/ext4)
 
 
 def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
@@ -101,7 +103,10 @@ def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
             (tree.obj / o).unlink(missing_ok=True)
         tree.kbuild.build(objects)
         _copy_objects(tree, objects, post_dir)
-    return BuiltPair(objects, pre_dir, post_dir, tree.deps.left_out(files, objects))
+    modules = tree.deps.modules()
+    targets = {o: tree.deps.target_of(o) for o in objects}
+    paths = {tree.deps.target_of(o): modules[o] for o in objects if o in modules}
+    return BuiltPair(objects, pre_dir, post_dir, tree.deps.left_out(files, objects), targets, paths)
 
 
 @contextmanager

@@ -329,16 +329,17 @@ def show_package(manifest: Manifest) -> None:
     from rich.table import Table
 
     table = Table(title=escape(f"update {manifest.id} for {manifest.kernel.release}"))
+    table.add_column("target")
     table.add_column("object")
     table.add_column("function")
     table.add_column("change")
     table.add_column("size", justify="right")
     for r in manifest.replaced:  # names are printable (pkgformat checks), not markup
         extra = f" (+{', '.join(r.parts)})" if r.parts else ""
-        table.add_row(escape(r.object), escape(r.name + extra), "replaced",
+        table.add_row(r.target, escape(r.object), escape(r.name + extra), "replaced",
                       f"{r.size} -> {r.new_size}")
     for n in manifest.new:
-        table.add_row(escape(n.object), escape(n.name), "new", str(n.size))
+        table.add_row(n.target, escape(n.object), escape(n.name), "new", str(n.size))
     Console().print(table)
 
 
@@ -402,20 +403,28 @@ def view_cmd(what: str | None, as_json: bool, verify: bool) -> None:
         if not updates:
             click.echo("no updates applied")
         for u in updates:
-            click.echo(f"{u['id']} ({u['module']}): " + ", ".join(u["functions"]))
+            click.echo(f"{u['id']} ({u['module']}): " + ", ".join(u["functions"])
+                       + f" [{_targets_text(u['targets'])}]")
         return
     update = view_applied(what)
     assert isinstance(update, dict)
     if as_json:
         print_json(update)
         return
-    click.echo(f"{update['id']} ({update['module']})")
+    click.echo(f"{update['id']} ({update['module']}): {_targets_text(update['targets'])}")
     for f in update["jumps"]:
-        click.echo(f"  {f['name']} at {f['site']} -> {f['new']}")
+        click.echo(f"  {f['name']} ({f['target']}) at {f['site']} -> {f['new']}")
     if update["overridden"]:
         _warn_overridden(update)
     if update.get("patch"):
         click.echo(visible(str(update["patch"])))
+
+
+def _targets_text(targets: list[dict]) -> str:
+    """vmlinux patched, zram waiting for its module to load, ..."""
+    return ", ".join(f"{t['name']} {t['state']}" + (" for its module to load"
+                                                    if t["state"] == "waiting" else "")
+                     for t in targets)
 
 
 def _warn_overridden(update: dict) -> None:
@@ -456,10 +465,12 @@ def apply_cmd(package: Path, retries: int, retry_delay: float, dry_run: bool, as
             click.echo(f"  would first unload what an interrupted command left: "
                        f"{', '.join(result['would_unload'])}")
         click.echo(f"  would load {', '.join(result['would_load'])}")
+        click.echo("  " + ", ".join(f"{t['name']}: {t['state']}" for t in result["targets"]))
     else:
         click.echo(f"applied {result['id']}: {', '.join(result['functions'])} "
                    f"(machine stopped {result['pause_ns'] / 1e6:.3f} ms, "
                    f"run-pre matching {result['match_seconds']:.2f} s)")
+        click.echo(f"  {_targets_text(result['targets'])}")
 
 
 @main.command("undo")
@@ -491,7 +502,8 @@ def list_cmd(as_json: bool) -> None:
         print_json(updates)
         return
     for u in updates:
-        click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}")
+        click.echo(f"{u['id']}\t{u['module']}\t{', '.join(u['functions'])}\t"
+                   f"{_targets_text(u['targets'])}")
         if u["overridden"]:
             _warn_overridden(u)
 

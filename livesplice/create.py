@@ -26,6 +26,7 @@ from .errors import BadInput, NothingToDo, Refused
 from .includes import LeftOut
 from .kbuild import console
 from .kconfig import config_hash, kernel_release
+from .moduletargets import exporters, hold_module_fields, module_files, place_in_modules
 from .newcode import Extractor, NewCode, build_module, callbacks, check_problems, core_module, section_name
 from .objdiff import ObjectDiff, diff_objects, section_kind
 from .package import Package
@@ -33,6 +34,7 @@ from .patches import patch_files
 from .pkgformat import (
     FORMAT_VERSION,
     VMLINUX,
+    HeldField,
     KernelIdentity,
     Manifest,
     Mask,
@@ -45,6 +47,7 @@ from .pkgformat import (
     ReplacedFunction,
     Source,
 )
+from .stockmodule import ModuleImage
 from .structlayout import layout_refusals
 
 KBUILD_FILES = re.compile(r"(^|/)(Kconfig[^/]*|Makefile[^/]*|Kbuild[^/]*)$")
@@ -62,6 +65,7 @@ class TargetKernel:
     # `build_id_note` says why; apply then falls back to the release and version banner).
     build_id: str | None = None
     build_id_note: str | None = None
+    modules: Path | None = None  # its compiled modules (/lib/modules/RELEASE), if at hand
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Modules:
     name: str
     update: bytes  # the new code's module
     core: bytes
+    held: list[HeldField]  # its fields that refer into module targets (moduletargets)
 
 
 ObjectPairs = dict[str, tuple[ObjectFile, ObjectFile]]
@@ -110,15 +115,18 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
                     pair = build_pre_post(tree, request.patch, work)
             with stage_timer(timings, "diff"):
                 objects = read_objects(pair)
-                diffs = diff_all_objects(tree, objects)
+                diffs = diff_all_objects(tree, objects, pair.targets)
                 refuse_what_cannot_change_live(request.files, diffs, pair.left_out)
                 refuse_when_no_function_changed(diffs, pair.left_out)
             with stage_timer(timings, "module"):
-                code = extract_new_code(diffs, objects)
+                images = module_images(target, pair)
+                code = extract_new_code(diffs, objects, pair.targets, images)
+                pre_code = record_pre_code(diffs, objects, code, pair.targets)
+                place_in_modules(pre_code, code, images,
+                                 exporters(target.headers / "Module.symvers"))
                 modules = build_modules(code, request.update_id, target, tree.jobs, work)
-            pre_code = record_pre_code(diffs, objects, code)
             manifest = build_manifest(request.update_id, target, tree, request.patch, diffs, code,
-                                      pre_code, modules.name, source_version, pair.left_out)
+                                      pre_code, modules, source_version, pair, images)
             package = write_package(manifest, pre_code, modules, request.output, signing_key)
     return CreateResult(package, request.output, diffs, timings)
 
@@ -179,7 +187,7 @@ def find_target_kernel(tree: WorkTree, target_abi: str | None) -> TargetKernel:
         if not (files.root / ".complete").exists() or not files.headers.exists():
             files = debian.fetch_kernel(target_abi, with_source=False)
         target = TargetKernel(target_abi, debian.image_version(files.vmlinuz), files.headers,
-                              target_abi, debian.image_build_id(files))
+                              target_abi, debian.image_build_id(files), modules=files.modules)
     else:
         release = kernel_release(tree.src, tree.config.options)
         headers = Path(f"/lib/modules/{release}/build")
@@ -187,7 +195,8 @@ def find_target_kernel(tree: WorkTree, target_abi: str | None) -> TargetKernel:
             raise BadInput(f"no headers for kernel {release} at {headers}: pass --target with a "
                            "stock kernel, or install that kernel's headers")
         build_id, note = tree_build_id(tree.source / "vmlinux", release)
-        target = TargetKernel(release, None, headers, None, build_id, note)
+        target = TargetKernel(release, None, headers, None, build_id, note,
+                              modules=Path(f"/lib/modules/{release}"))
     if target.build_id_note:
         console.print(f"[yellow]warning:[/] {target.build_id_note}", highlight=False)
     return target
@@ -198,10 +207,11 @@ def read_objects(pair: BuiltPair) -> ObjectPairs:
     return {o: (ObjectFile(pair.pre_dir / o), ObjectFile(pair.post_dir / o)) for o in pair.objects}
 
 
-def diff_all_objects(tree: WorkTree, objects: ObjectPairs) -> list[ObjectDiff]:
+def diff_all_objects(tree: WorkTree, objects: ObjectPairs,
+                     targets: dict[str, str]) -> list[ObjectDiff]:
     diffs = []
     for o, (pre, post) in objects.items():
-        d = diff_objects(pre, post, o)
+        d = diff_objects(pre, post, o, None if targets[o] == VMLINUX else targets[o])
         if d.has_changes and (tree.src / (o[:-2] + ".S")).exists():
             d.refusals.append(f"{o}: assembly code changed; livesplice updates C functions only")
         if d.has_changes:
@@ -236,7 +246,8 @@ def refuse_when_no_function_changed(diffs: list[ObjectDiff], left_out: list[Left
                           f"({', '.join(added)}) are called by nothing the kernel runs" + aside)
 
 
-def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs) -> NewCode:
+def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs, targets: dict[str, str],
+                     images: dict[str, ModuleImage] | None = None) -> NewCode:
     """The changed and new functions (with their parts) of every object, in one new object."""
     code = NewCode()
     for d in diffs:
@@ -245,7 +256,9 @@ def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs) -> NewCode:
         _, post = objects[d.object]
         included = {c.name for c in d.changed + d.new}
         included |= {p for c in d.changed + d.new for p in c.parts}
-        ex = Extractor(code, d.object, post, d.names, included)
+        image = (images or {}).get(targets[d.object])
+        ex = Extractor(code, d.object, post, d.names, included, targets[d.object],
+                       image.defines if image is not None else None)
         for c in d.changed + d.new:
             ex.add_function(post.functions[c.name])
             for part in c.parts:
@@ -255,16 +268,29 @@ def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs) -> NewCode:
     return code
 
 
+def module_images(target: TargetKernel, pair: BuiltPair) -> dict[str, ModuleImage]:
+    """The target kernel's compiled modules that the update changes code of: where create finds
+    their build ids and the positions of the update's symbols in them (moduletargets)."""
+    if not pair.module_paths:
+        return {}
+    if target.modules is None:
+        raise BadInput("the patch changes module code, but the target kernel's modules are not "
+                       "at hand")
+    files = module_files(target.modules, pair.module_paths)
+    return {name: ModuleImage(path, name) for name, path in files.items()}
+
+
 def build_modules(code: NewCode, update_id: str, target: TargetKernel, jobs: int,
                   work: Path) -> Modules:
     name = Manifest.module_name(update_id)
     ko = build_module(code, name, update_id, target.headers, work / "module", jobs)
     core = core_module(target.headers, target.release, target.build_id, work / "core", jobs)
-    return Modules(name, ko.read_bytes(), core)
+    update, held = hold_module_fields(ko.read_bytes(), code, list(code.refs.values()))
+    return Modules(name, update, core, held)
 
 
-def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs,
-                    code: NewCode) -> list[PreFunction]:
+def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs, code: NewCode,
+                    targets: dict[str, str]) -> list[PreFunction]:
     """Pre code of every replaced function (and its parts), of every function the new code calls
     that the objects define, and of functions that use local data the new code uses: matching
     them against the running kernel decides which of several same-named symbols is meant."""
@@ -273,7 +299,7 @@ def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs,
     def add(objname: str, pre: ObjectFile, name: str | None, referenced_only: bool = False) -> None:
         if name is not None and (objname, name) not in records and name in pre.functions:
             records[(objname, name)] = pre_record(pre, objname, pre.functions[name],
-                                                  referenced_only)
+                                                  referenced_only, targets[objname])
 
     for d in diffs:
         pre, _ = objects[d.object]
@@ -342,8 +368,8 @@ def _refusals_for_files(files: list[str]) -> list[str]:
     return out
 
 
-def pre_record(obj: ObjectFile, objname: str, item: Item, referenced_only: bool = False
-               ) -> PreFunction:
+def pre_record(obj: ObjectFile, objname: str, item: Item, referenced_only: bool = False,
+               target: str = VMLINUX) -> PreFunction:
     relocs = []
     for r in item.relocs:
         t = obj.target(r)
@@ -351,14 +377,14 @@ def pre_record(obj: ObjectFile, objname: str, item: Item, referenced_only: bool 
         if t.kind == "sym":
             sym = obj.functions.get(t.name) or obj.data_objects.get(t.name)
             local = (sym.symbol.bind == "STB_LOCAL") if sym else r.symbol.bind == "STB_LOCAL"
-        relocs.append(Relocation(r.offset - item.start, r.type, t.kind, t.name, t.offset, local))
+        relocs.append(Relocation(r.offset - item.start, r.type, t.kind, t.name, t.offset, local, 0))
     return PreFunction(
-        target=VMLINUX, object=objname, name=item.name, size=item.size,
+        target=target, object=objname, name=item.name, size=item.size,
         local=item.symbol.bind == "STB_LOCAL", type=item.symbol.type,
         code=base64.b64encode(item.data).decode(), relocs=relocs,
         masks=[Mask(s.offset, s.length, s.kind) for s in runtime_patched_sites(obj, item)],
         fentry=fentry_offset(obj, item), section=item.section.name,
-        referenced_only=referenced_only)
+        referenced_only=referenced_only, sympos=0)  # (a module's: place_in_modules)
 
 
 def fingerprint(record: PreFunction) -> str:
@@ -375,9 +401,10 @@ def default_id(patch: str, config: Path) -> str:
 
 def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: str,
                    diffs: list[ObjectDiff], code: NewCode, pre_code: list[PreFunction],
-                   module_name: str, source_version: str | None,
-                   left_out: list[LeftOut] | None = None) -> Manifest:
-    left_out = left_out or []
+                   modules: Modules, source_version: str | None, pair: BuiltPair,
+                   images: dict[str, ModuleImage]) -> Manifest:
+    left_out = pair.left_out
+    module_name = modules.name
     by_key = {r.key: r for r in pre_code}
     replaced = []
     for d in diffs:
@@ -385,7 +412,7 @@ def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: 
             assert c.pre_name is not None  # a changed function has a pre name; a new one has not
             rec = by_key[(d.object, c.pre_name)]
             replaced.append(ReplacedFunction(
-                target=VMLINUX, object=d.object, name=c.pre_name, new_name=c.name,
+                target=pair.targets[d.object], object=d.object, name=c.pre_name, new_name=c.name,
                 size=c.pre_size, new_size=c.size, section=c.section,
                 parts=[d.names.get(p, p) for p in c.parts], new_parts=c.parts,
                 # where apply finds the new code: the module's sections
@@ -397,16 +424,19 @@ def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: 
         id=update_id,
         created=pkgformat.now(),
         kernel=KernelIdentity(target.release, target.version, target.stock, target.build_id),
-        targets=[PatchedObject(VMLINUX, target.build_id)],
+        targets=[PatchedObject(name, target.build_id if name == VMLINUX else images[name].build_id)
+                 for name in sorted({pair.targets[d.object] for d in diffs if d.has_changes},
+                                    key=lambda n: (n != VMLINUX, n))],
         source=Source(str(tree.source), source_version, kernel_release(tree.src, {})),
         config_sha256=tree.config.sha256,
         patch=patch,
         module=ModuleFile(module_name, f"modules/{module_name}.ko"),
         replaced=replaced,
-        new=[NewFunction(VMLINUX, d.object, c.name, c.size, c.parts, section_name(d.object, c.name),
-                         [section_name(d.object, p) for p in c.parts])
+        new=[NewFunction(pair.targets[d.object], d.object, c.name, c.size, c.parts,
+                         section_name(d.object, c.name), [section_name(d.object, p) for p in c.parts])
              for d in diffs for c in d.new],
         kernel_refs=list(code.refs.values()),
+        held=modules.held,
         callbacks=callbacks(code),
         line_only=[f for d in diffs for f in d.line_only],
         notes=[n for d in diffs for n in d.notes] + code.notes

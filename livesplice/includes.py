@@ -1,4 +1,4 @@
-"""Which vmlinux objects a changed file can affect.
+"""Which objects (of vmlinux or of a module) a changed file can affect.
 
 For a changed `.c` or `.S`, its own object. For a changed header, the objects whose sources include
 it: first found by resolving `#include` lines as the compiler does (cheap, nothing built, but blind
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .kbuild import Kbuild, ObjectTree
+from .pkgformat import VMLINUX
 
 INCLUDE_DIRS = ("arch/x86/include", "arch/x86/include/uapi", "include", "include/uapi")
 _INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.MULTILINE)
@@ -80,21 +81,40 @@ class LeftOut:
         return f"{self.file}: {self.why}"
 
 
+def module_name(module_path: str) -> str:
+    """The name a module loads as, from kbuild's path for it (drivers/net/wireguard/wireguard)."""
+    return Path(module_path).name.replace("-", "_")
+
+
 class ObjectDependencies:
-    """Which vmlinux objects depend on which files of the mirrored tree."""
+    """Which objects, of vmlinux and of the modules, depend on which files of the mirrored tree."""
 
     def __init__(self, objects: ObjectTree, kbuild: Kbuild):
         self.objects, self.kbuild = objects, kbuild
         self.src = kbuild.src
         self.graph = IncludeGraph(self.src)
+        self._by_source: dict[str, str] | None = None
 
     def by_source(self) -> dict[str, str]:
-        """Source file (.c or .S) -> its vmlinux object."""
-        out = {}
-        for o in self.objects.vmlinux_objects:
-            for ext in (".c", ".S"):
-                out[o[:-2] + ext] = o
-        return out
+        """Source file (.c or .S) -> its object, of vmlinux or of a module."""
+        if self._by_source is None:
+            out: dict[str, str] = {}
+            for o in sorted(self.objects.vmlinux_objects) + sorted(self.modules()):
+                for ext in (".c", ".S"):
+                    out.setdefault(o[:-2] + ext, o)
+            self._by_source = out
+        return self._by_source
+
+    def modules(self) -> dict[str, str]:
+        """Object -> kbuild's path of the module it is linked into (fs/ext4/ext4)."""
+        if self.objects.config.options.get("CONFIG_MODULES") != "y":
+            return {}
+        return self.objects.module_objects()
+
+    def target_of(self, obj: str) -> str:
+        """vmlinux, or the name of the module the object is linked into."""
+        module = self.modules().get(obj)
+        return module_name(module) if module is not None else VMLINUX
 
     def deps(self, obj: str) -> set[str]:
         """The files an object was built from, per its .cmd file (relative to the source tree)."""
@@ -106,48 +126,32 @@ class ObjectDependencies:
                 if token.startswith(prefix)}
 
     def candidate_objects(self, included: list[str]) -> set[str]:
-        """vmlinux objects whose sources may include any of `included` (nothing built)."""
+        """Objects whose sources may include any of `included` (nothing built)."""
         by_source = self.by_source()
         return {by_source[s] for s in self.graph.includers(included, sorted(by_source))}
 
     def left_out(self, changed: list[str], wanted: list[str]) -> list[LeftOut]:
-        """The changed files whose effect is not in the vmlinux objects `wanted` (what
-        `objects_for` gave), each with why: built into a module, included only by module code,
-        another architecture's, not built by this config, or not kernel code at all."""
+        """The changed files whose effect is not in the objects `wanted` (what `objects_for`
+        gave), each with why: another architecture's, not built by this config, or not kernel
+        code at all. None of them is code the running kernel has."""
         by_source = self.by_source()
         used = set().union(*(self.deps(o) for o in wanted)) if wanted else set()
-        rest = [f for f in changed if f not in by_source and f not in used]
-        if not rest:
-            return []
-        modules = self.objects.module_objects() if any(
-            f.endswith(_BUILT_FROM) and not f.startswith(_NOT_KERNEL) for f in rest) else {}
-        module_sources = {o[:-2] + ext: m for o, m in modules.items() for ext in (".c", ".S")}
         out = []
-        for f in rest:
+        for f in changed:
+            if f in by_source or f in used:
+                continue
             if f.startswith(_NOT_KERNEL) or not f.endswith(_BUILT_FROM):
                 out.append(LeftOut(f, "not kernel code", False))
             elif f.startswith("arch/") and not f.startswith("arch/x86/"):
                 out.append(LeftOut(f, "another architecture's", False))
-            elif f in module_sources:
-                module = module_sources[f]
-                out.append(LeftOut(f, f"built into module {Path(module).name} ({module}.ko), "
-                                      "which livesplice does not update yet", True))
             elif f.endswith((".c", ".S")):
                 out.append(LeftOut(f, "not built by this config", False))
             else:
-                users = sorted(module_sources[s] for s in
-                               self.graph.includers([f], sorted(module_sources)))
-                if users:
-                    names = sorted({Path(m).name for m in users})
-                    out.append(LeftOut(f, f"included by code of {len(names)} module(s) ("
-                                          f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
-                                          "), which livesplice does not update yet", True))
-                else:
-                    out.append(LeftOut(f, "included by nothing this config builds", False))
+                out.append(LeftOut(f, "included by nothing this config builds", False))
         return out
 
     def objects_for(self, changed: list[str]) -> list[str]:
-        """The vmlinux objects whose code may depend on the changed files. Candidates for a
+        """The objects whose code may depend on the changed files. Candidates for a
         changed header are built (pre) to read their dependencies."""
         by_source = self.by_source()
         wanted = {by_source[f] for f in changed if f in by_source}

@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from .objdiff import DYNDBG_SECTION, read_only
 from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
 SECTION_PREFIX = ".text.livesplice."
+# Where the key is, in an entry of the tables whose entries name a key.
+KEY_FIELDS = {"__jump_table": 8, ".static_call_sites": 4}
 ONCE_SECTION = ".data.once"  # DO_ONCE_LITE's flags
 # apply finds each new function through /sys/module/MODULE/sections/SECTION: a sysfs file name,
 # at most NAME_MAX (255) bytes.
@@ -49,8 +52,9 @@ TABLES = {k: v for k, v in CODE_TABLES.items() if k not in ("__tracepoints_ptrs"
 @dataclass
 class NewCode:
     writer: ElfWriter = field(default_factory=ElfWriter)
-    refs: dict[tuple[str, str], KernelRef] = field(default_factory=dict)
-    ref_symbols: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
+    # (object for a local symbol, else "", name, target of the code that uses it) -> the reference
+    refs: dict[tuple[str, str, str], KernelRef] = field(default_factory=dict)
+    ref_symbols: dict[tuple[str, str, str], OutSymbol] = field(default_factory=dict)
     functions: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)  # (object, name)
     data: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
     strings: dict[str, OutSymbol] = field(default_factory=dict)
@@ -58,17 +62,22 @@ class NewCode:
     tables: dict[str, OutSection] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the new code does differently, harmlessly
-    # global functions the update's own objects define, by name
-    own_globals: dict[str, OutSymbol] = field(default_factory=dict)
+    # global functions the update's own objects define, by (target, name)
+    own_globals: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
+    # the target (vmlinux or a module) whose code each section of the new code holds
+    section_targets: dict[str, set[str]] = field(default_factory=dict)
     _strsec: OutSection | None = None
 
-    def ref(self, name: str, obj: str, local: bool, kind: str) -> OutSymbol:
-        key = (obj if local else "", name)
+    def ref(self, name: str, obj: str, local: bool, kind: str, target: str = VMLINUX) -> OutSymbol:
+        """The placeholder for what the kernel has: a local symbol of `obj`, or a global one
+        that code of `target` uses (a module's code may use a global of its own module, of a
+        module it depends on, or of vmlinux: create's module stage tells which)."""
+        key = (obj if local else "", name, target)
         if key not in self.refs:
             placeholder = f"{PLACEHOLDER_PREFIX}{len(self.refs)}"
-            # (module targets will name the module a local symbol lives in)
+            where = target if local or target != VMLINUX else ""
             self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind,
-                                       VMLINUX if local else "")
+                                       where, 0)
             self.ref_symbols[key] = self.writer.add_symbol(OutSymbol(placeholder, None))
         return self.ref_symbols[key]
 
@@ -90,14 +99,15 @@ class NewCode:
         """A global symbol one object of the update uses and another defines (a new function in
         a.c called from b.c) is the update's own, not the kernel's: the placeholder becomes that
         symbol (kallsyms would not have it, or have the old one)."""
-        for obj, name in list(self.refs):
-            if obj or name not in self.own_globals:
+        for key in list(self.refs):
+            obj, name, target = key
+            if obj or (target, name) not in self.own_globals:
                 continue
-            own = self.own_globals[name]
-            placeholder = self.ref_symbols.pop((obj, name))
+            own = self.own_globals[(target, name)]
+            placeholder = self.ref_symbols.pop(key)
             placeholder.section, placeholder.value = own.section, own.value
             placeholder.size, placeholder.type, placeholder.bind = own.size, own.type, "STB_LOCAL"
-            del self.refs[(obj, name)]
+            del self.refs[key]
 
 
 def section_name(objname: str, function: str) -> str:
@@ -126,22 +136,30 @@ class Extractor:
     """Copies what the update needs out of one post object into a NewCode."""
 
     def __init__(self, code: NewCode, objname: str, post: ObjectFile, names: dict[str, str],
-                 included: set[str]):
+                 included: set[str], target: str = VMLINUX,
+                 module_defines: Callable[[str], bool] | None = None):
         self.code, self.objname, self.post, self.names = code, objname, post, names
         self.included = included  # post function names that become new code
+        self.target = target  # vmlinux or the module the object is linked into
+        # for a module's object: whether that module defines a symbol (stockmodule)
+        self.module_defines = module_defines
+
+    def _section(self, section: OutSection) -> OutSection:
+        self.code.section_targets.setdefault(section.name, set()).add(self.target)
+        return self.code.writer.add_section(section)
 
     def add_function(self, item: Item) -> OutSymbol:
         key = (self.objname, item.name)
         if key in self.code.functions:
             return self.code.functions[key]
-        sec = self.code.writer.add_section(OutSection(
+        sec = self._section(OutSection(
             section_name(self.objname, item.name), bytearray(item.data),
             SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR, align=max(item.section.addralign, 16)))
         sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_FUNC",
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym
         if item.symbol.bind != "STB_LOCAL":
-            self.code.own_globals.setdefault(item.name, sym)
+            self.code.own_globals.setdefault((self.target, item.name), sym)
         for r in item.relocs:
             self._relocate(sec, r.offset - item.start, r)
         self._tables(item, sym)
@@ -186,7 +204,7 @@ class Extractor:
         sym = item.symbol if item is not None else s
         kind = {"STT_FUNC": "func", "STT_OBJECT": "object"}.get(sym.type, "notype")
         local = sym.bind == "STB_LOCAL"
-        return self.code.ref(kernel_name, self.objname, local, kind), offset
+        return self.code.ref(kernel_name, self.objname, local, kind, self.target), offset
 
     def _add_data(self, item: Item) -> OutSymbol:
         key = (self.objname, item.name)
@@ -202,7 +220,7 @@ class Extractor:
         else:
             nobits = item.section.type == "SHT_NOBITS"
             prefix = ".bss" if nobits else ".data" if flags & SH_FLAGS.SHF_WRITE else ".rodata"
-            sec = self.code.writer.add_section(OutSection(
+            sec = self._section(OutSection(
                 f"{prefix}.livesplice.{item.name}", bytearray(item.data), flags,
                 align=max(item.section.addralign, 1),
                 type="SHT_NOBITS" if nobits else "SHT_PROGBITS"))
@@ -223,7 +241,7 @@ class Extractor:
         if section.flags & SH_FLAGS.SHF_WRITE:
             self.code.problems.append(
                 f"{self.objname}: new code refers to anonymous writable data in {section.name}")
-        sec = self.code.writer.add_section(OutSection(
+        sec = self._section(OutSection(
             f"{section.name}.livesplice.{len(self.code.copied_sections)}", bytearray(section.data),
             section.flags & (SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR | SH_FLAGS.SHF_WRITE),
             align=max(section.addralign, 1)))
@@ -244,6 +262,8 @@ class Extractor:
             for site_sec, site_off, idx in post.sites(table, entry, site_field):
                 if site_sec is not item.section or not item.start <= site_off < item.start + item.size:
                     continue
+                if self._module_key(table, sec, idx * entry, item):
+                    continue
                 out = self._table(table, sec)
                 base = len(out.data)
                 out.data.extend(sec.data[idx * entry:(idx + 1) * entry])
@@ -260,6 +280,33 @@ class Extractor:
                     if orc is not None:
                         self._table(".orc_unwind", orc).data.extend(
                             orc.data[idx * ORC_ENTRY_SIZE:(idx + 1) * ORC_ENTRY_SIZE])
+
+    def _module_key(self, table: str, sec: Section, entry: int, item: Item) -> bool:
+        """Whether to leave out a jump label or static call entry whose key the module target
+        itself defines: the module loader reads such entries when it loads the update, before
+        the target may even be loaded. A static call still goes through the module's trampoline
+        (a field the core links); a tracepoint's jump label stays as compiled, off, in the new
+        code. Any other key of the module's own cannot be linked."""
+        field = KEY_FIELDS.get(table)
+        if field is None or self.module_defines is None:
+            return False
+        key = next(iter(sec.relocs_in(entry + field, entry + field + 1)), None)
+        if key is None:
+            return False
+        name = self.post.target(key).name
+        if not self.module_defines(name):
+            return False
+        if table == "__jump_table":
+            if name.startswith("__tracepoint_"):
+                note = (f"{self.objname}: tracepoint {name[len('__tracepoint_'):]} does not fire "
+                        f"in the new code of {item.name} (its key is module {self.target}'s)")
+                if note not in self.code.notes:
+                    self.code.notes.append(note)
+            else:
+                self.code.problems.append(
+                    f"{self.objname}: {item.name} uses static key {name} of module {self.target}, "
+                    "which the new code cannot be linked to before the module loads")
+        return True
 
     def _table(self, name: str, like: Section) -> OutSection:
         if name not in self.code.tables:

@@ -259,7 +259,10 @@ def _is_mov_imm(insn) -> bool:
     return "[" not in operands[0]
 
 
-def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
+def diff_objects(pre: ObjectFile, post: ObjectFile, name: str, module: str | None = None
+                 ) -> ObjectDiff:
+    """What changed between the pre and post builds of object `name`, linked into vmlinux or,
+    with `module`, into that module."""
     diff = ObjectDiff(name)
     names = correlate(pre, post)
     diff.names = names
@@ -301,9 +304,18 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str) -> ObjectDiff:
         if _only_line_numbers_differ(pre, pre_item, post, item, pre_sig, post_sig):
             diff.line_only.append(fname)
             continue
+        if kind == "init" and module:
+            diff.refusals.append(f"{name}: changed __init function {fname} of module {module}: "
+                                 "it has run in a loaded module, and livesplice does not update "
+                                 "the init code a later load runs")
+            continue
         if kind == "init":
             diff.refusals.append(f"{name}: changed __init function {fname} ({item.section.name}): "
                                  "init code has already run and cannot be updated live")
+            continue
+        if kind == "exit" and module:
+            diff.refusals.append(f"{name}: changed __exit function {fname} of module {module}: "
+                                 "livesplice does not update a module's exit code")
             continue
         if kind == "exit":
             diff.notes.append(f"{fname}: changed exit code, discarded in a built-in kernel")

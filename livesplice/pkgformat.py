@@ -21,11 +21,14 @@ from typing import Any, Callable, ClassVar, TypeVar
 from .elfmodel import SITE_KINDS, reloc_width
 from .errors import BadInput
 
+# 4: module targets: symbols of a module are named by (name, `sympos`), their position among
+#    the module's symbols of that name; the new code's fields that refer into a module are `held`
+#    (left unrelocated in the module; the core writes them whenever that module is patched).
 # 3: objects patched are named per function (`target`: vmlinux or a module) and listed in
 #    `targets` with their build ids; the running kernel is `kernel` (was `target`).
 # 2: build id of the kernel, core protocol 2, signatures.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # older ones are upgraded on reading (`_upgrade`)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # older ones are upgraded on reading (`_upgrade`)
 VMLINUX = "vmlinux"  # the `target` of functions built into the kernel image
 PLACEHOLDER_PREFIX = "__livesplice_sym_"  # how the new code names what the kernel has
 MODULE_PREFIX = "livesplice_"  # an update's module is livesplice_ID (ID with '-' as '_')
@@ -297,8 +300,27 @@ class KernelRef(Record):
     object: str = spec(object_path_or_empty)  # a local symbol's object file; "" for a global
     local: bool = spec(boolean)
     kind: str = spec(choice("func", "object", "notype"))
-    # where a local symbol lives (vmlinux or a module); "" for a global: wherever it is defined
+    # where the symbol lives: vmlinux or a module; "" for a global of vmlinux (or wherever the
+    # running kernel defines it)
     target: str = spec(string(r"|vmlinux|[A-Za-z0-9_]{1,55}", "vmlinux, a module name or ''"))
+    # in a module: its position among the module's symbols of that name (1-based; livepatch's
+    # sympos); 0 for a symbol outside the update's targets, found by name
+    sympos: int = spec(integer(0, MAX_LIST))
+
+
+@dataclass
+class HeldField(Record):
+    """A field of the new code that refers into a module: create left it unrelocated in the
+    update's module (its relocation is R_X86_64_NONE there), and the core writes it with the
+    address of `placeholder`'s symbol each time `target` is patched, at apply or when it loads."""
+
+    target: str = spec(TARGET_NAME)  # the module whose new code holds the field
+    section: str = spec(SYMBOL)  # of the update's module
+    offset: int = spec(OFFSET)
+    type: int = spec(integer(0, 255))  # R_X86_64_*
+    placeholder: str = spec(string(re.escape(PLACEHOLDER_PREFIX) + r"\d{1,9}",
+                                   f"a placeholder ({PLACEHOLDER_PREFIX}N)"))
+    addend: int = spec(integer(-2**63, 2**63 - 1))
 
 
 @dataclass
@@ -318,6 +340,7 @@ class Manifest(Record):
     replaced: list[ReplacedFunction] = spec(records(ReplacedFunction, min_len=1))
     new: list[NewFunction] = spec(records(NewFunction))
     kernel_refs: list[KernelRef] = spec(records(KernelRef))
+    held: list[HeldField] = spec(records(HeldField))
     # new-code functions whose address the new code takes: they may still be running after an
     # undo (timers, work items...), so undo needs --force
     callbacks: list[str] = spec(list_of(SYMBOL))
@@ -359,9 +382,21 @@ class Manifest(Record):
             if ref.local != (ref.object != ""):
                 raise Invalid(f"kernel_refs[{i}].object", "a local symbol names its object, "
                                                           "a global one has \"\"")
-            if ref.local != (ref.target != "") or (ref.local and ref.target not in known):
-                raise Invalid(f"kernel_refs[{i}].target", "a local symbol names one of targets, "
-                                                          "a global one has \"\"")
+            if ref.local and ref.target not in known:
+                raise Invalid(f"kernel_refs[{i}].target", "a local symbol names one of targets")
+            if not ref.local and ref.target == VMLINUX:
+                raise Invalid(f"kernel_refs[{i}].target", "a global symbol of vmlinux has \"\"")
+            if ref.sympos and (ref.target not in known or ref.target == VMLINUX):
+                raise Invalid(f"kernel_refs[{i}].sympos", "a position is within a module target")
+        refs = {r.placeholder: r for r in self.kernel_refs}
+        for i, h in enumerate(self.held):
+            held_ref = refs.get(h.placeholder)
+            if held_ref is None or held_ref.target in ("", VMLINUX):
+                raise Invalid(f"held[{i}].placeholder", f"{show(h.placeholder)} is not a kernel "
+                                                        "reference into a module")
+            if h.target not in known or h.target == VMLINUX:
+                raise Invalid(f"held[{i}].target", f"{show(h.target)} is not a module target")
+            reloc_width(h.type)
 
 
 def _unique(keys: list, field: str) -> None:
@@ -385,6 +420,9 @@ class Relocation(Record):
     name: str = spec(string(max_len=65536))
     addend: int = spec(integer(-2**63, 2**63 - 1))
     local: bool = spec(boolean)
+    # for a module target's code: the position of `name` among the module's symbols of that name
+    # (1-based); 0 for a symbol outside the module, or in vmlinux's code
+    sympos: int = spec(integer(0, MAX_LIST))
 
     @property
     def width(self) -> int:
@@ -418,6 +456,9 @@ class PreFunction(Record):
     section: str = spec(SYMBOL)
     # only a witness: its matching tells which of several same-named symbols the new code means
     referenced_only: bool = spec(boolean)
+    # in a module target: the function's position among the module's symbols of its name
+    # (1-based); 0 in vmlinux
+    sympos: int = spec(integer(0, MAX_LIST))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -511,8 +552,8 @@ def read_pre(value: Any, manifest: Manifest, where: str = "package", member: str
              version: int = FORMAT_VERSION) -> PreCode:
     """The pre code of JSON `value` (written in format `version`), checked against `manifest`."""
     try:
-        if version == 2:
-            value = _upgrade_pre(value)
+        if version < FORMAT_VERSION:
+            value = _upgrade_pre(value, version)
         PreCode.check(value, "")
         pre = PreCode.from_json(value)
         pre.validate(manifest)
@@ -525,9 +566,27 @@ def read_pre(value: Any, manifest: Manifest, where: str = "package", member: str
 
 
 def _upgrade(value: dict) -> dict:
+    """An older manifest as format 4 says it."""
+    if value.get("format") == 2:
+        value = _upgrade_2(value)
+    if value.get("format") == 3:
+        value = _upgrade_3(value)
+    return value
+
+
+def _upgrade_3(value: dict) -> dict:
+    """Format 3 as format 4: no module code, so no positions and nothing held."""
+    if "held" in value:
+        raise Invalid("held", "unknown field (in format 3)")
+    value = {**value, "format": 4, "held": []}
+    if isinstance(value.get("kernel_refs"), list):
+        value["kernel_refs"] = [{**e, "sympos": 0} if isinstance(e, dict) and "sympos" not in e
+                                else e for e in value["kernel_refs"]]
+    return value
+
+
+def _upgrade_2(value: dict) -> dict:
     """A format 2 manifest as format 3 says it (all of format 2's code was in vmlinux)."""
-    if value.get("format") != 2:
-        return value
     for key in ("kernel", "targets"):
         if key in value:
             raise Invalid(key, "unknown field (in format 2)")
@@ -555,11 +614,22 @@ def _upgrade(value: dict) -> dict:
     return value
 
 
-def _upgrade_pre(value: Any) -> Any:
+def _upgrade_pre(value: Any, version: int) -> Any:
+    """Older pre code as format 4 says it: format 2 had no targets (all vmlinux), neither had
+    positions (no module code)."""
     if not isinstance(value, dict) or not isinstance(value.get("functions"), list):
         return value
-    return {**value, "functions": [{"target": VMLINUX, **f} if isinstance(f, dict) else f
-                                   for f in value["functions"]]}
+    functions = []
+    for f in value["functions"]:
+        if isinstance(f, dict):
+            f = {**({"target": VMLINUX} if version == 2 else {}), **f}
+            if "sympos" not in f:
+                f["sympos"] = 0
+            if isinstance(f.get("relocs"), list):
+                f["relocs"] = [r + [0] if isinstance(r, list) and len(r) == 6 else r
+                               for r in f["relocs"]]
+        functions.append(f)
+    return {**value, "functions": functions}
 
 
 def now() -> str:

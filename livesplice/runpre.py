@@ -9,6 +9,10 @@ holds in memory is worked back to the address of its target symbol, which must a
 literals with the text itself. When several functions share a name, the one whose code matches is
 the one meant, and the addresses its relocations reveal resolve the new code's references to local
 symbols (static variables, static functions) that kallsyms alone cannot tell apart.
+
+A function of a loaded module target is the one at its position (`sympos`, from create) among the
+module's symbols of its name, and so is each module symbol its relocations name; a symbol outside
+the module is any of that name, vmlinux's or another module's.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from dataclasses import dataclass, field
 from .coreproto import AppliedUpdate, make_jump
 from .elfmodel import PC_RELATIVE, R
 from .errors import LivespliceError, Refused
-from .kernel import Kallsyms, KernelMemory
+from .kernel import Kallsyms, KernelMemory, KSym
 from .objdiff import jump_offset
-from .pkgformat import KernelRef, PreFunction
+from .pkgformat import VMLINUX, KernelRef, PreFunction, Relocation
 
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
 
@@ -52,6 +56,26 @@ class Matcher:
         self.mem = memory
         # Sites already redirected by an applied update: the code that runs is the jump's target.
         self.redirected = {f.site: f.new_address for u in applied for f in u.funcs if f.site}
+
+    def in_module(self, module: str, name: str, sympos: int) -> KSym | None:
+        """The module's `sympos`-th symbol of that name (1-based, in /proc/kallsyms' order)."""
+        found = self.ks.lookup(name, module)
+        return found[sympos - 1] if 0 < sympos <= len(found) else None
+
+    def reloc_candidates(self, record: PreFunction, reloc: Relocation) -> list[KSym]:
+        """The symbols a relocated field of `record` may lead to."""
+        if record.target == VMLINUX:
+            return self.ks.lookup(reloc.name)
+        if reloc.sympos:
+            sym = self.in_module(record.target, reloc.name, reloc.sympos)
+            return [sym] if sym is not None else [KSym(-1, "?", reloc.name, record.target)]
+        return self.ks.symbols(reloc.name)
+
+    def candidates(self, record: PreFunction) -> list[KSym]:
+        if record.target == VMLINUX:
+            return [s for s in self.ks.lookup(record.name) if s.is_text]
+        sym = self.in_module(record.target, record.name, record.sympos)
+        return [sym] if sym is not None and sym.is_text else []
 
     @staticmethod
     def site(original: int, record: PreFunction) -> int:
@@ -105,7 +129,7 @@ class Matcher:
             if known is not None and known != address:
                 return (f"offset {off:#x}: reference to {name} gives {address:#x}, elsewhere "
                         f"{known:#x}"), {}, b""
-            candidates = self.ks.lookup(name)
+            candidates = self.reloc_candidates(record, reloc)
             if candidates and address not in {c.address for c in candidates}:
                 return (f"offset {off:#x}: reference to {name} gives {address:#x}, which "
                         f"/proc/kallsyms does not have for it"), {}, b""
@@ -122,9 +146,11 @@ class Matcher:
         order = sorted(records, key=lambda r: len(self.ks.lookup(r.name)))
         for record in order:
             what = f"{record.name} ({record.object})"
-            candidates = [s for s in self.ks.lookup(record.name) if s.is_text]
+            candidates = self.candidates(record)
             if not candidates:
-                problems.append(f"{what}: not in /proc/kallsyms")
+                where = "" if record.target == VMLINUX else \
+                    f" for module {record.target} (#{record.sympos} of its name)"
+                problems.append(f"{what}: not in /proc/kallsyms{where}")
                 continue
             matched = []
             reasons = []

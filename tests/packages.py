@@ -43,9 +43,10 @@ MANIFEST = {
              "new_section": ".text.livesplice.abcdef0123.helper", "new_part_sections": []}],
     "callbacks": [],
     "kernel_refs": [{"placeholder": "__livesplice_sym_0", "name": "foo", "object": "",
-                     "local": False, "kind": "func", "target": ""},
+                     "local": False, "kind": "func", "target": "", "sympos": 0},
                     {"placeholder": "__livesplice_sym_1", "name": "bar", "object": "kernel/sys.o",
-                     "local": True, "kind": "object", "target": "vmlinux"}],
+                     "local": True, "kind": "object", "target": "vmlinux", "sympos": 0}],
+    "held": [],
     "line_only": ["other_function"],
     "notes": ["kernel/sys.o: a note"],
 }
@@ -53,9 +54,9 @@ MANIFEST = {
 PRE = {"functions": [{
     "target": "vmlinux", "object": "kernel/sys.o", "name": "prctl_set_auxv", "size": 16, "local": True,
     "type": "STT_FUNC", "code": base64.b64encode(CODE).decode(),
-    "relocs": [[5, 4, "sym", "foo", -4, False], [10, 2, "str", "hello\n", 0, True]],
+    "relocs": [[5, 4, "sym", "foo", -4, False, 0], [10, 2, "str", "hello\n", 0, True, 0]],
     "masks": [[4, 5, "alternative"]], "fentry": None, "section": ".text.prctl_set_auxv",
-    "referenced_only": False}]}
+    "referenced_only": False, "sympos": 0}]}
 
 
 def manifest() -> dict:

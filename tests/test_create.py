@@ -254,24 +254,31 @@ def test_core_module_is_built_once_per_kernel(tmp_path, stock_kernel):
     assert not (tmp_path / "b").exists()  # taken from the cache, not built
 
 
-def test_module_code_is_refused_never_nothing_to_do(tmp_path, source):
-    """A change to code built into a module (ext4 is =m in the stock config) is not something
-    the running kernel needs nothing for: exit 3, naming the file and its module."""
-    before = tree_state(source, ["fs/ext4/ioctl.c", "fs/ext4/ext4.h"])
+def test_module_code_makes_a_module_target(tmp_path, source, stock_kernel):
+    """A change to code built into a module (ext4 is =m in the stock config) is built as that
+    module's code: the package targets ext4, by the stock ext4.ko's build id, and names each
+    replaced function by its position among ext4's symbols of its name."""
+    from livesplice.buildid import elf_build_id
+
+    before = tree_state(source, ["fs/ext4/ioctl.c", "drivers/block/zram/zram_drv.h"])
     patch = edit_patch(source, {"fs/ext4/ioctl.c": [(
         "\tif (!capable(CAP_SYS_ADMIN))\n\t\treturn -EPERM;\n\n\tif (get_user(flags, (__u32 __user *)arg))",
         "\tif (!capable(CAP_SYS_ADMIN))\n\t\treturn -EACCES;\n\n\tif (get_user(flags, (__u32 __user *)arg))")]})
     proc, out = create(tmp_path, patch)
-    assert proc.returncode == 3, proc.stderr
-    assert "fs/ext4/ioctl.c: built into module ext4 (fs/ext4/ext4.ko)" in proc.stdout
-    assert not out.exists()
-    # a header only module code includes
-    patch = edit_patch(source, {"fs/ext4/ext4.h": [(
-        "#define EXT4_MAX_BLOCK_LOG_SIZE\t\t16", "#define EXT4_MAX_BLOCK_LOG_SIZE\t\t17")]})
+    assert proc.returncode == 0, proc.stderr
+    package = Package.read(out)
+    ko = stock_kernel.modules / "kernel" / "fs" / "ext4" / "ext4.ko"
+    assert [t.to_json() for t in package.manifest.targets] == [
+        {"name": "ext4", "build_id": elf_build_id(ko)}]
+    assert {r.target for r in package.manifest.replaced} == {"ext4"}
+    assert all(f.sympos >= 1 for f in package.pre.functions if not f.referenced_only)
+    # A header only module code includes is that module's: here no code changes.
+    patch = edit_patch(source, {"drivers/block/zram/zram_drv.h": [(
+        "#define ZRAM_LOGICAL_BLOCK_SHIFT 12", "#define ZRAM_LOGICAL_BLOCK_SHIFT 12 /* 4 KiB */")]})
     proc, out = create(tmp_path, patch)
-    assert proc.returncode == 3, proc.stderr
-    assert "fs/ext4/ext4.h: included by code of" in proc.stdout and "ext4" in proc.stdout
-    assert tree_state(source, ["fs/ext4/ioctl.c", "fs/ext4/ext4.h"]) == before
+    assert proc.returncode == 4, proc.stderr
+    assert "left out" not in proc.stdout + proc.stderr
+    assert tree_state(source, ["fs/ext4/ioctl.c", "drivers/block/zram/zram_drv.h"]) == before
 
 
 def test_code_this_kernel_does_not_have_is_nothing_to_do_and_says_so(tmp_path, source):

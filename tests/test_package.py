@@ -524,7 +524,7 @@ def _reloc_field(path) -> str:
     """pre.json tuples name their positions: functions[0].relocs[0][3] (name)."""
     name = field_name(path)
     if len(path) == 5 and path[2] in ("relocs", "masks"):
-        names = (["offset", "type", "kind", "name", "addend", "local"] if path[2] == "relocs"
+        names = (["offset", "type", "kind", "name", "addend", "local", "sympos"] if path[2] == "relocs"
                  else ["offset", "length", "kind"])
         name += f" ({names[path[4]]})"
     return name
@@ -692,16 +692,52 @@ def test_targets_cross_checks(tmp_path):
 
 def format2(manifest: dict, pre: dict) -> tuple[dict, dict]:
     """The same update as package format 2 wrote it (before module targets)."""
-    m = {k: v for k, v in manifest.items() if k not in ("kernel", "targets")}
+    m3, p3 = format3(manifest, pre)
+    m = {k: v for k, v in m3.items() if k not in ("kernel", "targets")}
     m["format"] = 2
-    m["target"] = manifest["kernel"]
+    m["target"] = m3["kernel"]
     for key in ("replaced", "new", "kernel_refs"):
-        m[key] = [{k: v for k, v in e.items() if k != "target"} for e in manifest[key]]
+        m[key] = [{k: v for k, v in e.items() if k != "target"} for e in m3[key]]
     return m, {"functions": [{k: v for k, v in f.items() if k != "target"}
-                             for f in pre["functions"]]}
+                             for f in p3["functions"]]}
 
 
-def test_format_2_is_read_as_format_3(tmp_path):
+def format3(manifest: dict, pre: dict) -> tuple[dict, dict]:
+    """The same update as package format 3 wrote it (module targets named, but no positions)."""
+    m = {k: v for k, v in manifest.items() if k != "held"}
+    m["format"] = 3
+    m["kernel_refs"] = [{k: v for k, v in e.items() if k != "sympos"} for e in manifest["kernel_refs"]]
+    return m, {"functions": [{**{k: v for k, v in f.items() if k != "sympos"},
+                              "relocs": [r[:6] for r in f["relocs"]]} for f in pre["functions"]]}
+
+
+def test_format_3_is_read_as_format_4(tmp_path):
+    m3, p3 = format3(packages.manifest(), packages.pre())
+    p = Package.read(packages.write_package(tmp_path / "old.tar.gz", m3, p3))
+    assert p.manifest.to_json() == packages.manifest()
+    assert p.pre.to_json() == packages.pre()
+    m3["held"] = []  # format 3 had no such field
+    assert_bad(packages.write_package(tmp_path / "bad.tar.gz", m3, p3),
+               "manifest field held: unknown field")
+
+
+def test_held_fields_are_cross_checked(tmp_path):
+    m = packages.manifest()
+    m["held"] = [{"target": "zram", "section": ".text.livesplice.x", "offset": 3, "type": 2,
+                  "placeholder": "__livesplice_sym_1", "addend": -4}]
+    assert_bad(packages.write_package(tmp_path / "a.tar.gz", m),
+               "manifest field held[0].placeholder: '__livesplice_sym_1' is not a kernel "
+               "reference into a module")
+    m["targets"].append({"name": "zram", "build_id": "12" * 20})
+    m["kernel_refs"][1]["target"] = "zram"
+    m["kernel_refs"][1]["sympos"] = 1
+    p = Package.read(packages.write_package(tmp_path / "b.tar.gz", m))
+    assert p.manifest.held[0].target == "zram"
+    m["kernel_refs"][0]["sympos"] = 2  # a global of vmlinux has no position
+    assert_bad(packages.write_package(tmp_path / "c.tar.gz", m), "kernel_refs[0].sympos")
+
+
+def test_format_2_is_read_as_format_4(tmp_path):
     m2, p2 = format2(packages.manifest(), packages.pre())
     p = Package.read(packages.write_package(tmp_path / "old.tar.gz", m2, p2))
     assert p.manifest.to_json() == packages.manifest()
@@ -717,9 +753,9 @@ def test_format_2_is_read_as_format_3(tmp_path):
 
 def test_unknown_format_names_both_versions(tmp_path):
     m = packages.manifest()
-    m["format"] = 4
-    message = assert_bad(packages.write_package(tmp_path / "new.tar.gz", m), "has format 4")
-    assert "reads formats 2, 3" in message and "update livesplice" in message
+    m["format"] = 5
+    message = assert_bad(packages.write_package(tmp_path / "new.tar.gz", m), "has format 5")
+    assert "reads formats 2, 3, 4" in message and "update livesplice" in message
     m["format"] = 1
     message = assert_bad(packages.write_package(tmp_path / "old.tar.gz", m), "has format 1")
     assert "update livesplice" not in message
@@ -738,7 +774,9 @@ PRE_CASES = [
     ((0, "relocs", 1, 3), "snow \u2603", "functions[0].relocs[1][3] (name)"),
     ((0, "relocs", 1, 3), "a\0b", "functions[0].relocs[1][3] (name)"),
     ((0, "relocs", 0, 4), 2 ** 63, "functions[0].relocs[0][4] (addend)"),
-    ((0, "relocs", 0), [5, 4, "sym"], "functions[0].relocs[0]: expected a list of 6"),
+    ((0, "relocs", 0), [5, 4, "sym"], "functions[0].relocs[0]: expected a list of 7"),
+    ((0, "relocs", 0, 6), -1, "functions[0].relocs[0][6] (sympos)"),
+    ((0, "sympos"), "1", "functions[0].sympos"),
     ((0, "masks", 0, 0), 16, "functions[0].masks[0][0] (offset)"),
     ((0, "masks", 0, 1), 300, "functions[0].masks[0][1] (length)"),
     ((0, "type"), "func", "functions[0].type"),

@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 from livesplice import debian
-from livesplice.build import file_patch
 from livesplice.kernel import Kallsyms, KernelMemory, KSym, running_build_id
+from livesplice.patches import file_patch
 
 REPO = Path(__file__).resolve().parents[2]
 
