@@ -184,7 +184,8 @@ def test_list_and_view_share_one_shape(vm, packages):
         assert listed == every
         [record] = listed
         assert set(record) == {"id", "module", "functions", "pause_ns", "work_ns", "overridden", "jumps",
-                               "format"}
+                               "targets", "format"}
+        assert record["targets"] == [{"name": "vmlinux", "state": "patched"}]
         assert {k: one[k] for k in record} == record
         assert set(one) - set(record) == {"patch", "target"}
         assert record["functions"] == ["__do_sys_prctl"] and record["pause_ns"] > 0
