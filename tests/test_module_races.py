@@ -200,10 +200,13 @@ GUEST = textwrap.dedent('''
                     if line.split()[2] == name and line.rstrip().endswith(f"[{module}]"))
 
     op = sys.argv[1]
-    if op == "apply":   # apply ID SPEC.json NEW_FUNCTION HELD_FIELD
+    if op == "apply":   # apply ID SPEC.json NEW_FUNCTION HELD_FIELD [corrupt]
         update_id, spec = sys.argv[2], json.load(open(sys.argv[3]))
+        code = bytearray.fromhex(spec["code"])
+        if len(sys.argv) > 6:
+            code[5] ^= 1   # the first byte after the fentry call: compared
         f = c.ModuleFunction(spec["name"], spec["sympos"], spec["size"], 5,
-                             symbol("%(update)s", sys.argv[4]), bytes.fromhex(spec["code"]),
+                             symbol("%(update)s", sys.argv[4]), bytes(code),
                              [tuple(m) for m in spec["masks"]],
                              [c.FieldCheck(**ch) for ch in spec["checks"]])
         held = [c.HeldField(symbol("%(update)s", sys.argv[5]), 1, spec["name"], spec["sympos"], 0)]
@@ -267,15 +270,19 @@ def guest(vm, stock_kernel, tmp_path_factory):
     for short, name in (("value", "lsrace_value_get"), ("other", "lsrace_other_get")):
         spec = request_spec(function_info(ko, name), elf_build_id(ko))
         (ex / f"{short}.json").write_text(json.dumps(spec))
-    load_core = ("from livesplice import kernel; kernel.insmod('livesplice_core', "
-                 f"kernel.link_unexported(open('{ex}/core.ko', 'rb').read(), kernel.Kallsyms(), "
-                 "None, 'core'))")
-    py(vm, "-c", load_core)
+    load_core(vm)
     vm.run(["insmod", str(ex / f"{UPDATE}.ko")], check=True)
     yield ex
     for update in reversed(state(vm)):
         undo(vm, update["id"])
     vm.run(["rmmod", UPDATE, "livesplice_core"], check=True)
+
+
+def load_core(vm) -> None:
+    """The core, linked in the guest as apply links it."""
+    py(vm, "-c", "from livesplice import kernel; kernel.insmod('livesplice_core', "
+       f"kernel.link_unexported(open('{vm.exchange}/core.ko', 'rb').read(), kernel.Kallsyms(), "
+       "None, 'core'))")
 
 
 def py(vm, *args: str) -> str:
@@ -284,12 +291,12 @@ def py(vm, *args: str) -> str:
     return r.out
 
 
-def apply(vm, update_id: str, which: str = "value") -> dict:
-    """Apply an update of lsrace's `which` function: the core's answer, and lsrace's loader state
-    just before and after it."""
+def apply(vm, update_id: str, which: str = "value", corrupt: bool = False) -> dict:
+    """Apply an update of lsrace's `which` function (with `corrupt`, one whose pre code differs
+    from lsrace's): the core's answer, and lsrace's loader state just before and after it."""
     return json.loads(py(vm, str(vm.exchange / "guest.py"), "apply", update_id,
                          str(vm.exchange / f"{which}.json"), f"lsracenew_{which}_get",
-                         f"lsracenew_{which}_ref"))
+                         f"lsracenew_{which}_ref", *(["corrupt"] if corrupt else [])))
 
 
 def undo(vm, update_id: str) -> str:
@@ -591,4 +598,42 @@ def test_forced_unload_of_a_patched_target(vm, guest):
     assert target_states(vm) == {"rff": "patched"} and show(vm) == NEW_VALUE
     assert undo(vm, "rff").startswith("ok undo rff")
     assert show(vm) == "old"
+    assert_clean(vm, since)
+
+
+@pytest.mark.parametrize("matches", [True, False], ids=["matching", "other-code"])
+def test_core_loaded_while_the_target_is_coming(vm, guest, matches):
+    """The core loaded (as the first apply loads it) while the target's init runs: the core's
+    COMING notifier never ran for it, so the apply leaves it waiting; when its init is done
+    (MODULE_STATE_LIVE) the core patches it, under stop_machine as at apply, rather than leave
+    a loaded module unpatched until its next load. Code that does not match cannot refuse a
+    load that is done: logged, the update waits, and the next load is refused."""
+    since = mark(vm)
+    vm.run(["rmmod", "livesplice_core"], check=True)
+    background(vm, f"insmod {guest}/{TARGET}.ko hold_init=1", "load")
+    wait_log(vm, "lsrace: init held", since)
+    load_core(vm)
+    r = apply(vm, "rm1", corrupt=not matches)
+    assert r["before"] == r["after"] == "Loading" and r["answer"].startswith("ok apply rm1"), r
+    assert target_states(vm) == {"rm1": "waiting"}
+    release(vm, TARGET, "hold_init")
+    assert finished(vm, "load") == 0
+    assert loader_state(vm) == "Live"
+    log = log_since(vm, since)
+    if matches:
+        assert "livesplice: update rm1: patched lsrace (1 functions)" in log
+        assert target_states(vm) == {"rm1": "patched"} and sites(vm)["rm1"]
+        assert show(vm) == NEW_VALUE
+    else:
+        assert ("livesplice: update rm1: lsrace is loaded but not patched: lsrace_value_get does "
+                "not match: its byte at offset 0x5 differs (the update is for build id ") in log
+        assert "patched lsrace" not in log
+        assert target_states(vm) == {"rm1": "waiting"} and sites(vm) == {"rm1": 0}
+        assert show(vm) == "old"
+        vm.run(["rmmod", TARGET], check=True)
+        assert insmod(vm, TARGET).status != 0
+        assert "livesplice: update rm1: refusing to load lsrace: " in log_since(vm, since)
+    assert undo(vm, "rm1").startswith("ok undo rm1")
+    if matches:
+        assert show(vm) == "old"
     assert_clean(vm, since)
