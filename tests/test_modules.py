@@ -16,14 +16,18 @@ pytestmark = pytest.mark.vm
 
 ZRAM_FILE = "drivers/block/zram/zram_drv.c"
 # max_comp_streams shows the CPU count + 1000; disksize its value + 7, read under a static mutex
-# of zram's own (a field of the new code the core links into the module, wherever it loads).
+# of zram's own (a field of the new code the core links into the module, wherever it loads), and
+# once the device is set up, + 1000 while zsmalloc (another module, zram's dependency) says its
+# pool has no pages: a call the core links to zsmalloc's zs_get_total_pages.
 ZRAM = {ZRAM_FILE: [
     ('return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus());',
      'return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus() + 1000);'),
     ('\tstruct zram *zram = dev_to_zram(dev);\n\n\treturn scnprintf(buf, PAGE_SIZE, "%llu\\n", '
      'zram->disksize);',
      '\tstruct zram *zram = dev_to_zram(dev);\n\tu64 size;\n\n\tmutex_lock(&zram_index_mutex);\n'
-     '\tsize = zram->disksize + 7;\n\tmutex_unlock(&zram_index_mutex);\n'
+     '\tsize = zram->disksize + 7;\n\tif (init_done(zram))\n'
+     '\t\tsize += 1000 * !zs_get_total_pages(zram->mem_pool);\n'
+     '\tmutex_unlock(&zram_index_mutex);\n'
      '\treturn scnprintf(buf, PAGE_SIZE, "%llu\\n", size);')]}
 # prctl(PR_SET_DUMPABLE, 1, 1) fails with EINVAL (vmlinux), together with the zram change.
 PRCTL = ("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) {",
@@ -120,6 +124,9 @@ def test_loaded_module_before_after_undo(vm, packages):
                                   "state": "patched"}]
     assert read(vm, STREAMS) == str(int(cpus) + 1000)
     assert read(vm, DISKSIZE) == "7"  # through zram's own mutex, linked by the core
+    vm.run(f"echo 1M > {DISKSIZE}", check=True)  # the device is set up: zsmalloc's pool made
+    assert read(vm, DISKSIZE) == str((1 << 20) + 7 + 1000)  # zsmalloc called, an empty pool
+    vm.run("echo 1 > /sys/block/zram0/reset", check=True)
     listed = json.loads(guest_cli(vm, "list", "--json").out)
     assert listed[0]["targets"] == [{"name": "zram", "state": "patched"}]
     assert {j["name"] for j in listed[0]["jumps"]} == {"disksize_show", "max_comp_streams_show"}
