@@ -116,6 +116,11 @@ def test_loaded_module_before_after_undo(vm, packages):
     assert modprobe_zram(vm).status == 0
     cpus = read(vm, STREAMS)
     assert read(vm, DISKSIZE) == "0"
+    r = guest_cli(vm, "apply", str(packages["zram"]), "--dry-run", "--json")
+    assert r.status == 0, r.err
+    dry = json.loads(r.out)
+    assert [t["state"] for t in dry["targets"]] == ["would patch"]
+    assert {j["name"] for j in dry["jumps"]} == {"disksize_show", "max_comp_streams_show"}
     r = guest_cli(vm, "apply", str(packages["zram"]), "--json")
     assert r.status == 0, r.err
     result = json.loads(r.out)
@@ -140,6 +145,9 @@ def test_loaded_module_before_after_undo(vm, packages):
 def test_module_loaded_after_apply_and_reloaded(vm, packages):
     since = mark(vm)
     vm.run("rmmod zram 2>/dev/null; true")
+    r = guest_cli(vm, "apply", str(packages["zram"]), "--dry-run", "--json")
+    assert r.status == 0, r.err
+    assert [t["state"] for t in json.loads(r.out)["targets"]] == ["would wait"]
     r = guest_cli(vm, "apply", str(packages["zram"]), "--json")
     assert r.status == 0, r.err
     assert json.loads(r.out)["targets"][0]["state"] == "waiting"
