@@ -6,9 +6,10 @@ kernel thread inside a module function being replaced. The kernel log is checked
 
 import base64
 import json
+import subprocess
 
 import pytest
-from conftest import create_packages, guest_cli
+from conftest import create_packages, edit_patch, guest_cli, livesplice_cli
 
 from livesplice.package import Package
 
@@ -45,11 +46,31 @@ DUMPABLE = ("import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
             "print(libc.prctl(4, 1, 1, 0, 0), ctypes.get_errno())")
 
 
+# Stacked on ZRAM: made from a tree that has it, max_comp_streams shows + 2000.
+ZRAM_B = {ZRAM_FILE: [("num_online_cpus() + 1000);", "num_online_cpus() + 2000);")]}
+
+
 @pytest.fixture(scope="module")
-def packages(stock_kernel, vm):
+def packages(stock_kernel, vm, tmp_path_factory):
     made = create_packages(stock_kernel, vm.exchange, {"zram": ZRAM, "both": BOTH,
                                                         "journal": JOURNAL})
     made["zram-other"] = other_build(made["zram"], vm.exchange / "zram-other.tar.gz")
+    # zram-b is made from a tree that already has zram's change: a copy (hard links, then
+    # zram_drv.c written anew).
+    tree = tmp_path_factory.mktemp("tree-zram") / "linux"
+    subprocess.run(["cp", "-al", str(stock_kernel.source_tree), str(tree)], check=True)
+    source = tree / ZRAM_FILE
+    text = source.read_text()
+    for old, new in ZRAM[ZRAM_FILE]:
+        text = text.replace(old, new)
+    source.unlink()
+    source.write_text(text)
+    (vm.exchange / "zram-b.patch").write_text(edit_patch(tree, ZRAM_B))
+    proc = livesplice_cli("create", "--source", str(tree), "--config", str(stock_kernel.config),
+                          "--patch", str(vm.exchange / "zram-b.patch"), "--id", "zram-b",
+                          "-o", str(vm.exchange / "zram-b.tar.gz"))
+    assert proc.returncode == 0, proc.stderr
+    made["zram-b"] = vm.exchange / "zram-b.tar.gz"
     return made
 
 
@@ -239,4 +260,28 @@ def test_thread_inside_a_module_function_is_busy(vm, packages):
     assert r.status == 3, r.err
     assert "code busy: kjournald2 in use by jbd2/loop" in r.err and "kernel thread" in r.err
     assert "livesplice" not in vm.run(["cat", "/proc/modules"]).out
+    assert_clean(vm, since)
+
+
+def test_stacked_module_updates(vm, packages):
+    """zram-b replaces what zram replaced: applied on top, patched in that order when the module
+    loads again, undone in reverse order only."""
+    since = mark(vm)
+    assert modprobe_zram(vm).status == 0
+    cpus = int(read(vm, STREAMS))
+    assert guest_cli(vm, "apply", str(packages["zram"])).status == 0
+    r = guest_cli(vm, "apply", str(packages["zram-b"]))
+    assert r.status == 0, r.err
+    assert read(vm, STREAMS) == str(cpus + 2000)
+    assert read(vm, DISKSIZE) == "7"  # zram's change, which zram-b keeps
+    vm.run(["rmmod", "zram"], check=True)
+    assert modprobe_zram(vm).status == 0
+    assert read(vm, STREAMS) == str(cpus + 2000)
+    assert targets(vm, "zram") == {"zram": "patched"} and targets(vm, "zram-b") == {"zram": "patched"}
+    r = guest_cli(vm, "undo", "zram")
+    assert r.status == 3 and "zram-b" in r.err, r.err
+    assert guest_cli(vm, "undo", "zram-b").status == 0
+    assert read(vm, STREAMS) == str(cpus + 1000)
+    assert guest_cli(vm, "undo", "zram").status == 0
+    assert read(vm, STREAMS) == str(cpus)
     assert_clean(vm, since)
