@@ -28,7 +28,7 @@ from .pkgformat import PreFunction
 
 _RELA = struct.Struct("<QQq")  # r_offset, r_info, r_addend
 # Sections the loader drops or never allocates (their symbols are not the module's in memory).
-_NOT_KEPT_PREFIXES = (".init", ".modinfo", "__versions", ".gnu.linkonce.this_module")
+_NOT_KEPT_PREFIXES = (".init", ".modinfo", "__versions")
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
 
 
