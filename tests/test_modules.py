@@ -6,10 +6,9 @@ kernel thread inside a module function being replaced. The kernel log is checked
 
 import base64
 import json
-import subprocess
 
 import pytest
-from conftest import create_packages, edit_patch, guest_cli, livesplice_cli
+from conftest import create_packages, create_stacked_package, guest_cli
 
 from livesplice.package import Package
 
@@ -55,22 +54,9 @@ def packages(stock_kernel, vm, tmp_path_factory):
     made = create_packages(stock_kernel, vm.exchange, {"zram": ZRAM, "both": BOTH,
                                                         "journal": JOURNAL})
     made["zram-other"] = other_build(made["zram"], vm.exchange / "zram-other.tar.gz")
-    # zram-b is made from a tree that already has zram's change: a copy (hard links, then
-    # zram_drv.c written anew).
-    tree = tmp_path_factory.mktemp("tree-zram") / "linux"
-    subprocess.run(["cp", "-al", str(stock_kernel.source_tree), str(tree)], check=True)
-    source = tree / ZRAM_FILE
-    text = source.read_text()
-    for old, new in ZRAM[ZRAM_FILE]:
-        text = text.replace(old, new)
-    source.unlink()
-    source.write_text(text)
-    (vm.exchange / "zram-b.patch").write_text(edit_patch(tree, ZRAM_B))
-    proc = livesplice_cli("create", "--source", str(tree), "--config", str(stock_kernel.config),
-                          "--patch", str(vm.exchange / "zram-b.patch"), "--id", "zram-b",
-                          "-o", str(vm.exchange / "zram-b.tar.gz"))
-    assert proc.returncode == 0, proc.stderr
-    made["zram-b"] = vm.exchange / "zram-b.tar.gz"
+    made["zram-b"] = create_stacked_package(
+        stock_kernel, vm.exchange, tmp_path_factory.mktemp("tree-zram") / "linux", ZRAM, ZRAM_B,
+        "zram-b")
     return made
 
 
