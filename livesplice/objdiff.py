@@ -107,6 +107,7 @@ def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
         if key[0] == "STT_OBJECT":
             pre_keys = {p.name: _content_key(pre, p) for p in pres}
             post_keys = {i.name: _content_key(post, i) for i in posts}
+        alike: dict[tuple, list[Item]] = defaultdict(list)  # posts with several equal pres
         for item in list(posts):
             if key[0] == "STT_OBJECT":
                 same = [p for p in pres if pre_keys[p.name] == post_keys[item.name]]
@@ -115,6 +116,18 @@ def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
             if len(same) == 1 or (same and same[0].name == item.name):
                 mapping[item.name] = same[0].name
                 pres.remove(same[0])
+                posts.remove(item)
+            elif same and key[0] == "STT_OBJECT":
+                alike[post_keys[item.name]].append(item)
+        # Objects of equal contents (lockdep's zero-size __key.N): in symbol-table order, not by
+        # name. A static local added above them renumbers them all (one counter per file), so
+        # __key.23 after the patch is __key.22 before it.
+        for content, group in alike.items():
+            equal = [p for p in pres if pre_keys[p.name] == content]
+            for item, p in zip(sorted(group, key=lambda i: i.symbol.index),
+                               sorted(equal, key=lambda i: i.symbol.index)):
+                mapping[item.name] = p.name
+                pres.remove(p)
                 posts.remove(item)
         for item in list(posts):  # then the same name, then symbol-table order
             exact = [p for p in pres if p.name == item.name]

@@ -21,7 +21,8 @@ ZRAM_FILE = "drivers/block/zram/zram_drv.c"
 # pool has no pages: a call the core links to zsmalloc's zs_get_total_pages.
 ZRAM = {ZRAM_FILE: [
     ('return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus());',
-     'return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus() + 1000);'),
+     'pr_debug("livesplice test: max_comp_streams read\\n");\n'
+     '\treturn scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus() + 1000);'),
     ('\tstruct zram *zram = dev_to_zram(dev);\n\n\treturn scnprintf(buf, PAGE_SIZE, "%llu\\n", '
      'zram->disksize);',
      '\tstruct zram *zram = dev_to_zram(dev);\n\tu64 size;\n\n\tmutex_lock(&zram_index_mutex);\n'
@@ -139,6 +140,12 @@ def test_loaded_module_before_after_undo(vm, packages):
     vm.run(f"echo 1M > {DISKSIZE}", check=True)  # the device is set up: zsmalloc's pool made
     assert read(vm, DISKSIZE) == str((1 << 20) + 7 + 1000)  # zsmalloc called, an empty pool
     vm.run("echo 1 > /sys/block/zram0/reset", check=True)
+    # The new code's pr_debug() has a dynamic debug descriptor of its own, in the update's module.
+    vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug; "
+           "echo 'module livesplice_zram +p' > /sys/kernel/debug/dynamic_debug/control",
+           check=True)
+    read(vm, STREAMS)
+    assert "livesplice test: max_comp_streams read" in new_log(vm, since)
     listed = json.loads(guest_cli(vm, "list", "--json").out)
     assert listed[0]["targets"] == [{"name": "zram", "state": "patched"}]
     assert {j["name"] for j in listed[0]["jumps"]} == {"disksize_show", "max_comp_streams_show"}
