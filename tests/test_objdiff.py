@@ -306,18 +306,3 @@ def test_pre_record_masks_name_their_kind(tmp_path):
     assert [0, 5, "fentry call"] in masks
     assert {m[2] for m in masks} == {"fentry call", "jump label", "static call", "lock prefix"}
     assert all(len(m) == 3 for m in masks)
-
-
-def test_renumbered_equal_objects_follow_their_order(tmp_path):
-    """lockdep's keys are zero-size static locals, __key.N, numbered in source order by one
-    counter per file: one added above renumbers the rest, which must not make their users look
-    changed (each one's address is what the code uses)."""
-    decls = "struct key { };\nvoid reg(struct key *k);\n"
-    common = """
-        void a(void) { static struct key __key; reg(&__key); }
-        void b(void) { static struct key __key; reg(&__key); }
-    """
-    pre = decls + "void z(void) { reg(0); }\n" + common
-    post = decls + "void z(void) { static struct key __key; reg(&__key); }\n" + common
-    d = compile_pair(tmp_path, pre, post)
-    assert names(d.changed) == ["z"] and not d.refusals
