@@ -398,10 +398,12 @@ def module_targets(manifest: Manifest, pre: list[PreFunction], module: str
             if h.target != target.name:
                 continue
             ref = refs[h.placeholder]
+            own = ref.target == target.name
+            # Another module's symbol by its qualified name (kallsyms' "MODULE:NAME"): a bare
+            # name could be found in vmlinux first, as a static of the same name.
             held.append(coreproto.HeldField(kernel.module_section(module, h.section) + h.offset,
-                                            h.type, ref.name,
-                                            ref.sympos if ref.target == target.name else 0,
-                                            h.addend))
+                                            h.type, ref.name if own else f"{ref.target}:{ref.name}",
+                                            ref.sympos if own else 0, h.addend))
         out.append(coreproto.ModuleTarget(target.name, target.build_id, functions, held))
     return out
 

@@ -100,10 +100,23 @@ class ObjectDependencies:
         if self._by_source is None:
             out: dict[str, str] = {}
             for o in sorted(self.objects.vmlinux_objects) + sorted(self.modules()):
+                if "/../" in o:
+                    continue  # (kvm's virt/kvm objects, named from arch/x86/kvm: `elsewhere`)
                 for ext in (".c", ".S"):
                     out.setdefault(o[:-2] + ext, o)
             self._by_source = out
         return self._by_source
+
+    def elsewhere(self) -> dict[str, str]:
+        """Source -> object, for the objects kbuild names from another directory
+        (arch/x86/kvm/../../../virt/kvm/kvm_main.o): built into a module, but not by a name
+        livesplice's object paths allow."""
+        out = {}
+        for o in self.modules():
+            if "/../" in o:
+                for ext in (".c", ".S"):
+                    out[os.path.normpath(o[:-2] + ext)] = o
+        return out
 
     def modules(self) -> dict[str, str]:
         """Object -> kbuild's path of the module it is linked into (fs/ext4/ext4)."""
@@ -132,20 +145,28 @@ class ObjectDependencies:
 
     def left_out(self, changed: list[str], wanted: list[str]) -> list[LeftOut]:
         """The changed files whose effect is not in the objects `wanted` (what `objects_for`
-        gave), each with why: another architecture's, not built by this config, or not kernel
-        code at all. None of them is code the running kernel has."""
+        gave), each with why: another architecture's, not built by this config, not kernel code
+        at all (none of these is code the running kernel has), or code of an object livesplice
+        cannot build by its kbuild name (`elsewhere`: `built`, so create refuses)."""
         by_source = self.by_source()
+        elsewhere = self.elsewhere()
         used = set().union(*(self.deps(o) for o in wanted)) if wanted else set()
         out = []
         for f in changed:
             if f in by_source or f in used:
                 continue
-            if f.startswith(_NOT_KERNEL) or not f.endswith(_BUILT_FROM):
+            if f in elsewhere:
+                out.append(LeftOut(f, f"built into module {module_name(self.modules()[elsewhere[f]])} "
+                                      f"as {elsewhere[f]}, a path livesplice does not build yet", True))
+            elif f.startswith(_NOT_KERNEL) or not f.endswith(_BUILT_FROM):
                 out.append(LeftOut(f, "not kernel code", False))
             elif f.startswith("arch/") and not f.startswith("arch/x86/"):
                 out.append(LeftOut(f, "another architecture's", False))
             elif f.endswith((".c", ".S")):
                 out.append(LeftOut(f, "not built by this config", False))
+            elif self.graph.includers([f], sorted(elsewhere)):
+                out.append(LeftOut(f, "included by code built from another directory's path "
+                                      "(kvm's virt/kvm), which livesplice does not build yet", True))
             else:
                 out.append(LeftOut(f, "included by nothing this config builds", False))
         return out

@@ -192,11 +192,34 @@ _LOAD_ERRORS = {errno.ENOEXEC: "Invalid module format",
                 errno.EEXIST: "a module of that name is already loaded"}
 
 
+def cmdline_options(name: str, cmdline: str | None = None) -> str:
+    """The options the kernel command line (/proc/cmdline) gives module `name`, as `NAME.PARAM`
+    or `NAME.PARAM=VALUE` (`-` and `_` alike in NAME), in init_module(2)'s form. The kernel
+    applies these to built-in code only; for a module it is modprobe that passes them, and
+    insmod, as init_module(2) itself, does not."""
+    if cmdline is None:
+        cmdline = Path("/proc/cmdline").read_text()
+    # The kernel's own split (lib/cmdline.c next_arg): at white space outside double quotes.
+    words = re.findall(r'(?:[^\s"]|"[^"]*"?)+', cmdline)
+    wanted = name.replace("-", "_")
+    out = []
+    for word in words:
+        word = word.replace('"', "")
+        module, dot, option = word.partition(".")
+        if not dot or not option or module.replace("-", "_") != wanted:
+            continue
+        param, eq, value = option.partition("=")
+        out.append(f'{param}="{value}"' if eq and any(c.isspace() for c in value) else option)
+    return " ".join(out)
+
+
 def insmod(name: str, image: bytes, params: str = "") -> None:
     """Load a module from its bytes with init_module(2), as insmod does; in-process, because
-    starting insmod cost about 0.3 s per module in an emulated guest."""
+    starting insmod cost about 0.3 s per module in an emulated guest. The kernel command line's
+    options for it come first, as modprobe passes them (`livesplice_core.refuse_mismatch=0`)."""
     import ctypes
 
+    params = " ".join(p for p in (cmdline_options(name), params) if p)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.init_module(image, ctypes.c_ulong(len(image)), params.encode()) != 0:
         code = ctypes.get_errno()

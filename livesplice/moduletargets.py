@@ -76,12 +76,16 @@ def place_in_modules(pre_code: list[PreFunction], code: NewCode, images: dict[st
                                 f"{record.target} was built from")
             continue
         record.sympos = located.sympos
+        if located.by_name:
+            code.notes.append(f"{record.object}: {record.name}'s code is not module "
+                              f"{record.target}'s stock code (stacked on another update, or "
+                              "another build): found by its name; apply checks the running code")
         for reloc in record.relocs:
             if reloc.kind == "sym":
                 reloc.sympos = located.bindings.get(reloc.name, 0)
         bindings[(record.object, record.name)] = located.sympos
         for name, pos in located.bindings.items():
-            if pos:
+            if pos and not located.by_name:
                 bindings.setdefault((record.object, name), pos)
     for ref in code.refs.values():
         if not ref.target or ref.target == VMLINUX:

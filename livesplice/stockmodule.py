@@ -28,7 +28,7 @@ from .pkgformat import PreFunction
 
 _RELA = struct.Struct("<QQq")  # r_offset, r_info, r_addend
 # Sections the loader drops or never allocates (their symbols are not the module's in memory).
-_NOT_KEPT_PREFIXES = (".init", ".modinfo", "__versions", ".gnu.linkonce.this_module", ".exit.data")
+_NOT_KEPT_PREFIXES = (".init", ".modinfo", "__versions")
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
 
 
@@ -51,6 +51,9 @@ class Located:
     sympos: int
     # (name) -> sympos of each module symbol its fields lead to; 0 for one outside the module
     bindings: dict[str, int] = field(default_factory=dict)
+    # found by its name alone: its code is not the stock module's (the source already has another
+    # update's change: a stacked update), so apply's check of the running code decides
+    by_name: bool = False
 
 
 class ModuleImage:
@@ -189,12 +192,26 @@ class ModuleImage:
                 matched.append(Located(c.sympos, found))
             else:
                 reasons.append(f"#{c.sympos}: {why}")
+        if not matched and len(candidates) == 1 and not record.referenced_only:
+            return Located(candidates[0].sympos, self._positions_by_name(record), by_name=True)
         if not matched:
             return (f"{record.name} ({record.object}) is not the code of module {self.name}'s "
                     f"{record.name}: " + "; ".join(reasons[:3]))
         if len(matched) > 1 and any(m.bindings != matched[0].bindings for m in matched[1:]):
             return f"{record.name}: {len(matched)} functions of that name in {self.name} match"
         return matched[0]
+
+
+    def _positions_by_name(self, record: PreFunction) -> dict[str, int]:
+        """Positions of the symbols the pre code's fields name, where the name tells: the
+        module's only symbol of that name, or 0 (outside the module, or several: the core then
+        checks the field against any symbol of the name)."""
+        out = {}
+        for r in record.relocs:
+            if r.kind == "sym":
+                named = self.named(r.name)
+                out[r.name] = named[0].sympos if len(named) == 1 else 0
+        return out
 
 
 def is_pc_relative(rtype: int) -> bool:

@@ -72,6 +72,25 @@ def guest_cli(vm, *args: str, timeout: float = 300):
     return vm.run([*GUEST_CLI, *args], timeout=timeout, cwd=str(REPO))
 
 
+def create_stacked_package(stock_kernel, out: Path, tree: Path, applied: dict, edits: dict,
+                           name: str) -> Path:
+    """A package made from a copy of the stock source at `tree` that already has the `applied`
+    edits (an update stacked on theirs): hard links, the edited files written anew."""
+    subprocess.run(["cp", "-al", str(stock_kernel.source_tree), str(tree)], check=True)
+    for rel, replacements in applied.items():
+        text = (tree / rel).read_text()
+        for old, new in replacements:
+            text = text.replace(old, new)
+        (tree / rel).unlink()
+        (tree / rel).write_text(text)
+    (out / f"{name}.patch").write_text(edit_patch(tree, edits))
+    proc = livesplice_cli("create", "--source", str(tree), "--config", str(stock_kernel.config),
+                          "--patch", str(out / f"{name}.patch"), "--id", name,
+                          "-o", str(out / f"{name}.tar.gz"))
+    assert proc.returncode == 0, proc.stderr
+    return out / f"{name}.tar.gz"
+
+
 def create_packages(stock_kernel, out: Path, edits_by_id: dict[str, dict]) -> dict[str, Path]:
     """One package per id, each made from the stock source with its edits, into `out`."""
     made = {}

@@ -2,11 +2,10 @@
 shape of list and view, completion of applied ids, the journal, and `vm run` whose guest dies."""
 
 import json
-import subprocess
 import textwrap
 
 import pytest
-from conftest import GUEST_CLI, REPO, create_packages, edit_patch, guest_cli, livesplice_cli
+from conftest import GUEST_CLI, REPO, create_packages, create_stacked_package, guest_cli, livesplice_cli
 
 from livesplice.errors import EXIT_GUEST_DIED
 from livesplice.testbed import Session
@@ -24,19 +23,10 @@ PRCTL_B = {"kernel/sys.c": [("|| arg3) {", "|| arg3 || arg4) {")]}
 @pytest.fixture(scope="module")
 def packages(stock_kernel, vm, tmp_path_factory):
     made = create_packages(stock_kernel, vm.exchange, {"prctl-a": PRCTL_A})
-    # B is made from a tree that already has A: a copy (hard links, then sys.c written anew).
-    tree_a = tmp_path_factory.mktemp("tree-a") / "linux"
-    subprocess.run(["cp", "-al", str(stock_kernel.source_tree), str(tree_a)], check=True)
-    sysc = tree_a / "kernel" / "sys.c"
-    text = sysc.read_text().replace(*PRCTL_A["kernel/sys.c"][0])
-    sysc.unlink()
-    sysc.write_text(text)
-    (vm.exchange / "prctl-b.patch").write_text(edit_patch(tree_a, PRCTL_B))
-    proc = livesplice_cli("create", "--source", str(tree_a), "--config", str(stock_kernel.config),
-                          "--patch", str(vm.exchange / "prctl-b.patch"), "--id", "prctl-b",
-                          "-o", str(vm.exchange / "prctl-b.tar.gz"))
-    assert proc.returncode == 0, proc.stderr
-    made["prctl-b"] = vm.exchange / "prctl-b.tar.gz"
+    # B is made from a tree that already has A.
+    made["prctl-b"] = create_stacked_package(
+        stock_kernel, vm.exchange, tmp_path_factory.mktemp("tree-a") / "linux", PRCTL_A, PRCTL_B,
+        "prctl-b")
     return made
 
 
@@ -184,7 +174,8 @@ def test_list_and_view_share_one_shape(vm, packages):
         assert listed == every
         [record] = listed
         assert set(record) == {"id", "module", "functions", "pause_ns", "work_ns", "overridden", "jumps",
-                               "format"}
+                               "targets", "format"}
+        assert record["targets"] == [{"name": "vmlinux", "state": "patched"}]
         assert {k: one[k] for k in record} == record
         assert set(one) - set(record) == {"patch", "target"}
         assert record["functions"] == ["__do_sys_prctl"] and record["pause_ns"] > 0

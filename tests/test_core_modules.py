@@ -379,3 +379,22 @@ def test_stacked_on_a_module_function(vm, guest):
     zram(vm, True)
     assert shown(vm) == original
     assert_clean(vm, since)
+
+
+def test_refuse_mismatch_from_the_kernel_command_line(stock_kernel, vm, guest):
+    """`livesplice_core.refuse_mismatch=0` on the kernel command line reaches the core, loaded as
+    apply loads it (kernel.insmod: init_module(2) with the options modprobe would pass)."""
+    from livesplice.testbed import Session
+
+    load_core = ("from livesplice import kernel; kernel.insmod('livesplice_core', "
+                 f"kernel.link_unexported(open('{guest}/core.ko', 'rb').read(), kernel.Kallsyms(), "
+                 "None, 'core'))")
+    with Session(kernel=stock_kernel.kernel.abi, rwdirs=[str(guest)],
+                 append="livesplice_core.refuse_mismatch=0") as other:
+        py(other, "-c", load_core)
+        assert other.run(["cat", "/sys/module/livesplice_core/parameters/refuse_mismatch"],
+                         check=True).out.strip() == "N"
+        other.run(["rmmod", "livesplice_core"], check=True)
+        assert not other.dmesg_problems()
+    assert vm.run(["cat", "/sys/module/livesplice_core/parameters/refuse_mismatch"],
+                  check=True).out.strip() == "Y"  # the default, in the guest booted without it

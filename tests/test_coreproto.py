@@ -152,3 +152,16 @@ def test_field_types_are_the_cores():
             widths.update(dict.fromkeys(pending, int(m.group(1))))
             pending = []
     assert widths == c.FIELD_WIDTHS
+
+
+def test_kernel_command_line_options_of_a_module():
+    """`livesplice_core.refuse_mismatch=0` on the kernel command line reaches the core as modprobe
+    would pass it (init_module(2) alone does not read the command line)."""
+    from livesplice.kernel import cmdline_options
+
+    cmdline = ('BOOT_IMAGE=/vmlinuz root=/dev/vda ro livesplice_core.refuse_mismatch=0 quiet '
+               'livesplice-core.other "livesplice_core.spaced=a b" zram.num_devices=2 '
+               'livesplice_core. livesplice_corex.y=1 livesplice_core.q="c d"\n')
+    assert cmdline_options("livesplice_core", cmdline) == 'refuse_mismatch=0 other spaced="a b" q="c d"'
+    assert cmdline_options("zram", cmdline) == "num_devices=2"
+    assert cmdline_options("loop", cmdline) == ""

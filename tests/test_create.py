@@ -288,3 +288,15 @@ def test_code_this_kernel_does_not_have_is_nothing_to_do_and_says_so(tmp_path, s
     proc, _ = create(tmp_path, patch)
     assert proc.returncode == 4, proc.stderr
     assert "arch/arm64/kernel/sys.c: another architecture's" in proc.stdout
+
+
+def test_module_code_from_another_directory_is_refused(tmp_path, source):
+    """kvm's virt/kvm objects are named by kbuild from arch/x86/kvm (../../../virt/kvm/...):
+    livesplice does not build those yet, and says so (exit 3), never "nothing to do"."""
+    patch = edit_patch(source, {"virt/kvm/kvm_main.c": [(
+        "#define KVM_COMPAT(c)\t.compat_ioctl\t= (c)", "#define KVM_COMPAT(c)  .compat_ioctl = (c)")]})
+    proc, out = create(tmp_path, patch)
+    assert proc.returncode == 3, proc.stderr
+    assert "virt/kvm/kvm_main.c: built into module kvm as arch/x86/kvm/../../../virt/kvm/" \
+           "kvm_main.o" in proc.stdout
+    assert not out.exists()

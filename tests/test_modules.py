@@ -8,7 +8,7 @@ import base64
 import json
 
 import pytest
-from conftest import create_packages, guest_cli
+from conftest import create_packages, create_stacked_package, guest_cli
 
 from livesplice.package import Package
 
@@ -16,14 +16,19 @@ pytestmark = pytest.mark.vm
 
 ZRAM_FILE = "drivers/block/zram/zram_drv.c"
 # max_comp_streams shows the CPU count + 1000; disksize its value + 7, read under a static mutex
-# of zram's own (a field of the new code the core links into the module, wherever it loads).
+# of zram's own (a field of the new code the core links into the module, wherever it loads), and
+# once the device is set up, + 1000 while zsmalloc (another module, zram's dependency) says its
+# pool has no pages: a call the core links to zsmalloc's zs_get_total_pages.
 ZRAM = {ZRAM_FILE: [
     ('return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus());',
      'return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus() + 1000);'),
     ('\tstruct zram *zram = dev_to_zram(dev);\n\n\treturn scnprintf(buf, PAGE_SIZE, "%llu\\n", '
      'zram->disksize);',
      '\tstruct zram *zram = dev_to_zram(dev);\n\tu64 size;\n\n\tmutex_lock(&zram_index_mutex);\n'
-     '\tsize = zram->disksize + 7;\n\tmutex_unlock(&zram_index_mutex);\n'
+     '\tsize = zram->disksize + 7;\n\tpr_debug("livesplice test: disksize read\\n");\n'
+     '\tif (init_done(zram))\n'
+     '\t\tsize += 1000 * !zs_get_total_pages(zram->mem_pool);\n'
+     '\tmutex_unlock(&zram_index_mutex);\n'
      '\treturn scnprintf(buf, PAGE_SIZE, "%llu\\n", size);')]}
 # prctl(PR_SET_DUMPABLE, 1, 1) fails with EINVAL (vmlinux), together with the zram change.
 PRCTL = ("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) {",
@@ -41,11 +46,18 @@ DUMPABLE = ("import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
             "print(libc.prctl(4, 1, 1, 0, 0), ctypes.get_errno())")
 
 
+# Stacked on ZRAM: made from a tree that has it, max_comp_streams shows + 2000.
+ZRAM_B = {ZRAM_FILE: [("num_online_cpus() + 1000);", "num_online_cpus() + 2000);")]}
+
+
 @pytest.fixture(scope="module")
-def packages(stock_kernel, vm):
+def packages(stock_kernel, vm, tmp_path_factory):
     made = create_packages(stock_kernel, vm.exchange, {"zram": ZRAM, "both": BOTH,
                                                         "journal": JOURNAL})
     made["zram-other"] = other_build(made["zram"], vm.exchange / "zram-other.tar.gz")
+    made["zram-b"] = create_stacked_package(
+        stock_kernel, vm.exchange, tmp_path_factory.mktemp("tree-zram") / "linux", ZRAM, ZRAM_B,
+        "zram-b")
     return made
 
 
@@ -112,6 +124,11 @@ def test_loaded_module_before_after_undo(vm, packages):
     assert modprobe_zram(vm).status == 0
     cpus = read(vm, STREAMS)
     assert read(vm, DISKSIZE) == "0"
+    r = guest_cli(vm, "apply", str(packages["zram"]), "--dry-run", "--json")
+    assert r.status == 0, r.err
+    dry = json.loads(r.out)
+    assert [t["state"] for t in dry["targets"]] == ["would patch"]
+    assert {j["name"] for j in dry["jumps"]} == {"disksize_show", "max_comp_streams_show"}
     r = guest_cli(vm, "apply", str(packages["zram"]), "--json")
     assert r.status == 0, r.err
     result = json.loads(r.out)
@@ -120,6 +137,15 @@ def test_loaded_module_before_after_undo(vm, packages):
                                   "state": "patched"}]
     assert read(vm, STREAMS) == str(int(cpus) + 1000)
     assert read(vm, DISKSIZE) == "7"  # through zram's own mutex, linked by the core
+    vm.run(f"echo 1M > {DISKSIZE}", check=True)  # the device is set up: zsmalloc's pool made
+    assert read(vm, DISKSIZE) == str((1 << 20) + 7 + 1000)  # zsmalloc called, an empty pool
+    vm.run("echo 1 > /sys/block/zram0/reset", check=True)
+    # The new code's pr_debug() has a dynamic debug descriptor of its own, in the update's module.
+    vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug; "
+           "echo 'module livesplice_zram +p' > /sys/kernel/debug/dynamic_debug/control",
+           check=True)
+    read(vm, DISKSIZE)
+    assert "livesplice test: disksize read" in new_log(vm, since)
     listed = json.loads(guest_cli(vm, "list", "--json").out)
     assert listed[0]["targets"] == [{"name": "zram", "state": "patched"}]
     assert {j["name"] for j in listed[0]["jumps"]} == {"disksize_show", "max_comp_streams_show"}
@@ -133,6 +159,9 @@ def test_loaded_module_before_after_undo(vm, packages):
 def test_module_loaded_after_apply_and_reloaded(vm, packages):
     since = mark(vm)
     vm.run("rmmod zram 2>/dev/null; true")
+    r = guest_cli(vm, "apply", str(packages["zram"]), "--dry-run", "--json")
+    assert r.status == 0, r.err
+    assert [t["state"] for t in json.loads(r.out)["targets"]] == ["would wait"]
     r = guest_cli(vm, "apply", str(packages["zram"]), "--json")
     assert r.status == 0, r.err
     assert json.loads(r.out)["targets"][0]["state"] == "waiting"
@@ -224,4 +253,28 @@ def test_thread_inside_a_module_function_is_busy(vm, packages):
     assert r.status == 3, r.err
     assert "code busy: kjournald2 in use by jbd2/loop" in r.err and "kernel thread" in r.err
     assert "livesplice" not in vm.run(["cat", "/proc/modules"]).out
+    assert_clean(vm, since)
+
+
+def test_stacked_module_updates(vm, packages):
+    """zram-b replaces what zram replaced: applied on top, patched in that order when the module
+    loads again, undone in reverse order only."""
+    since = mark(vm)
+    assert modprobe_zram(vm).status == 0
+    cpus = int(read(vm, STREAMS))
+    assert guest_cli(vm, "apply", str(packages["zram"])).status == 0
+    r = guest_cli(vm, "apply", str(packages["zram-b"]))
+    assert r.status == 0, r.err
+    assert read(vm, STREAMS) == str(cpus + 2000)
+    assert read(vm, DISKSIZE) == "7"  # zram's change, which zram-b keeps
+    vm.run(["rmmod", "zram"], check=True)
+    assert modprobe_zram(vm).status == 0
+    assert read(vm, STREAMS) == str(cpus + 2000)
+    assert targets(vm, "zram") == {"zram": "patched"} and targets(vm, "zram-b") == {"zram": "patched"}
+    r = guest_cli(vm, "undo", "zram")
+    assert r.status == 3 and "zram-b" in r.err, r.err
+    assert guest_cli(vm, "undo", "zram-b").status == 0
+    assert read(vm, STREAMS) == str(cpus + 1000)
+    assert guest_cli(vm, "undo", "zram").status == 0
+    assert read(vm, STREAMS) == str(cpus)
     assert_clean(vm, since)

@@ -307,9 +307,11 @@ def test_core_rejects_malformed_requests(vm, packages):
 
         # Protocol 3: a module target that never loads. The base request is valid (it waits);
         # each variant differs from it in one line.
+        # The module's core memory starts with its text (init text, .symtab and .strtab are
+        # elsewhere).
         base_dir = f"/sys/module/{m}/sections/"
         starts = [int(open(base_dir + s).read(), 16) for s in os.listdir(base_dir)
-                  if not s.startswith(".init")]
+                  if s.startswith(".text")]
         core_end = min(starts) + int(open(f"/sys/module/{m}/coresize").read())
         t, code = "t lsnotloaded -", "b 0 " + "00" * 16
         p = f"p some_func 1 16 0 {new:x}"
@@ -321,6 +323,10 @@ def test_core_rejects_malformed_requests(vm, packages):
         good = req(t, p, code, *rest, id_="ok3")
         print("BASE", c.raw_request(good).splitlines()[0])
         print("BASE", c.raw_request("undo ok3 1 0\\n").splitlines()[0])
+        # the last 8 bytes of the module's core: a whole field inside
+        good = req(t, p, code, *rest[:2], f"h {core_end - 8:x} 1 some_data 1 0", id_="ok4")
+        print("BASE", c.raw_request(good).splitlines()[0])
+        print("BASE", c.raw_request("undo ok4 1 0\\n").splitlines()[0])
         bad = [
             req("t lsnotloaded", p, code), req("t vmlinux -", p, code), req("t lsnotloaded xyz", p, code),
             req("t lsnotloaded 123", p, code), req(t, p, code, t, p, code), req(t, p, code, "t other -"),
@@ -336,7 +342,7 @@ def test_core_rejects_malformed_requests(vm, packages):
             req(t, p, code, "c 10 1 printk 0 0"), req(t, p, code, "c 0 2 printk 70000 0"),
             req(t, p, code, "c 0 2 printk 0 abc"), req(t, p, code, "c 0 2 printk 0 0 0"),
             req(t, p, code, f"h {site:x} 1 some_data 1 0"), req(t, p, code, f"h {new:x} 5 some_data 1 0"),
-            req(t, p, code, f"h {core_end - 4:x} 1 some_data 1 0"),
+            req(t, p, code, f"h {core_end - 4:x} 1 some_data 1 0"),  # its last 4 bytes outside
             req(t, p.replace("p ", "p  "), code), req(t, "b 0 00", p, code), req(t, p, code, "x 1 2"),
             req(f"h {new:x} 1 some_data 1 0", t, p, code),
             req(t, p, code, *rest[:2], f"h {new:x} 2 some_data 1 0 extra"),
@@ -348,7 +354,8 @@ def test_core_rejects_malformed_requests(vm, packages):
     assert r.status == 0, r.err
     lines = r.out.splitlines()
     base = [line for line in lines if line.startswith("BASE ")]
-    assert base[0].startswith("BASE ok apply ok3") and base[1].startswith("BASE ok undo ok3"), base
+    assert [b.split()[1:4] for b in base] == [["ok", "apply", "ok3"], ["ok", "undo", "ok3"],
+                                              ["ok", "apply", "ok4"], ["ok", "undo", "ok4"]], base
     p3 = [line for line in lines if line.startswith("P3 ")]
     assert len(p3) == 38 and all(line.startswith("P3 error apply ") for line in p3), "\n".join(p3)
     statuses = [line.split()[0] for line in lines if not line.startswith(("BASE ", "P3 "))]
