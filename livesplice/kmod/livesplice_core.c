@@ -1260,10 +1260,13 @@ static void ls_sync_core(void *unused)
 }
 
 /*
- * MODULE_STATE_COMING of a module that applied updates wait for, oldest first: check them all,
- * then write the held fields and the jumps of those that match, with text_poke. No stop_machine:
- * none of the module's code has run yet. A mismatch refuses the load (nothing written) unless
- * refuse_mismatch is off; then that update waits on.
+ * MODULE_STATE_COMING of a module that applied updates wait for, oldest first: resolve and check
+ * each, and write its held fields at once, so that an update stacked on it (whose pre code is
+ * this one's new code, fields included) is checked against the fields as they are for this
+ * load; then write the jumps of those that match, with text_poke. No stop_machine: none of the
+ * module's code has run yet. A mismatch refuses the load unless refuse_mismatch is off; then
+ * that update waits on. (Held fields written for a load that is then refused are harmless:
+ * nothing jumps to the new code of a target that is not patched.)
  */
 static int module_coming(struct module *mod)
 {
@@ -1279,6 +1282,9 @@ static int module_coming(struct module *mod)
 			continue;
 		ret = resolve_target(u, t, mod, why, sizeof(why));
 		if (!ret) {
+			mutex_lock(&text_mutex);
+			write_held(t);
+			mutex_unlock(&text_mutex);
 			t->pending = true;
 			t->mod = mod;
 			continue;
