@@ -1124,6 +1124,35 @@ static struct ls_func *stacked_on(struct ls_update *u, unsigned long site, struc
 }
 
 /*
+ * The 5 bytes f's jump replaces, as its pre code has them, the c fields among them at their
+ * values for mod. Masked bytes too: the core cannot tell the kernel's own rewrite of them from
+ * a probe's int3 or jump, which it must never save and overwrite (the probe, disarmed, would
+ * write its saved byte into the jump). 0, or -ENOENT if a field's symbol is not found.
+ */
+static int expected_site(struct ls_func *f, struct module *mod, u8 *want)
+{
+	int j, k;
+
+	memcpy(want, f->code + f->fentry, JMP_SIZE);
+	for (j = 0; j < f->nchecks; j++) {
+		struct ls_field *c = &f->checks[j];
+		unsigned int width = field_width(c->type);
+		unsigned long sym;
+		u64 value;
+
+		if (c->where >= f->fentry + JMP_SIZE || c->where + width <= f->fentry)
+			continue;
+		sym = resolve_symbol(mod, c->name, c->sympos);
+		if (!sym || field_value(c->type, sym, c->addend, f->live + c->where, &value))
+			return -ENOENT;
+		for (k = 0; k < width; k++)
+			if (c->where + k >= f->fentry && c->where + k < f->fentry + JMP_SIZE)
+				want[c->where + k - f->fentry] = ((u8 *)&value)[k];
+	}
+	return 0;
+}
+
+/*
  * Resolve target t of update u in its loaded module mod and check its code: each function's
  * bytes outside the masks and its relocated fields by value, where its code runs now (the new
  * code of an older update when one is at the site, as user space matches vmlinux); then the
@@ -1189,7 +1218,6 @@ static int resolve_target(struct ls_update *u, struct ls_target *t, struct modul
 			memcpy(f->expect, below->jump, JMP_SIZE);
 		} else {
 			f->live = f->addr;
-			memcpy(f->expect, (void *)site, JMP_SIZE);
 		}
 		code = (const u8 *)f->live;
 		for_each_set_bit(j, f->cmp, f->size) {
@@ -1213,6 +1241,24 @@ static int resolve_target(struct ls_update *u, struct ls_target *t, struct modul
 				ret = -EILSEQ;
 				goto fail;
 			}
+		}
+		/* What the jump replaces: the function's code, or the older update's jump, whatever
+		 * the masks say. Its bytes outside the masks were compared above; a masked byte
+		 * under the jump can only be taken for the pre code's. (An older update's jump at
+		 * this same load is not written yet: module_coming checks it before the write.) */
+		if (!below && expected_site(f, mod, f->expect)) {
+			snprintf(why, len, "%.128s does not match: a field at its jump site (+%#x) does not resolve",
+				 f->name, f->fentry);
+			ret = -EILSEQ;
+			goto fail;
+		}
+		if ((!below || below->tgt < 0 || owner->targets[below->tgt].patched) &&
+		    memcmp((void *)site, f->expect, JMP_SIZE)) {
+			snprintf(why, len, "%.128s: the bytes at its jump site (+%#x) are not its %s (%*phN, not %*phN): a probe, or code the kernel rewrote, which the jump must not cover",
+				 f->name, f->fentry, below ? "older update's jump" : "code", JMP_SIZE,
+				 (void *)site, JMP_SIZE, f->expect);
+			ret = -EILSEQ;
+			goto fail;
 		}
 		f->site = site;
 		make_jump(f->jump, site, f->target);
@@ -1259,6 +1305,20 @@ static void ls_sync_core(void *unused)
 	sync_core();
 }
 
+/* A refused load: every update forgets what it resolved, or wrote, in this instance of the
+ * module, which the kernel frees with no MODULE_STATE_GOING for this notifier. */
+static void forget_instance(struct module *mod)
+{
+	struct ls_update *u;
+	struct ls_target *t;
+
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (t && (t->pending || t->mod == mod))
+			forget_target(u, t);
+	}
+}
+
 /*
  * MODULE_STATE_COMING of a module that applied updates wait for, oldest first: resolve and check
  * each, and write its held fields at once, so that an update stacked on it (whose pre code is
@@ -1292,11 +1352,7 @@ static int module_coming(struct module *mod)
 		if (refuse_mismatch) {
 			pr_err("livesplice: update %s: refusing to load %s: %s (the update is for build id %s)\n",
 			       u->id, mod->name, why, t->build_id);
-			list_for_each_entry(u, &updates, list) {
-				t = find_target(u, mod->name);
-				if (t && t->pending)
-					forget_target(u, t);
-			}
+			forget_instance(mod);
 			return -EINVAL;
 		}
 		pr_warn("livesplice: update %s: %s loads unpatched: %s (the update is for build id %s)\n",
@@ -1307,11 +1363,33 @@ static int module_coming(struct module *mod)
 		t = find_target(u, mod->name);
 		if (!t || !t->pending)
 			continue;
-		write_held(t);
+		/* The sites again, under text_mutex, right before the write: a kprobe registered
+		 * since the check arms its int3 under it too. A stacked function expects the older
+		 * update's jump, written just before (or left out: then this one fails too). */
 		for (i = t->first; i < t->first + t->nfuncs; i++) {
 			struct ls_func *f = &u->funcs[i];
 
-			/* An older update's jump, written just before, when stacked. */
+			if (!memcmp((void *)f->site, f->expect, JMP_SIZE))
+				continue;
+			snprintf(why, sizeof(why), "%.128s: the bytes at its jump site (+%#x) changed since they were checked (%*phN, not %*phN): a probe?",
+				 f->name, f->fentry, JMP_SIZE, (void *)f->site, JMP_SIZE, f->expect);
+			break;
+		}
+		if (i < t->first + t->nfuncs) {
+			if (refuse_mismatch) {
+				mutex_unlock(&text_mutex);
+				pr_err("livesplice: update %s: refusing to load %s: %s\n", u->id, mod->name,
+				       why);
+				forget_instance(mod);
+				return -EINVAL;
+			}
+			pr_warn("livesplice: update %s: %s loads unpatched: %s\n", u->id, mod->name, why);
+			forget_target(u, t);
+			continue;
+		}
+		for (i = t->first; i < t->first + t->nfuncs; i++) {
+			struct ls_func *f = &u->funcs[i];
+
 			memcpy(f->saved, (void *)f->site, JMP_SIZE);
 			text_poke((void *)f->site, f->jump, JMP_SIZE);
 		}
