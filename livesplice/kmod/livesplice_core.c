@@ -877,11 +877,25 @@ static int field_value(unsigned int type, unsigned long sym, s64 addend, unsigne
 	return -EINVAL;
 }
 
+/* A symbol the module keeps: in its core memory, or in its per-CPU area (a static
+ * DEFINE_PER_CPU: its value is the per-CPU address, mod->percpu + its offset). */
+static bool kept_symbol(struct module *mod, unsigned long value)
+{
+#ifdef CONFIG_SMP
+	unsigned long percpu = (unsigned long)mod->percpu;
+
+	if (mod->percpu_size && value >= percpu && value - percpu < mod->percpu_size)
+		return true;
+#endif
+	return within_module_core(value, mod);
+}
+
 /*
  * The sympos-th symbol `name` of mod (1-based), in its symbol table's order, counting only
- * defined symbols whose address lies in its core memory: the order of /proc/kallsyms' lines for
- * the module and of its .ko's symbol table, the same while its init runs (the whole table) and
- * after (the core symbols only). 0 if there is none.
+ * defined symbols the module keeps (kept_symbol): those of its .ko's allocated sections other
+ * than .init*, .modinfo and __versions, as create counts them (stockmodule.py); the order of
+ * /proc/kallsyms' lines for the module and of its .ko's symbol table, the same while its init
+ * runs (the whole table) and after (the core symbols only). 0 if there is none.
  */
 static unsigned long module_symbol(struct module *mod, const char *name, unsigned int sympos)
 {
@@ -894,7 +908,7 @@ static unsigned long module_symbol(struct module *mod, const char *name, unsigne
 	for (i = 0; ks && i < ks->num_symtab; i++) {
 		const Elf_Sym *sym = &ks->symtab[i];
 
-		if (sym->st_shndx == SHN_UNDEF || !within_module_core(sym->st_value, mod) ||
+		if (sym->st_shndx == SHN_UNDEF || !kept_symbol(mod, sym->st_value) ||
 		    strcmp(ks->strtab + sym->st_name, name))
 			continue;
 		if (++seen == sympos) {
