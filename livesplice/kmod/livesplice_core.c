@@ -75,6 +75,9 @@
 #define MAX_BUSY 8
 #define MAX_RANGE_SIZE (1 << 20)
 #define MAX_WAIT_MS (10 * 60 * 1000)	/* tries x delay: the lock is held meanwhile */
+/* A request's memory: charged to the writer's memory cgroup; a failure is an answer, not a
+ * warning in the kernel log. */
+#define LS_GFP (GFP_KERNEL_ACCOUNT | __GFP_NOWARN)
 
 /* A relocated field: a c line (where: offset in its function) or an h line (where: address in
  * the new code). It holds NAME + ADDEND, minus its own address when PC-relative. */
@@ -1501,6 +1504,11 @@ struct ls_parse {
 	int f, r, p, t, c, h, m;
 	struct ls_target *target;
 	struct ls_func *func;
+	/* The p lines' SIZEs so far, and what the request can carry: its b lines give every byte
+	 * in two hex digits, so a valid request never asks for more than half its length. Each p
+	 * line allocates before its b lines are read (SIZE bytes and a bitmap of SIZE bits). */
+	size_t code_bytes, code_budget;
+	bool too_much_code, out_of_memory;
 };
 
 /* A field of a c or h line: TYPE NAME SYMPOS ADDEND after its place. */
@@ -1510,7 +1518,7 @@ static bool parse_field(struct ls_field *fl, char **tok)
 	    !valid_token(tok[1], KSYM_NAME_LEN) || !parse_uint(tok[2], MAX_SYMPOS, &fl->sympos) ||
 	    kstrtos64(tok[3], 10, &fl->addend))
 		return false;
-	fl->name = kstrdup(tok[1], GFP_KERNEL);
+	fl->name = kstrdup(tok[1], LS_GFP);
 	return fl->name != NULL;
 }
 
@@ -1553,10 +1561,17 @@ static bool parse_target_line(struct ls_update *u, struct ls_parse *ps, char *li
 		    kstrtoul(tok[5], 16, &f->target))
 			return false;
 		strscpy(f->name, tok[1], sizeof(f->name));
-		f->code = kvmalloc(f->size, GFP_KERNEL);
-		f->cmp = kvcalloc(BITS_TO_LONGS(f->size), sizeof(long), GFP_KERNEL);
-		if (!f->code || !f->cmp)
+		if (f->size > ps->code_budget - ps->code_bytes) {
+			ps->too_much_code = true;
 			return false;
+		}
+		ps->code_bytes += f->size;
+		f->code = kvmalloc(f->size, LS_GFP);
+		f->cmp = kvcalloc(BITS_TO_LONGS(f->size), sizeof(long), LS_GFP);
+		if (!f->code || !f->cmp) {
+			ps->out_of_memory = true;
+			return false;
+		}
 		f->masks = &u->masks[ps->m];
 		f->checks = &u->checks[ps->c];
 		ps->target->nfuncs++;
@@ -1652,12 +1667,12 @@ static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct l
 	u->nheld = n->h;
 	u->nmasks = n->m;
 	u->maxranges = n->r + 2 * n->p;	/* the module functions' old code, and where it runs */
-	u->funcs = kvcalloc(max(u->nfuncs, 1), sizeof(*u->funcs), GFP_KERNEL);
-	u->ranges = kvcalloc(max(u->maxranges, 1), sizeof(*u->ranges), GFP_KERNEL);
-	u->targets = kvcalloc(max(n->t, 1), sizeof(*u->targets), GFP_KERNEL);
-	u->checks = kvcalloc(max(n->c, 1), sizeof(*u->checks), GFP_KERNEL);
-	u->held = kvcalloc(max(n->h, 1), sizeof(*u->held), GFP_KERNEL);
-	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), GFP_KERNEL);
+	u->funcs = kvcalloc(max(u->nfuncs, 1), sizeof(*u->funcs), LS_GFP);
+	u->ranges = kvcalloc(max(u->maxranges, 1), sizeof(*u->ranges), LS_GFP);
+	u->targets = kvcalloc(max(n->t, 1), sizeof(*u->targets), LS_GFP);
+	u->checks = kvcalloc(max(n->c, 1), sizeof(*u->checks), LS_GFP);
+	u->held = kvcalloc(max(n->h, 1), sizeof(*u->held), LS_GFP);
+	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), LS_GFP);
 	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks) {
 		say(a, "error apply %s out of memory\n", u->id);
 		return -ENOMEM;
@@ -1688,6 +1703,7 @@ static int handle_apply(char *req, struct ls_answer *a)
 	struct module *mod;
 
 	count_lines(req, &counts);
+	ps.code_budget = strlen(req) / 2;
 	line = strsep(&req, "\n");
 	u = kzalloc(sizeof(*u), GFP_KERNEL);
 	if (!u) {
@@ -1726,6 +1742,16 @@ static int handle_apply(char *req, struct ls_answer *a)
 			u->ranges[ps.r].func = idx;
 			u->nranges = ++ps.r;
 		} else if (!strchr("tpbmch", line[0]) || !parse_target_line(u, &ps, line)) {
+			if (ps.too_much_code) {
+				say(a, "error apply %s the p lines ask for more bytes of code than the request carries (%zu bytes at most)\n",
+				    u->id, ps.code_budget);
+				goto out;
+			}
+			if (ps.out_of_memory) {
+				say(a, "error apply %s out of memory\n", u->id);
+				ret = -ENOMEM;
+				goto out;
+			}
 			goto bad_line;
 		}
 	}
