@@ -61,7 +61,7 @@
 #define LIVESPLICE_PROTOCOL 3
 #define JMP_SIZE 5
 #define INT3 0xcc
-#define MAX_FUNCS 4096			/* f and p lines of one request together */
+#define MAX_FUNCS 4096			/* f and p lines of one request together; q lines */
 #define MAX_RANGES 16384		/* r lines */
 #define MAX_TARGETS 64			/* t lines */
 #define MAX_FIELDS 131072		/* c and h lines together */
@@ -94,6 +94,13 @@ struct ls_mask {
 	unsigned int offset, length;
 };
 
+/* A split-off part of a module function (its .cold code: a q line), resolved with it. */
+struct ls_part {
+	char *name;
+	unsigned int sympos, size;
+	unsigned long addr;		/* resolved; 0 while the target waits */
+};
+
 struct ls_func {
 	char name[KSYM_NAME_LEN];
 	unsigned long site;		/* where the jump goes: old function + fentry size; 0 while
@@ -109,7 +116,8 @@ struct ls_func {
 	unsigned long *cmp;		/* bitmap: the bytes compared (given, not masked, not a c field) */
 	struct ls_mask *masks;
 	struct ls_field *checks;
-	int nmasks, nchecks;
+	struct ls_part *parts;
+	int nmasks, nchecks, nparts;
 	unsigned long addr, live;	/* resolved: the function; where its code runs now */
 };
 
@@ -134,12 +142,13 @@ struct ls_update {
 	char id[ID_LEN];
 	struct module *mod;		/* the new code, pinned while applied */
 	int nfuncs, nranges;		/* nfuncs: all; vmlinux's (f lines) first */
-	int nvmlinux, ntargets, nchecks, nheld, nmasks, maxranges;
+	int nvmlinux, ntargets, nchecks, nheld, nmasks, nparts, maxranges;
 	struct ls_func *funcs;
 	struct ls_range *ranges;	/* the old code, checked on apply */
 	struct ls_target *targets;
 	struct ls_field *checks, *held;
 	struct ls_mask *masks;
+	struct ls_part *parts;
 	u64 pause_ns, work_ns;
 	int attempts;
 };
@@ -723,12 +732,15 @@ static void free_update(struct ls_update *u)
 		kfree(u->checks[i].name);
 	for (i = 0; u->held && i < u->nheld; i++)
 		kfree(u->held[i].name);
+	for (i = 0; u->parts && i < u->nparts; i++)
+		kfree(u->parts[i].name);
 	kvfree(u->funcs);
 	kvfree(u->ranges);
 	kvfree(u->targets);
 	kvfree(u->checks);
 	kvfree(u->held);
 	kvfree(u->masks);
+	kvfree(u->parts);
 	kfree(u);
 }
 
@@ -1093,7 +1105,7 @@ static struct module *target_to_patch(const char *name)
 /* A target's functions wait again: no site, nothing saved. */
 static void forget_target(struct ls_update *u, struct ls_target *t)
 {
-	int i;
+	int i, j;
 
 	for (i = t->first; i < t->first + t->nfuncs; i++) {
 		struct ls_func *f = &u->funcs[i];
@@ -1102,6 +1114,8 @@ static void forget_target(struct ls_update *u, struct ls_target *t)
 		f->addr = 0;
 		f->live = 0;
 		memset(f->saved, 0, JMP_SIZE);
+		for (j = 0; j < f->nparts; j++)
+			f->parts[j].addr = 0;
 	}
 	t->patched = false;
 	t->pending = false;
@@ -1201,6 +1215,17 @@ static int resolve_target(struct ls_update *u, struct ls_target *t, struct modul
 				 f->sympos, f->size, t->name);
 			ret = -EILSEQ;
 			goto fail;
+		}
+		for (j = 0; j < f->nparts; j++) {
+			struct ls_part *part = &f->parts[j];
+
+			part->addr = module_symbol(mod, part->name, part->sympos);
+			if (!part->addr || !in_core_text(mod, part->addr, part->size)) {
+				snprintf(why, len, "%.128s's part %.128s (sympos %u) is not %u bytes of %s's code",
+					 f->name, part->name, part->sympos, part->size, t->name);
+				ret = -EILSEQ;
+				goto fail;
+			}
 		}
 		site = f->addr + f->fentry;
 		last = (void *)site + JMP_SIZE - 1;
@@ -1475,7 +1500,7 @@ static struct notifier_block ls_module_nb = {
 /* --- apply ------------------------------------------------------------------------------------- */
 
 struct ls_counts {
-	int f, r, t, p, b, m, c, h;
+	int f, r, t, p, q, b, m, c, h;
 };
 
 /* How many lines of each kind follow the first: the request is allocated for exactly those. */
@@ -1490,6 +1515,7 @@ static void count_lines(const char *req, struct ls_counts *n)
 		case 'r': n->r++; break;
 		case 't': n->t++; break;
 		case 'p': n->p++; break;
+		case 'q': n->q++; break;
 		case 'b': n->b++; break;
 		case 'm': n->m++; break;
 		case 'c': n->c++; break;
@@ -1501,7 +1527,7 @@ static void count_lines(const char *req, struct ls_counts *n)
 
 /* Where the parse of a request is: the next free entry of each kind, the current t and p line. */
 struct ls_parse {
-	int f, r, p, t, c, h, m;
+	int f, r, p, t, c, h, m, q;
 	struct ls_target *target;
 	struct ls_func *func;
 	/* The p lines' SIZEs so far, and what the request can carry: its b lines give every byte
@@ -1522,7 +1548,7 @@ static bool parse_field(struct ls_field *fl, char **tok)
 	return fl->name != NULL;
 }
 
-/* One t, p, b, m, c or h line (a module target), checked; false if it is bad. */
+/* One t, p, q, b, m, c or h line (a module target), checked; false if it is bad. */
 static bool parse_target_line(struct ls_update *u, struct ls_parse *ps, char *line)
 {
 	char *tok[6];
@@ -1574,10 +1600,28 @@ static bool parse_target_line(struct ls_update *u, struct ls_parse *ps, char *li
 		}
 		f->masks = &u->masks[ps->m];
 		f->checks = &u->checks[ps->c];
+		f->parts = &u->parts[ps->q];
 		ps->target->nfuncs++;
 		ps->func = f;
 		ps->p++;
 		return true;
+	case 'q': {
+		struct ls_part *part = &u->parts[ps->q];
+
+		/* A part of the last p line's function: the module's own symbol, like it. */
+		if (n != 4 || !f || !valid_token(tok[1], KSYM_NAME_LEN) ||
+		    !parse_uint(tok[2], MAX_SYMPOS, &part->sympos) || !part->sympos ||
+		    !parse_uint(tok[3], MAX_CODE_SIZE, &part->size) || !part->size)
+			return false;
+		part->name = kstrdup(tok[1], LS_GFP);
+		if (!part->name) {
+			ps->out_of_memory = true;
+			return false;
+		}
+		ps->q++;
+		f->nparts++;
+		return true;
+	}
 	case 'b':
 		/* All SIZE bytes are given, each once, in any order; cmp marks the given ones. */
 		if (n != 3 || !f)
@@ -1655,10 +1699,10 @@ static int finish_targets(struct ls_update *u, struct ls_answer *a)
 /* Allocate an update for exactly the lines counted, within the protocol's bounds. */
 static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct ls_answer *a)
 {
-	if (n->f + n->p > MAX_FUNCS || n->r > MAX_RANGES || n->t > MAX_TARGETS ||
-	    n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS) {
-		say(a, "error apply %s too many lines: at most %d f and p, %d r, %d t, %d c and h, %d m\n",
-		    u->id, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS);
+	if (n->f + n->p > MAX_FUNCS || n->q > MAX_FUNCS || n->r > MAX_RANGES ||
+	    n->t > MAX_TARGETS || n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS) {
+		say(a, "error apply %s too many lines: at most %d f and p, %d q, %d r, %d t, %d c and h, %d m\n",
+		    u->id, MAX_FUNCS, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS);
 		return -EINVAL;
 	}
 	u->nvmlinux = n->f;
@@ -1666,14 +1710,18 @@ static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct l
 	u->nchecks = n->c;
 	u->nheld = n->h;
 	u->nmasks = n->m;
-	u->maxranges = n->r + 2 * n->p;	/* the module functions' old code, and where it runs */
+	u->nparts = n->q;
+	/* the module functions' old code, where it runs, and their parts */
+	u->maxranges = n->r + 2 * n->p + n->q;
 	u->funcs = kvcalloc(max(u->nfuncs, 1), sizeof(*u->funcs), LS_GFP);
 	u->ranges = kvcalloc(max(u->maxranges, 1), sizeof(*u->ranges), LS_GFP);
 	u->targets = kvcalloc(max(n->t, 1), sizeof(*u->targets), LS_GFP);
 	u->checks = kvcalloc(max(n->c, 1), sizeof(*u->checks), LS_GFP);
 	u->held = kvcalloc(max(n->h, 1), sizeof(*u->held), LS_GFP);
 	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), LS_GFP);
-	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks) {
+	u->parts = kvcalloc(max(n->q, 1), sizeof(*u->parts), LS_GFP);
+	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks ||
+	    !u->parts) {
 		say(a, "error apply %s out of memory\n", u->id);
 		return -ENOMEM;
 	}
@@ -1689,7 +1737,7 @@ static const char *resolve_status(int ret)
  * apply ID MODULE TRIES DELAY_MS
  * f NAME SITE TARGET EXPECT_HEX      one per vmlinux function
  * r START END FUNC_INDEX             old code to find no thread in
- * t, p, b, m, c, h                   module targets (docs/core-protocol.md, protocol 3)
+ * t, p, q, b, m, c, h                module targets (docs/core-protocol.md, protocol 3)
  */
 static int handle_apply(char *req, struct ls_answer *a)
 {
@@ -1698,7 +1746,7 @@ static int handle_apply(char *req, struct ls_answer *a)
 	struct ls_parse ps = {};
 	char *line;
 	char modname[MODULE_NAME_LEN], hex[2 * JMP_SIZE + 2], why[320];
-	int tries, delay, ret = -EINVAL, i;
+	int tries, delay, ret = -EINVAL, i, k;
 	size_t linelen = 0, j;
 	struct module *mod;
 
@@ -1741,7 +1789,7 @@ static int handle_apply(char *req, struct ls_answer *a)
 			u->ranges[ps.r].end = y;
 			u->ranges[ps.r].func = idx;
 			u->nranges = ++ps.r;
-		} else if (!strchr("tpbmch", line[0]) || !parse_target_line(u, &ps, line)) {
+		} else if (!strchr("tpqbmch", line[0]) || !parse_target_line(u, &ps, line)) {
 			if (ps.too_much_code) {
 				say(a, "error apply %s the p lines ask for more bytes of code than the request carries (%zu bytes at most)\n",
 				    u->id, ps.code_budget);
@@ -1811,6 +1859,9 @@ static int handle_apply(char *req, struct ls_answer *a)
 			if (f->live != f->addr)
 				u->ranges[u->nranges++] =
 					(struct ls_range){ f->live, f->live + f->size, i };
+			for (k = 0; k < f->nparts; k++)
+				u->ranges[u->nranges++] = (struct ls_range){
+					f->parts[k].addr, f->parts[k].addr + f->parts[k].size, i };
 		}
 		ret = switch_update(u, false, tries, delay, a);
 	}
