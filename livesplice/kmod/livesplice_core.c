@@ -94,6 +94,12 @@ struct ls_mask {
 	unsigned int offset, length;
 };
 
+/* A module name the notifier must not let pass without ls_mutex: on the `named` list. */
+struct ls_name {
+	struct list_head list;
+	const char *name;
+};
+
 /* A split-off part of a module function (its .cold code: a q line), resolved with it. */
 struct ls_part {
 	char *name;
@@ -130,6 +136,7 @@ struct ls_target {
 	int first, nfuncs;		/* its functions: funcs[first .. first + nfuncs) */
 	struct ls_field *held;
 	int nheld;
+	struct ls_name named;		/* name = this target's name */
 };
 
 struct ls_range {
@@ -140,6 +147,9 @@ struct ls_range {
 struct ls_update {
 	struct list_head list;
 	char id[ID_LEN];
+	char modname[MODULE_NAME_LEN];	/* the new code's module */
+	struct ls_name named;		/* name = modname */
+	bool published;			/* its names are on the `named` list */
 	struct module *mod;		/* the new code, pinned while applied */
 	int nfuncs, nranges;		/* nfuncs: all; vmlinux's (f lines) first */
 	int nvmlinux, ntargets, nchecks, nheld, nmasks, nparts, maxranges;
@@ -718,12 +728,15 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
  * unexported functions. */
 extern struct mutex module_mutex;
 
+static void withdraw_names(struct ls_update *u);
+
 static void free_update(struct ls_update *u)
 {
 	int i;
 
 	if (!u)
 		return;
+	withdraw_names(u);
 	for (i = 0; u->funcs && i < u->nfuncs; i++) {
 		kvfree(u->funcs[i].code);
 		kvfree(u->funcs[i].cmp);
@@ -1041,40 +1054,148 @@ module_param(refuse_mismatch, bool, 0644);
 MODULE_PARM_DESC(refuse_mismatch,
 		 "refuse to load a module an update waits for whose code does not match (default); 0: let it load unpatched");
 
+/*
+ * The notifier's fast path. Every module's load and unload runs the core's notifier, but only a
+ * module that an update targets, or that is an update's own module, needs ls_mutex, which an
+ * apply or undo holds for seconds (tries x delay, rcu_barrier): other modprobes must not wait
+ * for it. Under names_lock (nested inside module_mutex in target_to_patch):
+ *
+ * - `coming`: the modules whose MODULE_STATE_COMING the notifier has seen (recorded first,
+ *   whatever the module), until they are live or gone. An apply patches such a module at once,
+ *   as a live one: its init may be running, and once the notifier was called for it, a later
+ *   failure of the load reaches the notifier as MODULE_STATE_GOING (the chain is robust). A
+ *   module still coming otherwise is left to the notifier: patched at once, it could yet fail its
+ *   load in a notifier before the core's and be freed with no MODULE_STATE_GOING to tell it.
+ * - `named`: the targets' and the update module's names of every update in `updates`, and of
+ *   the one being applied, published by handle_apply *before* it looks at the state of any of
+ *   these modules, withdrawn when the update is freed (a failed apply, an undo).
+ *
+ * Why the notifier may skip ls_mutex for a module that is not named:
+ * - COMING: the notifier records the module and reads `named` in one names_lock section; apply
+ *   publishes in one, then reads the module's state (module_mutex) and `coming` (names_lock).
+ *   If the notifier's section came first, the module is recorded, so apply patches it itself,
+ *   and any later MODULE_STATE_GOING finds the name published and takes ls_mutex. If apply's
+ *   came first, the notifier takes ls_mutex and so waits for the apply, which either patched
+ *   the module (found recorded: the notifier then skips the patched target; should it refuse
+ *   the load for another update, it forgets every target in this instance) or left it waiting
+ *   (the notifier patches it).
+ * - GOING: the loader writes MODULE_STATE_GOING (under module_mutex on rmmod, without it when
+ *   a load fails), then calls the chain; the notifier reads `named` after a full barrier, and
+ *   apply reads the state after publishing and a full barrier. So either apply sees the module
+ *   going (it waits, nothing is written into it) or the notifier sees the name and takes
+ *   ls_mutex, after the apply, and forgets what the apply wrote: the module's memory is freed
+ *   only after its MODULE_STATE_GOING notifiers return.
+ * - LIVE: only `coming` changes.
+ */
+static DEFINE_SPINLOCK(names_lock);
+static LIST_HEAD(named);
+
 struct ls_coming {
 	struct list_head list;
 	struct module *mod;
 };
 
-/*
- * Modules whose MODULE_STATE_COMING this core's notifier has handled, until they are live or
- * gone (under ls_mutex). An apply patches such a module at once, as a live one: its init may be
- * running. A module still coming otherwise is left to the notifier, which waits on ls_mutex for
- * the apply: patched at once, such a module could yet fail its load in a notifier before this
- * one and be freed with no MODULE_STATE_GOING to tell the core.
- */
 static LIST_HEAD(coming);
+
+static bool is_named(const char *name)
+{
+	struct ls_name *n;
+	bool found = false;
+
+	spin_lock(&names_lock);
+	list_for_each_entry(n, &named, list) {
+		if (!strcmp(n->name, name)) {
+			found = true;
+			break;
+		}
+	}
+	spin_unlock(&names_lock);
+	return found;
+}
+
+/* Before handle_apply looks at the state of any of the update's modules. */
+static void publish_names(struct ls_update *u)
+{
+	int i;
+
+	spin_lock(&names_lock);
+	u->named.name = u->modname;
+	list_add(&u->named.list, &named);
+	for (i = 0; i < u->ntargets; i++) {
+		u->targets[i].named.name = u->targets[i].name;
+		list_add(&u->targets[i].named.list, &named);
+	}
+	u->published = true;
+	spin_unlock(&names_lock);
+	/* Before the modules' states are read: pairs with the notifier's at MODULE_STATE_GOING. */
+	smp_mb();
+}
+
+static void withdraw_names(struct ls_update *u)
+{
+	int i;
+
+	if (!u->published)
+		return;
+	spin_lock(&names_lock);
+	list_del(&u->named.list);
+	for (i = 0; i < u->ntargets; i++)
+		list_del(&u->targets[i].named.list);
+	u->published = false;
+	spin_unlock(&names_lock);
+}
 
 static bool seen_coming(struct module *mod)
 {
 	struct ls_coming *c;
+	bool seen = false;
 
-	list_for_each_entry(c, &coming, list)
-		if (c->mod == mod)
-			return true;
-	return false;
+	spin_lock(&names_lock);
+	list_for_each_entry(c, &coming, list) {
+		if (c->mod == mod) {
+			seen = true;
+			break;
+		}
+	}
+	spin_unlock(&names_lock);
+	return seen;
+}
+
+/* Record mod as coming (c, if the allocation succeeded), and whether it is named. */
+static bool note_coming(struct module *mod, struct ls_coming *c)
+{
+	struct ls_name *n;
+	bool found = false;
+
+	spin_lock(&names_lock);
+	if (c) {	/* without it, an apply during its init leaves it to its next load */
+		c->mod = mod;
+		list_add(&c->list, &coming);
+	}
+	list_for_each_entry(n, &named, list) {
+		if (!strcmp(n->name, mod->name)) {
+			found = true;
+			break;
+		}
+	}
+	spin_unlock(&names_lock);
+	return found;
 }
 
 static void forget_coming(struct module *mod)
 {
-	struct ls_coming *c, *tmp;
+	struct ls_coming *c, *tmp, *found = NULL;
 
+	spin_lock(&names_lock);
 	list_for_each_entry_safe(c, tmp, &coming, list) {
 		if (c->mod == mod) {
 			list_del(&c->list);
-			kfree(c);
+			found = c;
+			break;
 		}
 	}
+	spin_unlock(&names_lock);
+	kfree(found);
 }
 
 static struct ls_target *find_target(struct ls_update *u, const char *name)
@@ -1088,8 +1209,9 @@ static struct ls_target *find_target(struct ls_update *u, const char *name)
 }
 
 /* The loaded instance of module `name` to patch now, or NULL: it waits (not loaded, unformed,
- * going, or coming with the notifier still to run). Under ls_mutex, which keeps the module's
- * memory: it is freed only after the MODULE_STATE_GOING notifier, which takes ls_mutex. */
+ * going, or coming with the notifier still to run). Under ls_mutex, with the name published,
+ * which keeps the module's memory: it is freed only after the MODULE_STATE_GOING notifier,
+ * which takes ls_mutex for a named module (see names_lock). */
 static struct module *target_to_patch(const char *name)
 {
 	struct module *m;
@@ -1466,28 +1588,32 @@ static void module_going(struct module *mod)
 static int ls_module_notify(struct notifier_block *nb, unsigned long action, void *data)
 {
 	struct module *mod = data;
-	struct ls_coming *c;
 	int ret = 0;
 
-	mutex_lock(&ls_mutex);
 	switch (action) {
 	case MODULE_STATE_COMING:
+		if (!note_coming(mod, kmalloc(sizeof(struct ls_coming), GFP_KERNEL)))
+			break;
+		mutex_lock(&ls_mutex);
 		ret = module_coming(mod);
-		c = ret ? NULL : kmalloc(sizeof(*c), GFP_KERNEL);
-		if (c) {	/* without it, an apply during its init leaves it to its next load */
-			c->mod = mod;
-			list_add(&c->list, &coming);
-		}
+		mutex_unlock(&ls_mutex);
+		if (ret)	/* refused: freed with no MODULE_STATE_GOING for this notifier */
+			forget_coming(mod);
 		break;
 	case MODULE_STATE_LIVE:
 		forget_coming(mod);
 		break;
 	case MODULE_STATE_GOING:
-		module_going(mod);
 		forget_coming(mod);
+		/* The state written before `named` is read: pairs with publish_names(). */
+		smp_mb();
+		if (!is_named(mod->name))
+			break;
+		mutex_lock(&ls_mutex);
+		module_going(mod);
+		mutex_unlock(&ls_mutex);
 		break;
 	}
-	mutex_unlock(&ls_mutex);
 	return notifier_from_errno(ret);
 }
 
@@ -1815,6 +1941,9 @@ static int handle_apply(char *req, struct ls_answer *a)
 		say(a, "error apply %s an update with this id is applied\n", u->id);
 		goto out;
 	}
+	/* From here on the notifier takes ls_mutex for the update's modules (see names_lock). */
+	strscpy(u->modname, modname, sizeof(u->modname));
+	publish_names(u);
 	/* The new code's module, pinned while the update is applied. */
 	mutex_lock(&module_mutex);
 	mod = find_module(modname);
@@ -2142,7 +2271,7 @@ static void __exit livesplice_core_exit(void)
 
 	misc_deregister(&ls_dev);
 	unregister_module_notifier(&ls_module_nb);	/* waits for a call in progress */
-	list_for_each_entry_safe(c, tmp, &coming, list) {
+	list_for_each_entry_safe(c, tmp, &coming, list) {	/* the notifier is gone */
 		list_del(&c->list);
 		kfree(c);
 	}
