@@ -275,3 +275,25 @@ def test_stacked_module_updates(vm, packages):
     assert guest_cli(vm, "undo", "zram").status == 0
     assert read(vm, STREAMS) == str(cpus)
     assert_clean(vm, since)
+
+
+def test_update_module_removed_by_force(vm, packages):
+    """`rmmod -f` of an applied update's own module (MODULE_FORCE_UNLOAD ignores the core's
+    reference): the core switches the update back while the module's code is still there and
+    forgets it; zram runs its old code and `list` no longer shows the update."""
+    since = mark(vm)
+    assert modprobe_zram(vm).status == 0
+    cpus = read(vm, STREAMS)
+    r = guest_cli(vm, "apply", str(packages["zram"]), "--json")
+    assert r.status == 0, r.err
+    module = json.loads(r.out)["module"]
+    assert read(vm, STREAMS) == str(int(cpus) + 1000)
+    r = vm.run(["rmmod", "-f", module])
+    assert r.status == 0, r.err
+    assert read(vm, STREAMS) == cpus and read(vm, DISKSIZE) == "0"
+    assert json.loads(guest_cli(vm, "list", "--json").out) == []
+    assert (f"livesplice: update zram: its module {module} is being removed by force: switched back"
+            in new_log(vm, since))
+    assert guest_cli(vm, "cleanup").status == 0
+    assert "livesplice" not in vm.run(["cat", "/proc/modules"]).out
+    assert_clean(vm, since)

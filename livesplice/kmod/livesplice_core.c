@@ -75,6 +75,8 @@
 #define MAX_BUSY 8
 #define MAX_RANGE_SIZE (1 << 20)
 #define MAX_WAIT_MS (10 * 60 * 1000)	/* tries x delay: the lock is held meanwhile */
+#define FORCED_TRIES 50			/* switching back an update whose module goes by force */
+#define FORCED_DELAY_MS 20
 /* A request's memory: charged to the writer's memory cgroup; a failure is an answer, not a
  * warning in the kernel log. */
 #define LS_GFP (GFP_KERNEL_ACCOUNT | __GFP_NOWARN)
@@ -1585,6 +1587,8 @@ static void module_going(struct module *mod)
 	}
 }
 
+static void update_module_going(struct module *mod);
+
 static int ls_module_notify(struct notifier_block *nb, unsigned long action, void *data)
 {
 	struct module *mod = data;
@@ -1610,6 +1614,7 @@ static int ls_module_notify(struct notifier_block *nb, unsigned long action, voi
 		if (!is_named(mod->name))
 			break;
 		mutex_lock(&ls_mutex);
+		update_module_going(mod);
 		module_going(mod);
 		mutex_unlock(&ls_mutex);
 		break;
@@ -2036,10 +2041,82 @@ static bool stacks_on(struct ls_update *u, struct ls_func *f, struct ls_update *
 	       !strcmp(u->targets[f->tgt].name, v->targets[g->tgt].name);
 }
 
+/* A later update that patched one of u's sites, or waits to: it stacks on u (*func: u's). */
+static struct ls_update *stacked_later(struct ls_update *u, int *func)
+{
+	struct ls_update *later = u;
+	int i, j;
+
+	list_for_each_entry_continue(later, &updates, list)
+		for (i = 0; i < u->nfuncs; i++)
+			for (j = 0; j < later->nfuncs; j++)
+				if (stacks_on(u, &u->funcs[i], later, &later->funcs[j])) {
+					*func = i;
+					return later;
+				}
+	return NULL;
+}
+
+/* No jump leads into u's code any more and no thread is in it: wait for what it queued
+ * with call_rcu(), and for any task still between its instructions that no stack showed (an
+ * exiting thread past release_task(): a tasks-RCU grace period), before its code can go. */
+static void forget_update(struct ls_update *u)
+{
+	list_del(&u->list);
+	rcu_barrier();
+	synchronize_rcu_tasks();
+	module_put(u->mod);
+	free_update(u);
+	module_put(THIS_MODULE);
+}
+
+/*
+ * MODULE_STATE_GOING of an applied update's own module: `rmmod -f` (MODULE_FORCE_UNLOAD ignores
+ * the reference the core holds). Its exit has run, but its code is still in memory until this
+ * notifier returns: switch the update back, as undo does, and forget it. If that fails (a thread
+ * inside its code after every try, or a later update stacked on it) the jumps lead into code
+ * about to be freed: say so as loudly as the kernel can, and taint it.
+ */
+static void update_module_going(struct module *mod)
+{
+	struct ls_update *u, *tmp, *later;
+	struct ls_answer a = { .cap = 512 };
+	int ret, func;
+
+	list_for_each_entry_safe(u, tmp, &updates, list) {
+		if (u->mod != mod)
+			continue;
+		a.buf = kzalloc(a.cap, GFP_KERNEL);
+		a.len = 0;
+		later = stacked_later(u, &func);
+		if (later) {
+			ret = -EBUSY;
+			say(&a, "update %s stacks on it (%s)", later->id, u->funcs[func].name);
+		} else {
+			ret = switch_update(u, true, FORCED_TRIES, FORCED_DELAY_MS, &a);
+		}
+		if (a.buf && a.len && a.buf[a.len - 1] == '\n')
+			a.buf[--a.len] = '\0';
+		if (ret) {
+			pr_emerg("livesplice: update %s: its module %s is being removed by force, and the update cannot be switched back: %s; its jumps lead into freed code\n",
+				 u->id, mod->name, a.buf ? a.buf : "");
+			add_taint(TAINT_DIE, LOCKDEP_STILL_OK);
+			list_del(&u->list);
+			free_update(u);		/* its state refers to the module that goes */
+			module_put(THIS_MODULE);
+		} else {
+			pr_warn("livesplice: update %s: its module %s is being removed by force: switched back\n",
+				u->id, mod->name);
+			forget_update(u);
+		}
+		kfree(a.buf);
+	}
+}
+
 static int handle_undo(char *req, struct ls_answer *a)
 {
 	char id[ID_LEN];
-	int tries, delay, i, j, ret;
+	int tries, delay, i, ret;
 	struct ls_update *u, *later;
 
 	if (sscanf(req, "undo %47s %d %d", id, &tries, &delay) != 3 || !valid_id(id) ||
@@ -2053,33 +2130,19 @@ static int handle_undo(char *req, struct ls_answer *a)
 		say(a, "unknown undo %s no applied update %s\n", id, id);
 		return -ENOENT;
 	}
-	/* A later update that patched one of the same sites, or waits to, stacks on this one. */
-	later = u;
-	list_for_each_entry_continue(later, &updates, list) {
-		for (i = 0; i < u->nfuncs; i++)
-			for (j = 0; j < later->nfuncs; j++)
-				if (stacks_on(u, &u->funcs[i], later, &later->funcs[j])) {
-					say(a, "stacked undo %s update %s stacks on %s (%s): undo it first\n",
-					    id, later->id, u->id, u->funcs[i].name);
-					return -EBUSY;
-				}
+	later = stacked_later(u, &i);
+	if (later) {
+		say(a, "stacked undo %s update %s stacks on %s (%s): undo it first\n", id, later->id,
+		    u->id, u->funcs[i].name);
+		return -EBUSY;
 	}
 	/* Patched targets switch back with vmlinux's functions; waiting ones are just forgotten. */
 	ret = switch_update(u, true, tries, delay, a);
 	if (ret)
 		return ret;
-	list_del(&u->list);
 	pr_info("livesplice: undone %s (%s), machine stopped %llu us\n", u->id, u->mod->name,
 		div_u64(u->pause_ns, 1000));
-	/* No jump leads into the update any more and no thread is in it; callbacks it queued with
-	 * call_rcu() may still be pending: wait for them before its code can go. */
-	rcu_barrier();
-	/* And for any task still between instructions of it that no stack showed (an exiting
-	 * thread past release_task()): a tasks-RCU grace period. */
-	synchronize_rcu_tasks();
-	module_put(u->mod);
-	free_update(u);
-	module_put(THIS_MODULE);
+	forget_update(u);
 	return 0;
 }
 
