@@ -595,8 +595,10 @@ def test_modules_load_while_an_apply_retries(vm, guest):
         vm.run(f"rm -f /tmp/ls-apply.*; (cd {REPO} && PYTHONPATH={REPO} {GUEST_CLI[0]} {ex}/guest.py "
                f"apply {ex}/nap-spec.json lsnap lszram_pcpu_get slow > /tmp/ls-apply.out 2>&1; "
                "touch /tmp/ls-apply.done) > /dev/null 2>&1 < /dev/null &", check=True)
-        vm.run("sleep 2", check=True)
-        assert vm.run(["test", "-e", "/tmp/ls-apply.done"]).status != 0  # still retrying
+        # until the apply is in the core, between two tries (its stack shows it)
+        vm.run("for i in $(seq 240); do for pid in $(pgrep -f 'guest.py apply .* lsnap '); do "
+               "grep -q switch_update /proc/$pid/stack 2>/dev/null && exit 0; done; "
+               "sleep 0.25; done; exit 1", check=True, timeout=90)
         zram(vm, True)
         zram(vm, False)
         assert vm.run(["test", "-e", "/tmp/ls-apply.done"]).status != 0, "the loads waited for the apply"
