@@ -274,6 +274,18 @@ def test_stacked_module_updates(vm, packages):
     assert read(vm, STREAMS) == str(cpus + 1000) and read(vm, DISKSIZE) == "7"
     assert guest_cli(vm, "undo", "zram").status == 0
     assert read(vm, STREAMS) == str(cpus)
+    # Both applied while zram is not loaded: at its load zram's held fields (zeros until then)
+    # are written before zram-b's check reads them.
+    vm.run(["rmmod", "zram"], check=True)
+    assert guest_cli(vm, "apply", str(packages["zram"])).status == 0
+    r = guest_cli(vm, "apply", str(packages["zram-b"]))
+    assert r.status == 0, r.err
+    r = modprobe_zram(vm)
+    assert r.status == 0, new_log(vm, since)
+    assert read(vm, STREAMS) == str(cpus + 2000) and read(vm, DISKSIZE) == "8"
+    assert targets(vm, "zram") == {"zram": "patched"} and targets(vm, "zram-b") == {"zram": "patched"}
+    assert guest_cli(vm, "undo", "zram-b").status == 0
+    assert guest_cli(vm, "undo", "zram").status == 0
     assert_clean(vm, since)
 
 
