@@ -37,7 +37,7 @@ from .elfmodel import (
 from .errors import LivespliceError, Refused
 from .kbuild import run_make
 from .objdiff import DYNDBG_SECTION, read_only
-from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, KernelRef
+from .pkgformat import MODULE_PREFIX, PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
 SECTION_PREFIX = ".text.livesplice."
 # Where the key is, in an entry of the tables whose entries name a key.
@@ -185,6 +185,15 @@ class Extractor:
         data = self.post.data_objects.get(name)
         if data is not None and (name not in self.names or _plain_constant(data)):
             return self._add_data(data), offset
+        if data is not None and data.section.name == DYNDBG_SECTION and self.module_defines:
+            # A module's dynamic debug descriptor holds a static key its jump label names, which
+            # cannot wait for the module: the new code gets its own, registered with the
+            # update's module (`module livesplice_ID +p` switches those pr_debug()s on).
+            note = (f"{self.objname}: the new code's pr_debug()s are switched with module "
+                    f"{MODULE_PREFIX}ID, not {self.target}")
+            if note not in self.code.notes:
+                self.code.notes.append(note)
+            return self._add_data(data), offset
         if data is not None and data.section.name == ONCE_SECTION:
             # A once-flag (printk_once, WARN_ONCE...: DO_ONCE_LITE's __already_done.N): objects
             # have many, often not told apart by kallsyms. A copy of its own costs at most one
@@ -294,8 +303,10 @@ class Extractor:
         if key is None:
             return False
         name = self.post.target(key).name
-        if not self.module_defines(name):
-            return False
+        descriptor = self.post.data_objects.get(name)
+        if not self.module_defines(name) or (descriptor is not None
+                                              and descriptor.section.name == DYNDBG_SECTION):
+            return False  # (a dynamic debug descriptor: the new code has its own, _resolve)
         if table == "__jump_table":
             if name.startswith("__tracepoint_"):
                 note = (f"{self.objname}: tracepoint {name[len('__tracepoint_'):]} does not fire "

@@ -107,14 +107,26 @@ def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
         if key[0] == "STT_OBJECT":
             pre_keys = {p.name: _content_key(pre, p) for p in pres}
             post_keys = {i.name: _content_key(post, i) for i in posts}
+        alike: dict[tuple, list[Item]] = defaultdict(list)  # posts with several equal pres
         for item in list(posts):
             if key[0] == "STT_OBJECT":
                 same = [p for p in pres if pre_keys[p.name] == post_keys[item.name]]
             else:
                 same = [p for p in pres if p.data == item.data and p.size == item.size]
-            if len(same) == 1 or (same and same[0].name == item.name):
+            if len(same) > 1 and key[0] == "STT_OBJECT":
+                alike[post_keys[item.name]].append(item)
+            elif len(same) == 1 or (same and same[0].name == item.name):
                 mapping[item.name] = same[0].name
                 pres.remove(same[0])
+                posts.remove(item)
+        # Objects of equal contents (lockdep's zero-size __key.N): in the order of their numbers,
+        # not by name. A static local added above them renumbers them all (one counter per
+        # file, in source order), so __key.23 after the patch is __key.22 before it.
+        for content, group in alike.items():
+            equal = [p for p in pres if pre_keys[p.name] == content]
+            for item, p in zip(sorted(group, key=_number_order), sorted(equal, key=_number_order)):
+                mapping[item.name] = p.name
+                pres.remove(p)
                 posts.remove(item)
         for item in list(posts):  # then the same name, then symbol-table order
             exact = [p for p in pres if p.name == item.name]
@@ -125,6 +137,12 @@ def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
         for item, p in zip(posts, pres):
             mapping[item.name] = p.name
     return mapping
+
+
+def _number_order(item: Item) -> tuple[int, str]:
+    """Where the compiler numbered a static local (__key.22 -> 22): its place in the source."""
+    number = item.name.rsplit(".", 1)[-1]
+    return (int(number) if number.isdigit() else -1, item.name)
 
 
 def _content_key(obj: ObjectFile, item: Item) -> tuple:

@@ -25,7 +25,8 @@ ZRAM = {ZRAM_FILE: [
     ('\tstruct zram *zram = dev_to_zram(dev);\n\n\treturn scnprintf(buf, PAGE_SIZE, "%llu\\n", '
      'zram->disksize);',
      '\tstruct zram *zram = dev_to_zram(dev);\n\tu64 size;\n\n\tmutex_lock(&zram_index_mutex);\n'
-     '\tsize = zram->disksize + 7;\n\tif (init_done(zram))\n'
+     '\tsize = zram->disksize + 7;\n\tpr_debug("livesplice test: disksize read\\n");\n'
+     '\tif (init_done(zram))\n'
      '\t\tsize += 1000 * !zs_get_total_pages(zram->mem_pool);\n'
      '\tmutex_unlock(&zram_index_mutex);\n'
      '\treturn scnprintf(buf, PAGE_SIZE, "%llu\\n", size);')]}
@@ -142,6 +143,12 @@ def test_loaded_module_before_after_undo(vm, packages):
     vm.run(f"echo 1M > {DISKSIZE}", check=True)  # the device is set up: zsmalloc's pool made
     assert read(vm, DISKSIZE) == str((1 << 20) + 7 + 1000)  # zsmalloc called, an empty pool
     vm.run("echo 1 > /sys/block/zram0/reset", check=True)
+    # The new code's pr_debug() has a dynamic debug descriptor of its own, in the update's module.
+    vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug; "
+           "echo 'module livesplice_zram +p' > /sys/kernel/debug/dynamic_debug/control",
+           check=True)
+    read(vm, DISKSIZE)
+    assert "livesplice test: disksize read" in new_log(vm, since)
     listed = json.loads(guest_cli(vm, "list", "--json").out)
     assert listed[0]["targets"] == [{"name": "zram", "state": "patched"}]
     assert {j["name"] for j in listed[0]["jumps"]} == {"disksize_show", "max_comp_streams_show"}

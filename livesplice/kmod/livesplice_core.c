@@ -1087,7 +1087,11 @@ MODULE_PARM_DESC(refuse_mismatch,
  *   going (it waits, nothing is written into it) or the notifier sees the name and takes
  *   ls_mutex, after the apply, and forgets what the apply wrote: the module's memory is freed
  *   only after its MODULE_STATE_GOING notifiers return.
- * - LIVE: only `coming` changes.
+ * - LIVE: `coming` forgets the module. One it never noted (its notifier chain ran before this core
+ *   registered, or the record could not be allocated) an apply left waiting, and its LIVE is
+ *   where it is patched (module_live_unseen): the loader writes MODULE_STATE_LIVE without
+ *   module_mutex, so the same barriers as at GOING: either apply sees it live (and patches it
+ *   itself) or the notifier sees the name and takes ls_mutex.
  */
 static DEFINE_SPINLOCK(names_lock);
 static LIST_HEAD(named);
@@ -1184,9 +1188,11 @@ static bool note_coming(struct module *mod, struct ls_coming *c)
 	return found;
 }
 
-static void forget_coming(struct module *mod)
+/* Whether mod was noted at its MODULE_STATE_COMING. */
+static bool forget_coming(struct module *mod)
 {
 	struct ls_coming *c, *tmp, *found = NULL;
+	bool seen;
 
 	spin_lock(&names_lock);
 	list_for_each_entry_safe(c, tmp, &coming, list) {
@@ -1197,7 +1203,9 @@ static void forget_coming(struct module *mod)
 		}
 	}
 	spin_unlock(&names_lock);
+	seen = found;
 	kfree(found);
+	return seen;
 }
 
 static struct ls_target *find_target(struct ls_update *u, const char *name)
@@ -1571,6 +1579,101 @@ static int module_coming(struct module *mod)
 	return 0;
 }
 
+#define UNSEEN_TRIES 5
+#define UNSEEN_DELAY_MS 200
+
+/*
+ * Switch target t of update u (resolved: its sites set), and it alone, as an apply switches a
+ * loaded module: the held fields first, then the jumps under stop_machine with the stack check.
+ * u's other functions are switched already (their sites hold their jumps, which the byte check
+ * would take for a mismatch), so switch_update gets a view of u with t's functions only. On
+ * failure, why holds the answer an apply would have given, and t waits.
+ */
+static int switch_target(struct ls_update *u, struct ls_target *t, struct module *mod, char *why,
+			 size_t len)
+{
+	struct ls_update view = *u;	/* never linked into `updates` */
+	struct ls_answer a = { .buf = why, .cap = len };
+	char *msg;
+	int i, j, ret, nparts = 0;
+
+	view.funcs = &u->funcs[t->first];
+	view.nfuncs = t->nfuncs;
+	view.nvmlinux = 0;
+	view.nranges = 0;
+	for (i = 0; i < t->nfuncs; i++)
+		nparts += view.funcs[i].nparts;
+	view.ranges = kvcalloc(2 * t->nfuncs + nparts, sizeof(*view.ranges), GFP_KERNEL);
+	if (!view.ranges) {
+		snprintf(why, len, "out of memory");
+		forget_target(u, t);
+		return -ENOMEM;
+	}
+	for (i = 0; i < t->nfuncs; i++) {
+		struct ls_func *f = &view.funcs[i];
+
+		view.ranges[view.nranges++] = (struct ls_range){ f->addr, f->addr + f->size, i };
+		if (f->live != f->addr)
+			view.ranges[view.nranges++] = (struct ls_range){ f->live, f->live + f->size, i };
+		for (j = 0; j < f->nparts; j++)
+			view.ranges[view.nranges++] = (struct ls_range){
+				f->parts[j].addr, f->parts[j].addr + f->parts[j].size, i };
+	}
+	mutex_lock(&text_mutex);	/* nothing jumps to the new code yet */
+	write_held(t);
+	mutex_unlock(&text_mutex);
+	why[0] = '\0';
+	ret = switch_update(&view, false, UNSEEN_TRIES, UNSEEN_DELAY_MS, &a);
+	kvfree(view.ranges);
+	if (ret) {
+		/* The answer's message, without its "STATUS apply ID " and newline. */
+		for (i = 0, msg = why; i < 3 && msg; i++)
+			msg = strchr(msg, ' ') ? strchr(msg, ' ') + 1 : NULL;
+		if (msg)
+			memmove(why, msg, strlen(msg) + 1);
+		why[strcspn(why, "\n")] = '\0';
+		forget_target(u, t);
+		return ret;
+	}
+	t->patched = true;
+	t->mod = mod;
+	return 0;
+}
+
+/*
+ * MODULE_STATE_LIVE of a module whose MODULE_STATE_COMING this core did not handle: its notifier
+ * chain had run before the core registered its notifier (the core was loaded, as the first apply
+ * loads it, while the module's init ran), or the core could not note it. An apply meanwhile left
+ * it waiting: a module coming unseen may as well be one whose COMING the notifier has yet to
+ * handle, which must not be patched at apply (see `coming`). Now its init is done and it is
+ * live, so each update that waits for it is patched as an apply patches a loaded module, rather
+ * than leave it running unpatched until its next load while its updates say "waiting". A
+ * mismatch cannot refuse a load that is done: it is logged, and the update waits on.
+ */
+static void module_live_unseen(struct module *mod)
+{
+	struct ls_update *u;
+	struct ls_target *t;
+	char why[320];
+	int ret;
+
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (!t || t->patched)
+			continue;
+		ret = resolve_target(u, t, mod, why, sizeof(why));
+		if (!ret)
+			ret = switch_target(u, t, mod, why, sizeof(why));
+		if (ret) {
+			pr_warn("livesplice: update %s: %s is loaded but not patched: %s (the update is for build id %s); patched when it loads again\n",
+				u->id, mod->name, why, t->build_id);
+			continue;
+		}
+		pr_info("livesplice: update %s: patched %s (%d functions)\n", u->id, mod->name,
+			t->nfuncs);
+	}
+}
+
 /* MODULE_STATE_GOING: the module's text goes with it; its updates forget their sites there. */
 static void module_going(struct module *mod)
 {
@@ -1605,7 +1708,15 @@ static int ls_module_notify(struct notifier_block *nb, unsigned long action, voi
 			forget_coming(mod);
 		break;
 	case MODULE_STATE_LIVE:
-		forget_coming(mod);
+		if (forget_coming(mod))
+			break;
+		/* The state written before `named` is read: pairs with publish_names(). */
+		smp_mb();
+		if (!is_named(mod->name))
+			break;
+		mutex_lock(&ls_mutex);
+		module_live_unseen(mod);
+		mutex_unlock(&ls_mutex);
 		break;
 	case MODULE_STATE_GOING:
 		forget_coming(mod);
