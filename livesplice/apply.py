@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +320,8 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
         log.info("loading the new code, module %s", module)
         kernel.insmod(module, plan.new_code)
         switches, ranges = _switches(package, plan.match)
-        targets = module_targets(package.manifest, package.pre.functions, module)
+        targets = module_targets(package.manifest, package.pre.functions,
+                                 lambda section: kernel.module_section(module, section))
         log.info("switching %d functions%s", len(switches) + sum(len(t.functions) for t in targets),
                  f"; waiting for {', '.join(plan.waiting_targets)}" if plan.waiting_targets else "")
         figures = coreproto.call(
@@ -363,11 +365,12 @@ def _switches(package: Package, match: MatchResult
     return switches, ranges
 
 
-def module_targets(manifest: Manifest, pre: list[PreFunction], module: str
+def module_targets(manifest: Manifest, pre: list[PreFunction], section_address: Callable[[str], int]
                    ) -> list[coreproto.ModuleTarget]:
     """What the core needs to check, link and patch each module target, now or when it loads:
     the replaced functions by position, their pre code with what to skip and what to check, and
-    the new code's fields that refer into the module (protocol 3, docs/core-protocol.md)."""
+    the new code's fields that refer into the module (protocol 3, docs/core-protocol.md).
+    `section_address` is where a section of the loaded update module is."""
     records = {r.key: r for r in pre}
     refs = {r.placeholder: r for r in manifest.kernel_refs}
     out = []
@@ -390,9 +393,13 @@ def module_targets(manifest: Manifest, pre: list[PreFunction], module: str
                 else:
                     checks.append(coreproto.FieldCheck(rel.offset, rel.type, rel.name, rel.sympos,
                                                        rel.addend))
+            # Its .cold parts that the pre code has (placed in the module by create): old code
+            # too, which no thread may be in when it switches.
+            parts = [(part.name, part.sympos, part.size) for part in
+                     (records.get((r.object, name)) for name in r.parts) if part is not None]
             functions.append(coreproto.ModuleFunction(
                 rec.name, rec.sympos, rec.size, jump_offset(rec.fentry),
-                kernel.module_section(module, r.new_section), rec.data(), masks, checks))
+                section_address(r.new_section), rec.data(), masks, checks, parts))
         held = []
         for h in manifest.held:
             if h.target != target.name:
@@ -401,7 +408,7 @@ def module_targets(manifest: Manifest, pre: list[PreFunction], module: str
             own = ref.target == target.name
             # Another module's symbol by its qualified name (kallsyms' "MODULE:NAME"): a bare
             # name could be found in vmlinux first, as a static of the same name.
-            held.append(coreproto.HeldField(kernel.module_section(module, h.section) + h.offset,
+            held.append(coreproto.HeldField(section_address(h.section) + h.offset,
                                             h.type, ref.name if own else f"{ref.target}:{ref.name}",
                                             ref.sympos if own else 0, h.addend))
         out.append(coreproto.ModuleTarget(target.name, target.build_id, functions, held))

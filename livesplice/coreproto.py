@@ -76,8 +76,9 @@ class HeldField:
 
 @dataclass(frozen=True)
 class ModuleFunction:
-    """A `p` line with its `b`, `m` and `c` lines: function `name`, the `sympos`-th of that name in
-    the target (1-based), `size` bytes of pre code, the jump at +`fentry` to `new_address`."""
+    """A `p` line with its `q`, `b`, `m` and `c` lines: function `name`, the `sympos`-th of that
+    name in the target (1-based), `size` bytes of pre code, the jump at +`fentry` to
+    `new_address`; its split-off parts (`.cold`), old code no thread may be in at apply."""
 
     name: str
     sympos: int
@@ -87,6 +88,7 @@ class ModuleFunction:
     code: bytes  # len == size
     masks: list[tuple[int, int]]  # (offset, length): bytes not compared
     checks: list[FieldCheck]
+    parts: list[tuple[str, int, int]] = field(default_factory=list)  # (name, sympos, size)
 
     def __post_init__(self) -> None:
         if len(self.code) != self.size:
@@ -138,6 +140,7 @@ def apply_request(update_id: str, module: str, switches: Sequence[Switch],
         lines.append(f"t {t.name} {t.build_id or '-'}")
         for f in t.functions:
             lines.append(f"p {f.name} {f.sympos} {f.size} {f.fentry} {f.new_address:x}")
+            lines += [f"q {name} {sympos} {size}" for name, sympos, size in f.parts]
             lines += [f"b {at} {f.code[at:at + B_LINE_BYTES].hex()}"
                       for at in range(0, f.size, B_LINE_BYTES)]
             lines += [f"m {offset} {length}" for offset, length in f.masks]

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+import packages
 from livesplice import coreproto as c
+from livesplice.apply import module_targets
 from livesplice.errors import LivespliceError
+from livesplice.pkgformat import read_manifest, read_pre
 
 CORE_C = Path(c.__file__).with_name("kmod") / "livesplice_core.c"
 
@@ -56,6 +59,55 @@ def test_module_target_lines():
     assert lines[12] == "t loop " + "ab" * 20
     assert lines[13] == "p lo_open 1 300 5 ffffffffc0a01000"
     assert text.endswith("\n")
+
+
+def test_parts_follow_their_function():
+    """A function's split-off parts: `q NAME SYMPOS SIZE` right after its `p` line."""
+    f = function(parts=[("disksize_show.cold", 1, 37), ("disksize_show.cold.1", 2, 9)])
+    lines = c.apply_request("m1", "livesplice_m1", [], [], 3, 200,
+                            [c.ModuleTarget("zram", None, [f], [])]).splitlines()
+    assert lines[2:5] == ["p disksize_show 1 600 5 ffffffffc0a01000", "q disksize_show.cold 1 37",
+                          "q disksize_show.cold.1 2 9"]
+    assert lines[5].startswith("b 0 ")
+
+
+def module_package() -> tuple:
+    """The manifest and pre code of an update of zram's disksize_show, which has a .cold part in
+    the pre code (the module's 3rd symbol of that name), and of max_comp_streams_show, whose
+    part only the post code has (nothing to check at apply)."""
+    manifest, pre = packages.manifest(), packages.pre()
+    manifest["targets"].append({"name": "zram", "build_id": "ab" * 20})
+    base = manifest["replaced"][0]
+    for name, parts in (("disksize_show", ["disksize_show.cold"]),
+                        ("max_comp_streams_show", ["max_comp_streams_show.cold"])):
+        manifest["replaced"].append({**base, "target": "zram", "object": "drivers/block/zram/zram_drv.o",
+                                     "name": name, "new_name": name, "section": f".text.{name}",
+                                     "parts": parts, "new_parts": parts,
+                                     "new_section": f".text.livesplice.0123456789.{name}",
+                                     "new_part_sections": [f".text.livesplice.0123456789.{p}"
+                                                           for p in parts]})
+    record = pre["functions"][0]
+    for name, size, sympos in (("disksize_show", 16, 2), ("disksize_show.cold", 16, 3),
+                               ("max_comp_streams_show", 16, 1)):
+        pre["functions"].append({**record, "target": "zram", "object": "drivers/block/zram/zram_drv.o",
+                                 "name": name, "size": size, "sympos": sympos, "fentry": 0,
+                                 "section": f".text.{name}", "relocs": [], "masks": [[0, 5, "fentry call"]]})
+    m = read_manifest(manifest)
+    return m, read_pre(pre, m)
+
+
+def test_module_targets_send_the_parts_of_each_function():
+    manifest, pre = module_package()
+    sections = {f".text.livesplice.0123456789.{n}": 0xFFFFFFFFC0A01000 + 0x100 * i
+                for i, n in enumerate(("disksize_show", "max_comp_streams_show"))}
+    [target] = module_targets(manifest, pre.functions, sections.__getitem__)
+    assert target.name == "zram"
+    disksize, streams = target.functions
+    assert (disksize.name, disksize.sympos, disksize.new_address) == ("disksize_show", 2, 0xFFFFFFFFC0A01000)
+    assert disksize.parts == [("disksize_show.cold", 3, 16)]
+    assert streams.parts == []
+    text = c.apply_request("m1", "livesplice_m1", [], [], 3, 200, [target])
+    assert "p disksize_show 2 16 5 ffffffffc0a01000\nq disksize_show.cold 3 16\nb 0 " in text
 
 
 def test_function_code_must_be_its_size():

@@ -46,8 +46,11 @@ DUMPABLE = ("import ctypes; libc = ctypes.CDLL(None, use_errno=True); "
             "print(libc.prctl(4, 1, 1, 0, 0), ctypes.get_errno())")
 
 
-# Stacked on ZRAM: made from a tree that has it, max_comp_streams shows + 2000.
-ZRAM_B = {ZRAM_FILE: [("num_online_cpus() + 1000);", "num_online_cpus() + 2000);")]}
+# Stacked on ZRAM: made from a tree that has it, max_comp_streams shows + 2000 and disksize + 8.
+# Its disksize_show's pre code is ZRAM's new code, whose fields the core links (zram's mutex):
+# at zram's load they are checked after ZRAM's are written.
+ZRAM_B = {ZRAM_FILE: [("num_online_cpus() + 1000);", "num_online_cpus() + 2000);"),
+                      ("size = zram->disksize + 7;", "size = zram->disksize + 8;")]}
 
 
 @pytest.fixture(scope="module")
@@ -266,15 +269,50 @@ def test_stacked_module_updates(vm, packages):
     r = guest_cli(vm, "apply", str(packages["zram-b"]))
     assert r.status == 0, r.err
     assert read(vm, STREAMS) == str(cpus + 2000)
-    assert read(vm, DISKSIZE) == "7"  # zram's change, which zram-b keeps
+    assert read(vm, DISKSIZE) == "8"
     vm.run(["rmmod", "zram"], check=True)
-    assert modprobe_zram(vm).status == 0
-    assert read(vm, STREAMS) == str(cpus + 2000)
+    r = modprobe_zram(vm)
+    assert r.status == 0, new_log(vm, since)
+    assert read(vm, STREAMS) == str(cpus + 2000) and read(vm, DISKSIZE) == "8"
     assert targets(vm, "zram") == {"zram": "patched"} and targets(vm, "zram-b") == {"zram": "patched"}
     r = guest_cli(vm, "undo", "zram")
     assert r.status == 3 and "zram-b" in r.err, r.err
     assert guest_cli(vm, "undo", "zram-b").status == 0
-    assert read(vm, STREAMS) == str(cpus + 1000)
+    assert read(vm, STREAMS) == str(cpus + 1000) and read(vm, DISKSIZE) == "7"
     assert guest_cli(vm, "undo", "zram").status == 0
     assert read(vm, STREAMS) == str(cpus)
+    # Both applied while zram is not loaded: at its load zram's held fields (zeros until then)
+    # are written before zram-b's check reads them.
+    vm.run(["rmmod", "zram"], check=True)
+    assert guest_cli(vm, "apply", str(packages["zram"])).status == 0
+    r = guest_cli(vm, "apply", str(packages["zram-b"]))
+    assert r.status == 0, r.err
+    r = modprobe_zram(vm)
+    assert r.status == 0, new_log(vm, since)
+    assert read(vm, STREAMS) == str(cpus + 2000) and read(vm, DISKSIZE) == "8"
+    assert targets(vm, "zram") == {"zram": "patched"} and targets(vm, "zram-b") == {"zram": "patched"}
+    assert guest_cli(vm, "undo", "zram-b").status == 0
+    assert guest_cli(vm, "undo", "zram").status == 0
+    assert_clean(vm, since)
+
+
+def test_update_module_removed_by_force(vm, packages):
+    """`rmmod -f` of an applied update's own module (MODULE_FORCE_UNLOAD ignores the core's
+    reference): the core switches the update back while the module's code is still there and
+    forgets it; zram runs its old code and `list` no longer shows the update."""
+    since = mark(vm)
+    assert modprobe_zram(vm).status == 0
+    cpus = read(vm, STREAMS)
+    r = guest_cli(vm, "apply", str(packages["zram"]), "--json")
+    assert r.status == 0, r.err
+    module = json.loads(r.out)["module"]
+    assert read(vm, STREAMS) == str(int(cpus) + 1000)
+    r = vm.run(["rmmod", "-f", module])
+    assert r.status == 0, r.err
+    assert read(vm, STREAMS) == cpus and read(vm, DISKSIZE) == "0"
+    assert json.loads(guest_cli(vm, "list", "--json").out) == []
+    assert (f"livesplice: update zram: its module {module} is being removed by force: switched back"
+            in new_log(vm, since))
+    assert guest_cli(vm, "cleanup").status == 0
+    assert "livesplice" not in vm.run(["cat", "/proc/modules"]).out
     assert_clean(vm, since)

@@ -315,7 +315,7 @@ def test_core_rejects_malformed_requests(vm, packages):
         core_end = min(starts) + int(open(f"/sys/module/{m}/coresize").read())
         t, code = "t lsnotloaded -", "b 0 " + "00" * 16
         p = f"p some_func 1 16 0 {new:x}"
-        rest = ["m 0 5", "c 6 4 printk 0 -4", f"h {new:x} 1 some_data 1 0"]
+        rest = ["m 0 5", "c 6 4 printk 0 -4", f"h {new:x} 1 some_data 1 0", "q some_func.cold 1 40"]
 
         def req(*lines, id_="y"):
             return f"apply {id_} {m} 1 0\\n" + "\\n".join(lines) + "\\n"
@@ -346,6 +346,12 @@ def test_core_rejects_malformed_requests(vm, packages):
             req(t, p.replace("p ", "p  "), code), req(t, "b 0 00", p, code), req(t, p, code, "x 1 2"),
             req(f"h {new:x} 1 some_data 1 0", t, p, code),
             req(t, p, code, *rest[:2], f"h {new:x} 2 some_data 1 0 extra"),
+            req(t, p, code, "q some_func.cold 0 40"), req(t, p, code, "q some_func.cold 1 0"),
+            req(t, "q some_func.cold 1 40", p, code), req(t, p, code, "q some_func.cold 1"),
+            req(t, p, code, "q some_func.cold 1 1048577"),
+            # 1500 functions of 1 MiB in 60 KB: refused before any is allocated (the guest has
+            # 1 GiB)
+            req(t, *[f"p f{i} 1 1048576 0 {new:x}" for i in range(1500)]),
         ]
         for q in bad:
             print("P3", c.raw_request(q).splitlines()[0][:150])
@@ -357,7 +363,9 @@ def test_core_rejects_malformed_requests(vm, packages):
     assert [b.split()[1:4] for b in base] == [["ok", "apply", "ok3"], ["ok", "undo", "ok3"],
                                               ["ok", "apply", "ok4"], ["ok", "undo", "ok4"]], base
     p3 = [line for line in lines if line.startswith("P3 ")]
-    assert len(p3) == 38 and all(line.startswith("P3 error apply ") for line in p3), "\n".join(p3)
+    assert len(p3) == 44 and all(line.startswith("P3 error apply ") for line in p3), "\n".join(p3)
+    assert p3[-1].startswith("P3 error apply y the p lines ask for more bytes of code than the "
+                             "request carries"), p3[-1]
     statuses = [line.split()[0] for line in lines if not line.startswith(("BASE ", "P3 "))]
     assert statuses and all(s in ("error", "unknown", "refused") for s in statuses), r.out
     assert applied(vm) == ["prctl"]

@@ -61,7 +61,7 @@
 #define LIVESPLICE_PROTOCOL 3
 #define JMP_SIZE 5
 #define INT3 0xcc
-#define MAX_FUNCS 4096			/* f and p lines of one request together */
+#define MAX_FUNCS 4096			/* f and p lines of one request together; q lines */
 #define MAX_RANGES 16384		/* r lines */
 #define MAX_TARGETS 64			/* t lines */
 #define MAX_FIELDS 131072		/* c and h lines together */
@@ -75,6 +75,11 @@
 #define MAX_BUSY 8
 #define MAX_RANGE_SIZE (1 << 20)
 #define MAX_WAIT_MS (10 * 60 * 1000)	/* tries x delay: the lock is held meanwhile */
+#define FORCED_TRIES 50			/* switching back an update whose module goes by force */
+#define FORCED_DELAY_MS 20
+/* A request's memory: charged to the writer's memory cgroup; a failure is an answer, not a
+ * warning in the kernel log. */
+#define LS_GFP (GFP_KERNEL_ACCOUNT | __GFP_NOWARN)
 
 /* A relocated field: a c line (where: offset in its function) or an h line (where: address in
  * the new code). It holds NAME + ADDEND, minus its own address when PC-relative. */
@@ -89,6 +94,19 @@ struct ls_field {
 
 struct ls_mask {
 	unsigned int offset, length;
+};
+
+/* A module name the notifier must not let pass without ls_mutex: on the `named` list. */
+struct ls_name {
+	struct list_head list;
+	const char *name;
+};
+
+/* A split-off part of a module function (its .cold code: a q line), resolved with it. */
+struct ls_part {
+	char *name;
+	unsigned int sympos, size;
+	unsigned long addr;		/* resolved; 0 while the target waits */
 };
 
 struct ls_func {
@@ -106,7 +124,8 @@ struct ls_func {
 	unsigned long *cmp;		/* bitmap: the bytes compared (given, not masked, not a c field) */
 	struct ls_mask *masks;
 	struct ls_field *checks;
-	int nmasks, nchecks;
+	struct ls_part *parts;
+	int nmasks, nchecks, nparts;
 	unsigned long addr, live;	/* resolved: the function; where its code runs now */
 };
 
@@ -119,6 +138,7 @@ struct ls_target {
 	int first, nfuncs;		/* its functions: funcs[first .. first + nfuncs) */
 	struct ls_field *held;
 	int nheld;
+	struct ls_name named;		/* name = this target's name */
 };
 
 struct ls_range {
@@ -129,14 +149,18 @@ struct ls_range {
 struct ls_update {
 	struct list_head list;
 	char id[ID_LEN];
+	char modname[MODULE_NAME_LEN];	/* the new code's module */
+	struct ls_name named;		/* name = modname */
+	bool published;			/* its names are on the `named` list */
 	struct module *mod;		/* the new code, pinned while applied */
 	int nfuncs, nranges;		/* nfuncs: all; vmlinux's (f lines) first */
-	int nvmlinux, ntargets, nchecks, nheld, nmasks, maxranges;
+	int nvmlinux, ntargets, nchecks, nheld, nmasks, nparts, maxranges;
 	struct ls_func *funcs;
 	struct ls_range *ranges;	/* the old code, checked on apply */
 	struct ls_target *targets;
 	struct ls_field *checks, *held;
 	struct ls_mask *masks;
+	struct ls_part *parts;
 	u64 pause_ns, work_ns;
 	int attempts;
 };
@@ -706,12 +730,15 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
  * unexported functions. */
 extern struct mutex module_mutex;
 
+static void withdraw_names(struct ls_update *u);
+
 static void free_update(struct ls_update *u)
 {
 	int i;
 
 	if (!u)
 		return;
+	withdraw_names(u);
 	for (i = 0; u->funcs && i < u->nfuncs; i++) {
 		kvfree(u->funcs[i].code);
 		kvfree(u->funcs[i].cmp);
@@ -720,12 +747,15 @@ static void free_update(struct ls_update *u)
 		kfree(u->checks[i].name);
 	for (i = 0; u->held && i < u->nheld; i++)
 		kfree(u->held[i].name);
+	for (i = 0; u->parts && i < u->nparts; i++)
+		kfree(u->parts[i].name);
 	kvfree(u->funcs);
 	kvfree(u->ranges);
 	kvfree(u->targets);
 	kvfree(u->checks);
 	kvfree(u->held);
 	kvfree(u->masks);
+	kvfree(u->parts);
 	kfree(u);
 }
 
@@ -877,11 +907,25 @@ static int field_value(unsigned int type, unsigned long sym, s64 addend, unsigne
 	return -EINVAL;
 }
 
+/* A symbol the module keeps: in its core memory, or in its per-CPU area (a static
+ * DEFINE_PER_CPU: its value is the per-CPU address, mod->percpu + its offset). */
+static bool kept_symbol(struct module *mod, unsigned long value)
+{
+#ifdef CONFIG_SMP
+	unsigned long percpu = (unsigned long)mod->percpu;
+
+	if (mod->percpu_size && value >= percpu && value - percpu < mod->percpu_size)
+		return true;
+#endif
+	return within_module_core(value, mod);
+}
+
 /*
  * The sympos-th symbol `name` of mod (1-based), in its symbol table's order, counting only
- * defined symbols whose address lies in its core memory: the order of /proc/kallsyms' lines for
- * the module and of its .ko's symbol table, the same while its init runs (the whole table) and
- * after (the core symbols only). 0 if there is none.
+ * defined symbols the module keeps (kept_symbol): those of its .ko's allocated sections other
+ * than .init*, .modinfo and __versions, as create counts them (stockmodule.py); the order of
+ * /proc/kallsyms' lines for the module and of its .ko's symbol table, the same while its init
+ * runs (the whole table) and after (the core symbols only). 0 if there is none.
  */
 static unsigned long module_symbol(struct module *mod, const char *name, unsigned int sympos)
 {
@@ -894,7 +938,7 @@ static unsigned long module_symbol(struct module *mod, const char *name, unsigne
 	for (i = 0; ks && i < ks->num_symtab; i++) {
 		const Elf_Sym *sym = &ks->symtab[i];
 
-		if (sym->st_shndx == SHN_UNDEF || !within_module_core(sym->st_value, mod) ||
+		if (sym->st_shndx == SHN_UNDEF || !kept_symbol(mod, sym->st_value) ||
 		    strcmp(ks->strtab + sym->st_name, name))
 			continue;
 		if (++seen == sympos) {
@@ -1012,44 +1056,155 @@ module_param(refuse_mismatch, bool, 0644);
 MODULE_PARM_DESC(refuse_mismatch,
 		 "refuse to load a module an update waits for whose code does not match (default); 0: let it load unpatched");
 
+/*
+ * The notifier's fast path. Every module's load and unload runs the core's notifier, but only a
+ * module that an update targets, or that is an update's own module, needs ls_mutex, which an
+ * apply or undo holds for seconds (tries x delay, rcu_barrier): other modprobes must not wait
+ * for it. Under names_lock (nested inside module_mutex in target_to_patch):
+ *
+ * - `coming`: the modules whose MODULE_STATE_COMING the notifier has seen (recorded first,
+ *   whatever the module), until they are live or gone. An apply patches such a module at once,
+ *   as a live one: its init may be running, and once the notifier was called for it, a later
+ *   failure of the load reaches the notifier as MODULE_STATE_GOING (the chain is robust). A
+ *   module still coming otherwise is left to the notifier: patched at once, it could yet fail its
+ *   load in a notifier before the core's and be freed with no MODULE_STATE_GOING to tell it.
+ * - `named`: the targets' and the update module's names of every update in `updates`, and of
+ *   the one being applied, published by handle_apply *before* it looks at the state of any of
+ *   these modules, withdrawn when the update is freed (a failed apply, an undo).
+ *
+ * Why the notifier may skip ls_mutex for a module that is not named:
+ * - COMING: the notifier records the module and reads `named` in one names_lock section; apply
+ *   publishes in one, then reads the module's state (module_mutex) and `coming` (names_lock).
+ *   If the notifier's section came first, the module is recorded, so apply patches it itself,
+ *   and any later MODULE_STATE_GOING finds the name published and takes ls_mutex. If apply's
+ *   came first, the notifier takes ls_mutex and so waits for the apply, which either patched
+ *   the module (found recorded: the notifier then skips the patched target; should it refuse
+ *   the load for another update, it forgets every target in this instance) or left it waiting
+ *   (the notifier patches it).
+ * - GOING: the loader writes MODULE_STATE_GOING (under module_mutex on rmmod, without it when
+ *   a load fails), then calls the chain; the notifier reads `named` after a full barrier, and
+ *   apply reads the state after publishing and a full barrier. So either apply sees the module
+ *   going (it waits, nothing is written into it) or the notifier sees the name and takes
+ *   ls_mutex, after the apply, and forgets what the apply wrote: the module's memory is freed
+ *   only after its MODULE_STATE_GOING notifiers return.
+ * - LIVE: `coming` forgets the module. One it never noted (its notifier chain ran before this core
+ *   registered, or the record could not be allocated) an apply left waiting, and its LIVE is
+ *   where it is patched (module_live_unseen): the loader writes MODULE_STATE_LIVE without
+ *   module_mutex, so the same barriers as at GOING: either apply sees it live (and patches it
+ *   itself) or the notifier sees the name and takes ls_mutex.
+ */
+static DEFINE_SPINLOCK(names_lock);
+static LIST_HEAD(named);
+
 struct ls_coming {
 	struct list_head list;
 	struct module *mod;
 };
 
-/*
- * Modules whose MODULE_STATE_COMING this core's notifier has handled, until they are live or
- * gone (under ls_mutex). An apply patches such a module at once, as a live one: its init may be
- * running. A module still coming otherwise is left to the notifier, which waits on ls_mutex for
- * the apply: patched at once, such a module could yet fail its load in a notifier before this
- * one and be freed with no MODULE_STATE_GOING to tell the core. (One whose notifier chain ran
- * before this core registered is patched at its MODULE_STATE_LIVE: module_live_unseen.)
- */
 static LIST_HEAD(coming);
+
+static bool is_named(const char *name)
+{
+	struct ls_name *n;
+	bool found = false;
+
+	spin_lock(&names_lock);
+	list_for_each_entry(n, &named, list) {
+		if (!strcmp(n->name, name)) {
+			found = true;
+			break;
+		}
+	}
+	spin_unlock(&names_lock);
+	return found;
+}
+
+/* Before handle_apply looks at the state of any of the update's modules. */
+static void publish_names(struct ls_update *u)
+{
+	int i;
+
+	spin_lock(&names_lock);
+	u->named.name = u->modname;
+	list_add(&u->named.list, &named);
+	for (i = 0; i < u->ntargets; i++) {
+		u->targets[i].named.name = u->targets[i].name;
+		list_add(&u->targets[i].named.list, &named);
+	}
+	u->published = true;
+	spin_unlock(&names_lock);
+	/* Before the modules' states are read: pairs with the notifier's at MODULE_STATE_GOING. */
+	smp_mb();
+}
+
+static void withdraw_names(struct ls_update *u)
+{
+	int i;
+
+	if (!u->published)
+		return;
+	spin_lock(&names_lock);
+	list_del(&u->named.list);
+	for (i = 0; i < u->ntargets; i++)
+		list_del(&u->targets[i].named.list);
+	u->published = false;
+	spin_unlock(&names_lock);
+}
 
 static bool seen_coming(struct module *mod)
 {
 	struct ls_coming *c;
+	bool seen = false;
 
-	list_for_each_entry(c, &coming, list)
-		if (c->mod == mod)
-			return true;
-	return false;
+	spin_lock(&names_lock);
+	list_for_each_entry(c, &coming, list) {
+		if (c->mod == mod) {
+			seen = true;
+			break;
+		}
+	}
+	spin_unlock(&names_lock);
+	return seen;
+}
+
+/* Record mod as coming (c, if the allocation succeeded), and whether it is named. */
+static bool note_coming(struct module *mod, struct ls_coming *c)
+{
+	struct ls_name *n;
+	bool found = false;
+
+	spin_lock(&names_lock);
+	if (c) {	/* without it, an apply during its init leaves it to its next load */
+		c->mod = mod;
+		list_add(&c->list, &coming);
+	}
+	list_for_each_entry(n, &named, list) {
+		if (!strcmp(n->name, mod->name)) {
+			found = true;
+			break;
+		}
+	}
+	spin_unlock(&names_lock);
+	return found;
 }
 
 /* Whether mod was noted at its MODULE_STATE_COMING. */
 static bool forget_coming(struct module *mod)
 {
-	struct ls_coming *c, *tmp;
-	bool seen = false;
+	struct ls_coming *c, *tmp, *found = NULL;
+	bool seen;
 
+	spin_lock(&names_lock);
 	list_for_each_entry_safe(c, tmp, &coming, list) {
 		if (c->mod == mod) {
 			list_del(&c->list);
-			kfree(c);
-			seen = true;
+			found = c;
+			break;
 		}
 	}
+	spin_unlock(&names_lock);
+	seen = found;
+	kfree(found);
 	return seen;
 }
 
@@ -1064,8 +1219,9 @@ static struct ls_target *find_target(struct ls_update *u, const char *name)
 }
 
 /* The loaded instance of module `name` to patch now, or NULL: it waits (not loaded, unformed,
- * going, or coming with the notifier still to run). Under ls_mutex, which keeps the module's
- * memory: it is freed only after the MODULE_STATE_GOING notifier, which takes ls_mutex. */
+ * going, or coming with the notifier still to run). Under ls_mutex, with the name published,
+ * which keeps the module's memory: it is freed only after the MODULE_STATE_GOING notifier,
+ * which takes ls_mutex for a named module (see names_lock). */
 static struct module *target_to_patch(const char *name)
 {
 	struct module *m;
@@ -1081,7 +1237,7 @@ static struct module *target_to_patch(const char *name)
 /* A target's functions wait again: no site, nothing saved. */
 static void forget_target(struct ls_update *u, struct ls_target *t)
 {
-	int i;
+	int i, j;
 
 	for (i = t->first; i < t->first + t->nfuncs; i++) {
 		struct ls_func *f = &u->funcs[i];
@@ -1090,6 +1246,8 @@ static void forget_target(struct ls_update *u, struct ls_target *t)
 		f->addr = 0;
 		f->live = 0;
 		memset(f->saved, 0, JMP_SIZE);
+		for (j = 0; j < f->nparts; j++)
+			f->parts[j].addr = 0;
 	}
 	t->patched = false;
 	t->pending = false;
@@ -1129,6 +1287,35 @@ static struct ls_func *stacked_on(struct ls_update *u, unsigned long site, struc
 }
 
 /*
+ * The 5 bytes f's jump replaces, as its pre code has them, the c fields among them at their
+ * values for mod. Masked bytes too: the core cannot tell the kernel's own rewrite of them from
+ * a probe's int3 or jump, which it must never save and overwrite (the probe, disarmed, would
+ * write its saved byte into the jump). 0, or -ENOENT if a field's symbol is not found.
+ */
+static int expected_site(struct ls_func *f, struct module *mod, u8 *want)
+{
+	int j, k;
+
+	memcpy(want, f->code + f->fentry, JMP_SIZE);
+	for (j = 0; j < f->nchecks; j++) {
+		struct ls_field *c = &f->checks[j];
+		unsigned int width = field_width(c->type);
+		unsigned long sym;
+		u64 value;
+
+		if (c->where >= f->fentry + JMP_SIZE || c->where + width <= f->fentry)
+			continue;
+		sym = resolve_symbol(mod, c->name, c->sympos);
+		if (!sym || field_value(c->type, sym, c->addend, f->live + c->where, &value))
+			return -ENOENT;
+		for (k = 0; k < width; k++)
+			if (c->where + k >= f->fentry && c->where + k < f->fentry + JMP_SIZE)
+				want[c->where + k - f->fentry] = ((u8 *)&value)[k];
+	}
+	return 0;
+}
+
+/*
  * Resolve target t of update u in its loaded module mod and check its code: each function's
  * bytes outside the masks and its relocated fields by value, where its code runs now (the new
  * code of an older update when one is at the site, as user space matches vmlinux); then the
@@ -1160,6 +1347,17 @@ static int resolve_target(struct ls_update *u, struct ls_target *t, struct modul
 				 f->sympos, f->size, t->name);
 			ret = -EILSEQ;
 			goto fail;
+		}
+		for (j = 0; j < f->nparts; j++) {
+			struct ls_part *part = &f->parts[j];
+
+			part->addr = module_symbol(mod, part->name, part->sympos);
+			if (!part->addr || !in_core_text(mod, part->addr, part->size)) {
+				snprintf(why, len, "%.128s's part %.128s (sympos %u) is not %u bytes of %s's code",
+					 f->name, part->name, part->sympos, part->size, t->name);
+				ret = -EILSEQ;
+				goto fail;
+			}
 		}
 		site = f->addr + f->fentry;
 		last = (void *)site + JMP_SIZE - 1;
@@ -1194,7 +1392,6 @@ static int resolve_target(struct ls_update *u, struct ls_target *t, struct modul
 			memcpy(f->expect, below->jump, JMP_SIZE);
 		} else {
 			f->live = f->addr;
-			memcpy(f->expect, (void *)site, JMP_SIZE);
 		}
 		code = (const u8 *)f->live;
 		for_each_set_bit(j, f->cmp, f->size) {
@@ -1218,6 +1415,24 @@ static int resolve_target(struct ls_update *u, struct ls_target *t, struct modul
 				ret = -EILSEQ;
 				goto fail;
 			}
+		}
+		/* What the jump replaces: the function's code, or the older update's jump, whatever
+		 * the masks say. Its bytes outside the masks were compared above; a masked byte
+		 * under the jump can only be taken for the pre code's. (An older update's jump at
+		 * this same load is not written yet: module_coming checks it before the write.) */
+		if (!below && expected_site(f, mod, f->expect)) {
+			snprintf(why, len, "%.128s does not match: a field at its jump site (+%#x) does not resolve",
+				 f->name, f->fentry);
+			ret = -EILSEQ;
+			goto fail;
+		}
+		if ((!below || below->tgt < 0 || owner->targets[below->tgt].patched) &&
+		    memcmp((void *)site, f->expect, JMP_SIZE)) {
+			snprintf(why, len, "%.128s: the bytes at its jump site (+%#x) are not its %s (%*phN, not %*phN): a probe, or code the kernel rewrote, which the jump must not cover",
+				 f->name, f->fentry, below ? "older update's jump" : "code", JMP_SIZE,
+				 (void *)site, JMP_SIZE, f->expect);
+			ret = -EILSEQ;
+			goto fail;
 		}
 		f->site = site;
 		make_jump(f->jump, site, f->target);
@@ -1264,11 +1479,28 @@ static void ls_sync_core(void *unused)
 	sync_core();
 }
 
+/* A refused load: every update forgets what it resolved, or wrote, in this instance of the
+ * module, which the kernel frees with no MODULE_STATE_GOING for this notifier. */
+static void forget_instance(struct module *mod)
+{
+	struct ls_update *u;
+	struct ls_target *t;
+
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (t && (t->pending || t->mod == mod))
+			forget_target(u, t);
+	}
+}
+
 /*
- * MODULE_STATE_COMING of a module that applied updates wait for, oldest first: check them all,
- * then write the held fields and the jumps of those that match, with text_poke. No stop_machine:
- * none of the module's code has run yet. A mismatch refuses the load (nothing written) unless
- * refuse_mismatch is off; then that update waits on.
+ * MODULE_STATE_COMING of a module that applied updates wait for, oldest first: resolve and check
+ * each, and write its held fields at once, so that an update stacked on it (whose pre code is
+ * this one's new code, fields included) is checked against the fields as they are for this
+ * load; then write the jumps of those that match, with text_poke. No stop_machine: none of the
+ * module's code has run yet. A mismatch refuses the load unless refuse_mismatch is off; then
+ * that update waits on. (Held fields written for a load that is then refused are harmless:
+ * nothing jumps to the new code of a target that is not patched.)
  */
 static int module_coming(struct module *mod)
 {
@@ -1284,6 +1516,9 @@ static int module_coming(struct module *mod)
 			continue;
 		ret = resolve_target(u, t, mod, why, sizeof(why));
 		if (!ret) {
+			mutex_lock(&text_mutex);
+			write_held(t);
+			mutex_unlock(&text_mutex);
 			t->pending = true;
 			t->mod = mod;
 			continue;
@@ -1291,11 +1526,7 @@ static int module_coming(struct module *mod)
 		if (refuse_mismatch) {
 			pr_err("livesplice: update %s: refusing to load %s: %s (the update is for build id %s)\n",
 			       u->id, mod->name, why, t->build_id);
-			list_for_each_entry(u, &updates, list) {
-				t = find_target(u, mod->name);
-				if (t && t->pending)
-					forget_target(u, t);
-			}
+			forget_instance(mod);
 			return -EINVAL;
 		}
 		pr_warn("livesplice: update %s: %s loads unpatched: %s (the update is for build id %s)\n",
@@ -1306,11 +1537,33 @@ static int module_coming(struct module *mod)
 		t = find_target(u, mod->name);
 		if (!t || !t->pending)
 			continue;
-		write_held(t);
+		/* The sites again, under text_mutex, right before the write: a kprobe registered
+		 * since the check arms its int3 under it too. A stacked function expects the older
+		 * update's jump, written just before (or left out: then this one fails too). */
 		for (i = t->first; i < t->first + t->nfuncs; i++) {
 			struct ls_func *f = &u->funcs[i];
 
-			/* An older update's jump, written just before, when stacked. */
+			if (!memcmp((void *)f->site, f->expect, JMP_SIZE))
+				continue;
+			snprintf(why, sizeof(why), "%.128s: the bytes at its jump site (+%#x) changed since they were checked (%*phN, not %*phN): a probe?",
+				 f->name, f->fentry, JMP_SIZE, (void *)f->site, JMP_SIZE, f->expect);
+			break;
+		}
+		if (i < t->first + t->nfuncs) {
+			if (refuse_mismatch) {
+				mutex_unlock(&text_mutex);
+				pr_err("livesplice: update %s: refusing to load %s: %s\n", u->id, mod->name,
+				       why);
+				forget_instance(mod);
+				return -EINVAL;
+			}
+			pr_warn("livesplice: update %s: %s loads unpatched: %s\n", u->id, mod->name, why);
+			forget_target(u, t);
+			continue;
+		}
+		for (i = t->first; i < t->first + t->nfuncs; i++) {
+			struct ls_func *f = &u->funcs[i];
+
 			memcpy(f->saved, (void *)f->site, JMP_SIZE);
 			text_poke((void *)f->site, f->jump, JMP_SIZE);
 		}
@@ -1342,13 +1595,15 @@ static int switch_target(struct ls_update *u, struct ls_target *t, struct module
 	struct ls_update view = *u;	/* never linked into `updates` */
 	struct ls_answer a = { .buf = why, .cap = len };
 	char *msg;
-	int i, ret;
+	int i, j, ret, nparts = 0;
 
 	view.funcs = &u->funcs[t->first];
 	view.nfuncs = t->nfuncs;
 	view.nvmlinux = 0;
 	view.nranges = 0;
-	view.ranges = kvcalloc(2 * t->nfuncs, sizeof(*view.ranges), GFP_KERNEL);
+	for (i = 0; i < t->nfuncs; i++)
+		nparts += view.funcs[i].nparts;
+	view.ranges = kvcalloc(2 * t->nfuncs + nparts, sizeof(*view.ranges), GFP_KERNEL);
 	if (!view.ranges) {
 		snprintf(why, len, "out of memory");
 		forget_target(u, t);
@@ -1360,6 +1615,9 @@ static int switch_target(struct ls_update *u, struct ls_target *t, struct module
 		view.ranges[view.nranges++] = (struct ls_range){ f->addr, f->addr + f->size, i };
 		if (f->live != f->addr)
 			view.ranges[view.nranges++] = (struct ls_range){ f->live, f->live + f->size, i };
+		for (j = 0; j < f->nparts; j++)
+			view.ranges[view.nranges++] = (struct ls_range){
+				f->parts[j].addr, f->parts[j].addr + f->parts[j].size, i };
 	}
 	mutex_lock(&text_mutex);	/* nothing jumps to the new code yet */
 	write_held(t);
@@ -1432,32 +1690,46 @@ static void module_going(struct module *mod)
 	}
 }
 
+static void update_module_going(struct module *mod);
+
 static int ls_module_notify(struct notifier_block *nb, unsigned long action, void *data)
 {
 	struct module *mod = data;
-	struct ls_coming *c;
 	int ret = 0;
 
-	mutex_lock(&ls_mutex);
 	switch (action) {
 	case MODULE_STATE_COMING:
+		if (!note_coming(mod, kmalloc(sizeof(struct ls_coming), GFP_KERNEL)))
+			break;
+		mutex_lock(&ls_mutex);
 		ret = module_coming(mod);
-		c = ret ? NULL : kmalloc(sizeof(*c), GFP_KERNEL);
-		if (c) {	/* without it, an apply during its init leaves it to its LIVE */
-			c->mod = mod;
-			list_add(&c->list, &coming);
-		}
+		mutex_unlock(&ls_mutex);
+		if (ret)	/* refused: freed with no MODULE_STATE_GOING for this notifier */
+			forget_coming(mod);
 		break;
 	case MODULE_STATE_LIVE:
-		if (!forget_coming(mod))
-			module_live_unseen(mod);
+		if (forget_coming(mod))
+			break;
+		/* The state written before `named` is read: pairs with publish_names(). */
+		smp_mb();
+		if (!is_named(mod->name))
+			break;
+		mutex_lock(&ls_mutex);
+		module_live_unseen(mod);
+		mutex_unlock(&ls_mutex);
 		break;
 	case MODULE_STATE_GOING:
-		module_going(mod);
 		forget_coming(mod);
+		/* The state written before `named` is read: pairs with publish_names(). */
+		smp_mb();
+		if (!is_named(mod->name))
+			break;
+		mutex_lock(&ls_mutex);
+		update_module_going(mod);
+		module_going(mod);
+		mutex_unlock(&ls_mutex);
 		break;
 	}
-	mutex_unlock(&ls_mutex);
 	return notifier_from_errno(ret);
 }
 
@@ -1470,7 +1742,7 @@ static struct notifier_block ls_module_nb = {
 /* --- apply ------------------------------------------------------------------------------------- */
 
 struct ls_counts {
-	int f, r, t, p, b, m, c, h;
+	int f, r, t, p, q, b, m, c, h;
 };
 
 /* How many lines of each kind follow the first: the request is allocated for exactly those. */
@@ -1485,6 +1757,7 @@ static void count_lines(const char *req, struct ls_counts *n)
 		case 'r': n->r++; break;
 		case 't': n->t++; break;
 		case 'p': n->p++; break;
+		case 'q': n->q++; break;
 		case 'b': n->b++; break;
 		case 'm': n->m++; break;
 		case 'c': n->c++; break;
@@ -1496,9 +1769,14 @@ static void count_lines(const char *req, struct ls_counts *n)
 
 /* Where the parse of a request is: the next free entry of each kind, the current t and p line. */
 struct ls_parse {
-	int f, r, p, t, c, h, m;
+	int f, r, p, t, c, h, m, q;
 	struct ls_target *target;
 	struct ls_func *func;
+	/* The p lines' SIZEs so far, and what the request can carry: its b lines give every byte
+	 * in two hex digits, so a valid request never asks for more than half its length. Each p
+	 * line allocates before its b lines are read (SIZE bytes and a bitmap of SIZE bits). */
+	size_t code_bytes, code_budget;
+	bool too_much_code, out_of_memory;
 };
 
 /* A field of a c or h line: TYPE NAME SYMPOS ADDEND after its place. */
@@ -1508,11 +1786,11 @@ static bool parse_field(struct ls_field *fl, char **tok)
 	    !valid_token(tok[1], KSYM_NAME_LEN) || !parse_uint(tok[2], MAX_SYMPOS, &fl->sympos) ||
 	    kstrtos64(tok[3], 10, &fl->addend))
 		return false;
-	fl->name = kstrdup(tok[1], GFP_KERNEL);
+	fl->name = kstrdup(tok[1], LS_GFP);
 	return fl->name != NULL;
 }
 
-/* One t, p, b, m, c or h line (a module target), checked; false if it is bad. */
+/* One t, p, q, b, m, c or h line (a module target), checked; false if it is bad. */
 static bool parse_target_line(struct ls_update *u, struct ls_parse *ps, char *line)
 {
 	char *tok[6];
@@ -1551,16 +1829,41 @@ static bool parse_target_line(struct ls_update *u, struct ls_parse *ps, char *li
 		    kstrtoul(tok[5], 16, &f->target))
 			return false;
 		strscpy(f->name, tok[1], sizeof(f->name));
-		f->code = kvmalloc(f->size, GFP_KERNEL);
-		f->cmp = kvcalloc(BITS_TO_LONGS(f->size), sizeof(long), GFP_KERNEL);
-		if (!f->code || !f->cmp)
+		if (f->size > ps->code_budget - ps->code_bytes) {
+			ps->too_much_code = true;
 			return false;
+		}
+		ps->code_bytes += f->size;
+		f->code = kvmalloc(f->size, LS_GFP);
+		f->cmp = kvcalloc(BITS_TO_LONGS(f->size), sizeof(long), LS_GFP);
+		if (!f->code || !f->cmp) {
+			ps->out_of_memory = true;
+			return false;
+		}
 		f->masks = &u->masks[ps->m];
 		f->checks = &u->checks[ps->c];
+		f->parts = &u->parts[ps->q];
 		ps->target->nfuncs++;
 		ps->func = f;
 		ps->p++;
 		return true;
+	case 'q': {
+		struct ls_part *part = &u->parts[ps->q];
+
+		/* A part of the last p line's function: the module's own symbol, like it. */
+		if (n != 4 || !f || !valid_token(tok[1], KSYM_NAME_LEN) ||
+		    !parse_uint(tok[2], MAX_SYMPOS, &part->sympos) || !part->sympos ||
+		    !parse_uint(tok[3], MAX_CODE_SIZE, &part->size) || !part->size)
+			return false;
+		part->name = kstrdup(tok[1], LS_GFP);
+		if (!part->name) {
+			ps->out_of_memory = true;
+			return false;
+		}
+		ps->q++;
+		f->nparts++;
+		return true;
+	}
 	case 'b':
 		/* All SIZE bytes are given, each once, in any order; cmp marks the given ones. */
 		if (n != 3 || !f)
@@ -1638,10 +1941,10 @@ static int finish_targets(struct ls_update *u, struct ls_answer *a)
 /* Allocate an update for exactly the lines counted, within the protocol's bounds. */
 static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct ls_answer *a)
 {
-	if (n->f + n->p > MAX_FUNCS || n->r > MAX_RANGES || n->t > MAX_TARGETS ||
-	    n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS) {
-		say(a, "error apply %s too many lines: at most %d f and p, %d r, %d t, %d c and h, %d m\n",
-		    u->id, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS);
+	if (n->f + n->p > MAX_FUNCS || n->q > MAX_FUNCS || n->r > MAX_RANGES ||
+	    n->t > MAX_TARGETS || n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS) {
+		say(a, "error apply %s too many lines: at most %d f and p, %d q, %d r, %d t, %d c and h, %d m\n",
+		    u->id, MAX_FUNCS, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS);
 		return -EINVAL;
 	}
 	u->nvmlinux = n->f;
@@ -1649,14 +1952,18 @@ static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct l
 	u->nchecks = n->c;
 	u->nheld = n->h;
 	u->nmasks = n->m;
-	u->maxranges = n->r + 2 * n->p;	/* the module functions' old code, and where it runs */
-	u->funcs = kvcalloc(max(u->nfuncs, 1), sizeof(*u->funcs), GFP_KERNEL);
-	u->ranges = kvcalloc(max(u->maxranges, 1), sizeof(*u->ranges), GFP_KERNEL);
-	u->targets = kvcalloc(max(n->t, 1), sizeof(*u->targets), GFP_KERNEL);
-	u->checks = kvcalloc(max(n->c, 1), sizeof(*u->checks), GFP_KERNEL);
-	u->held = kvcalloc(max(n->h, 1), sizeof(*u->held), GFP_KERNEL);
-	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), GFP_KERNEL);
-	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks) {
+	u->nparts = n->q;
+	/* the module functions' old code, where it runs, and their parts */
+	u->maxranges = n->r + 2 * n->p + n->q;
+	u->funcs = kvcalloc(max(u->nfuncs, 1), sizeof(*u->funcs), LS_GFP);
+	u->ranges = kvcalloc(max(u->maxranges, 1), sizeof(*u->ranges), LS_GFP);
+	u->targets = kvcalloc(max(n->t, 1), sizeof(*u->targets), LS_GFP);
+	u->checks = kvcalloc(max(n->c, 1), sizeof(*u->checks), LS_GFP);
+	u->held = kvcalloc(max(n->h, 1), sizeof(*u->held), LS_GFP);
+	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), LS_GFP);
+	u->parts = kvcalloc(max(n->q, 1), sizeof(*u->parts), LS_GFP);
+	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks ||
+	    !u->parts) {
 		say(a, "error apply %s out of memory\n", u->id);
 		return -ENOMEM;
 	}
@@ -1672,7 +1979,7 @@ static const char *resolve_status(int ret)
  * apply ID MODULE TRIES DELAY_MS
  * f NAME SITE TARGET EXPECT_HEX      one per vmlinux function
  * r START END FUNC_INDEX             old code to find no thread in
- * t, p, b, m, c, h                   module targets (docs/core-protocol.md, protocol 3)
+ * t, p, q, b, m, c, h                module targets (docs/core-protocol.md, protocol 3)
  */
 static int handle_apply(char *req, struct ls_answer *a)
 {
@@ -1681,11 +1988,12 @@ static int handle_apply(char *req, struct ls_answer *a)
 	struct ls_parse ps = {};
 	char *line;
 	char modname[MODULE_NAME_LEN], hex[2 * JMP_SIZE + 2], why[320];
-	int tries, delay, ret = -EINVAL, i;
+	int tries, delay, ret = -EINVAL, i, k;
 	size_t linelen = 0, j;
 	struct module *mod;
 
 	count_lines(req, &counts);
+	ps.code_budget = strlen(req) / 2;
 	line = strsep(&req, "\n");
 	u = kzalloc(sizeof(*u), GFP_KERNEL);
 	if (!u) {
@@ -1723,7 +2031,17 @@ static int handle_apply(char *req, struct ls_answer *a)
 			u->ranges[ps.r].end = y;
 			u->ranges[ps.r].func = idx;
 			u->nranges = ++ps.r;
-		} else if (!strchr("tpbmch", line[0]) || !parse_target_line(u, &ps, line)) {
+		} else if (!strchr("tpqbmch", line[0]) || !parse_target_line(u, &ps, line)) {
+			if (ps.too_much_code) {
+				say(a, "error apply %s the p lines ask for more bytes of code than the request carries (%zu bytes at most)\n",
+				    u->id, ps.code_budget);
+				goto out;
+			}
+			if (ps.out_of_memory) {
+				say(a, "error apply %s out of memory\n", u->id);
+				ret = -ENOMEM;
+				goto out;
+			}
 			goto bad_line;
 		}
 	}
@@ -1739,6 +2057,9 @@ static int handle_apply(char *req, struct ls_answer *a)
 		say(a, "error apply %s an update with this id is applied\n", u->id);
 		goto out;
 	}
+	/* From here on the notifier takes ls_mutex for the update's modules (see names_lock). */
+	strscpy(u->modname, modname, sizeof(u->modname));
+	publish_names(u);
 	/* The new code's module, pinned while the update is applied. */
 	mutex_lock(&module_mutex);
 	mod = find_module(modname);
@@ -1783,6 +2104,9 @@ static int handle_apply(char *req, struct ls_answer *a)
 			if (f->live != f->addr)
 				u->ranges[u->nranges++] =
 					(struct ls_range){ f->live, f->live + f->size, i };
+			for (k = 0; k < f->nparts; k++)
+				u->ranges[u->nranges++] = (struct ls_range){
+					f->parts[k].addr, f->parts[k].addr + f->parts[k].size, i };
 		}
 		ret = switch_update(u, false, tries, delay, a);
 	}
@@ -1828,10 +2152,82 @@ static bool stacks_on(struct ls_update *u, struct ls_func *f, struct ls_update *
 	       !strcmp(u->targets[f->tgt].name, v->targets[g->tgt].name);
 }
 
+/* A later update that patched one of u's sites, or waits to: it stacks on u (*func: u's). */
+static struct ls_update *stacked_later(struct ls_update *u, int *func)
+{
+	struct ls_update *later = u;
+	int i, j;
+
+	list_for_each_entry_continue(later, &updates, list)
+		for (i = 0; i < u->nfuncs; i++)
+			for (j = 0; j < later->nfuncs; j++)
+				if (stacks_on(u, &u->funcs[i], later, &later->funcs[j])) {
+					*func = i;
+					return later;
+				}
+	return NULL;
+}
+
+/* No jump leads into u's code any more and no thread is in it: wait for what it queued
+ * with call_rcu(), and for any task still between its instructions that no stack showed (an
+ * exiting thread past release_task(): a tasks-RCU grace period), before its code can go. */
+static void forget_update(struct ls_update *u)
+{
+	list_del(&u->list);
+	rcu_barrier();
+	synchronize_rcu_tasks();
+	module_put(u->mod);
+	free_update(u);
+	module_put(THIS_MODULE);
+}
+
+/*
+ * MODULE_STATE_GOING of an applied update's own module: `rmmod -f` (MODULE_FORCE_UNLOAD ignores
+ * the reference the core holds). Its exit has run, but its code is still in memory until this
+ * notifier returns: switch the update back, as undo does, and forget it. If that fails (a thread
+ * inside its code after every try, or a later update stacked on it) the jumps lead into code
+ * about to be freed: say so as loudly as the kernel can, and taint it.
+ */
+static void update_module_going(struct module *mod)
+{
+	struct ls_update *u, *tmp, *later;
+	struct ls_answer a = { .cap = 512 };
+	int ret, func;
+
+	list_for_each_entry_safe(u, tmp, &updates, list) {
+		if (u->mod != mod)
+			continue;
+		a.buf = kzalloc(a.cap, GFP_KERNEL);
+		a.len = 0;
+		later = stacked_later(u, &func);
+		if (later) {
+			ret = -EBUSY;
+			say(&a, "update %s stacks on it (%s)", later->id, u->funcs[func].name);
+		} else {
+			ret = switch_update(u, true, FORCED_TRIES, FORCED_DELAY_MS, &a);
+		}
+		if (a.buf && a.len && a.buf[a.len - 1] == '\n')
+			a.buf[--a.len] = '\0';
+		if (ret) {
+			pr_emerg("livesplice: update %s: its module %s is being removed by force, and the update cannot be switched back: %s; its jumps lead into freed code\n",
+				 u->id, mod->name, a.buf ? a.buf : "");
+			add_taint(TAINT_DIE, LOCKDEP_STILL_OK);
+			list_del(&u->list);
+			free_update(u);		/* its state refers to the module that goes */
+			module_put(THIS_MODULE);
+		} else {
+			pr_warn("livesplice: update %s: its module %s is being removed by force: switched back\n",
+				u->id, mod->name);
+			forget_update(u);
+		}
+		kfree(a.buf);
+	}
+}
+
 static int handle_undo(char *req, struct ls_answer *a)
 {
 	char id[ID_LEN];
-	int tries, delay, i, j, ret;
+	int tries, delay, i, ret;
 	struct ls_update *u, *later;
 
 	if (sscanf(req, "undo %47s %d %d", id, &tries, &delay) != 3 || !valid_id(id) ||
@@ -1845,33 +2241,19 @@ static int handle_undo(char *req, struct ls_answer *a)
 		say(a, "unknown undo %s no applied update %s\n", id, id);
 		return -ENOENT;
 	}
-	/* A later update that patched one of the same sites, or waits to, stacks on this one. */
-	later = u;
-	list_for_each_entry_continue(later, &updates, list) {
-		for (i = 0; i < u->nfuncs; i++)
-			for (j = 0; j < later->nfuncs; j++)
-				if (stacks_on(u, &u->funcs[i], later, &later->funcs[j])) {
-					say(a, "stacked undo %s update %s stacks on %s (%s): undo it first\n",
-					    id, later->id, u->id, u->funcs[i].name);
-					return -EBUSY;
-				}
+	later = stacked_later(u, &i);
+	if (later) {
+		say(a, "stacked undo %s update %s stacks on %s (%s): undo it first\n", id, later->id,
+		    u->id, u->funcs[i].name);
+		return -EBUSY;
 	}
 	/* Patched targets switch back with vmlinux's functions; waiting ones are just forgotten. */
 	ret = switch_update(u, true, tries, delay, a);
 	if (ret)
 		return ret;
-	list_del(&u->list);
 	pr_info("livesplice: undone %s (%s), machine stopped %llu us\n", u->id, u->mod->name,
 		div_u64(u->pause_ns, 1000));
-	/* No jump leads into the update any more and no thread is in it; callbacks it queued with
-	 * call_rcu() may still be pending: wait for them before its code can go. */
-	rcu_barrier();
-	/* And for any task still between instructions of it that no stack showed (an exiting
-	 * thread past release_task()): a tasks-RCU grace period. */
-	synchronize_rcu_tasks();
-	module_put(u->mod);
-	free_update(u);
-	module_put(THIS_MODULE);
+	forget_update(u);
 	return 0;
 }
 
@@ -2063,7 +2445,7 @@ static void __exit livesplice_core_exit(void)
 
 	misc_deregister(&ls_dev);
 	unregister_module_notifier(&ls_module_nb);	/* waits for a call in progress */
-	list_for_each_entry_safe(c, tmp, &coming, list) {
+	list_for_each_entry_safe(c, tmp, &coming, list) {	/* the notifier is gone */
 		list_del(&c->list);
 		kfree(c);
 	}
