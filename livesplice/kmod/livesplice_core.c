@@ -1294,9 +1294,13 @@ static struct ls_func *stacked_on(struct ls_update *u, unsigned long site, struc
  */
 static int expected_site(struct ls_func *f, struct module *mod, u8 *want)
 {
+	bool fixed[JMP_SIZE];
 	int j, k;
 
 	memcpy(want, f->code + f->fentry, JMP_SIZE);
+	/* Byte 0 is an instruction's start (after the fentry call), where a probe's int3 goes. */
+	for (k = 0; k < JMP_SIZE; k++)
+		fixed[k] = !k || test_bit(f->fentry + k, f->cmp);
 	for (j = 0; j < f->nchecks; j++) {
 		struct ls_field *c = &f->checks[j];
 		unsigned int width = field_width(c->type);
@@ -1309,9 +1313,16 @@ static int expected_site(struct ls_func *f, struct module *mod, u8 *want)
 		if (!sym || field_value(c->type, sym, c->addend, f->live + c->where, &value))
 			return -ENOENT;
 		for (k = 0; k < width; k++)
-			if (c->where + k >= f->fentry && c->where + k < f->fentry + JMP_SIZE)
+			if (c->where + k >= f->fentry && c->where + k < f->fentry + JMP_SIZE) {
 				want[c->where + k - f->fentry] = ((u8 *)&value)[k];
+				fixed[c->where + k - f->fentry] = true;
+			}
 	}
+	/* A masked byte inside an instruction (a string's or a section's address, not checked) is
+	 * whatever the loader wrote: taken as it is, as no probe can start there. */
+	for (k = 1; k < JMP_SIZE; k++)
+		if (!fixed[k])
+			want[k] = ((const u8 *)(f->addr + f->fentry))[k];
 	return 0;
 }
 
