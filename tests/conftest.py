@@ -72,6 +72,21 @@ def guest_cli(vm, *args: str, timeout: float = 300):
     return vm.run([*GUEST_CLI, *args], timeout=timeout, cwd=str(REPO))
 
 
+def mark(vm) -> int:
+    """Where the guest's kernel log is now: what a test compares the log after it with."""
+    return len(vm.dmesg().splitlines())
+
+
+def log_since(vm, since: int) -> str:
+    return "\n".join(vm.dmesg().splitlines()[since:])
+
+
+def assert_clean(vm, since: int) -> None:
+    """No Oops, BUG, WARNING or Call Trace in the kernel log since `mark`."""
+    problems = vm.dmesg_problems(since)
+    assert not problems, problems
+
+
 def create_stacked_package(stock_kernel, out: Path, tree: Path, applied: dict, edits: dict,
                            name: str) -> Path:
     """A package made from a copy of the stock source at `tree` that already has the `applied`

@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import GUEST_CLI, REPO
+from conftest import GUEST_CLI, REPO, assert_clean, log_since, mark
 from elftools.elf.constants import SH_FLAGS
 from elftools.elf.elffile import ELFFile
 
@@ -327,19 +327,6 @@ def held_is_linked(vm) -> bool:
 
 def clear_held(vm) -> None:
     vm.run(f"echo 0 > /sys/module/{UPDATE_MODULE}/parameters/lszram_target", check=True)
-
-
-def mark(vm) -> int:
-    return len(vm.dmesg().splitlines())
-
-
-def log_since(vm, since: int) -> str:
-    return "\n".join(vm.dmesg().splitlines()[since:])
-
-
-def assert_clean(vm, since: int) -> None:
-    problems = vm.dmesg_problems(since)
-    assert not problems, problems
 
 
 def zram(vm, loaded: bool, params: str = "") -> None:

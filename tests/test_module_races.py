@@ -21,7 +21,7 @@ import subprocess
 import textwrap
 
 import pytest
-from conftest import GUEST_CLI, REPO
+from conftest import GUEST_CLI, REPO, assert_clean, log_since, mark
 from test_core_modules import function_info
 
 from livesplice.buildid import elf_build_id
@@ -324,19 +324,6 @@ def loader_state(vm) -> str:
 
 def show(vm, path: str = VALUE) -> str:
     return vm.run(["cat", path], check=True).out.strip()
-
-
-def mark(vm) -> int:
-    return len(vm.dmesg().splitlines())
-
-
-def log_since(vm, since: int) -> str:
-    return "\n".join(vm.dmesg().splitlines()[since:])
-
-
-def assert_clean(vm, since: int) -> None:
-    problems = vm.dmesg_problems(since)
-    assert not problems, problems
 
 
 def wait_log(vm, text: str, since: int, timeout: int = 120) -> None:

@@ -8,7 +8,7 @@ import base64
 import json
 
 import pytest
-from conftest import create_packages, create_stacked_package, guest_cli
+from conftest import assert_clean, create_packages, create_stacked_package, guest_cli, log_since, mark
 
 from livesplice.package import Package
 
@@ -97,19 +97,6 @@ def clean_state(vm):
     vm.run("rmmod zram 2>/dev/null; true")
 
 
-def mark(vm) -> int:
-    return len(vm.dmesg().splitlines())
-
-
-def new_log(vm, since: int) -> str:
-    return "\n".join(vm.dmesg().splitlines()[since:])
-
-
-def assert_clean(vm, since: int) -> None:
-    problems = vm.dmesg_problems(since)
-    assert not problems, problems
-
-
 def read(vm, path: str) -> str:
     return vm.run(["cat", path], check=True).out.strip()
 
@@ -154,7 +141,7 @@ def test_loaded_module_before_after_undo(vm, packages):
            "echo 'module livesplice_zram +p' > /sys/kernel/debug/dynamic_debug/control",
            check=True)
     read(vm, "/sys/block/zram0/comp_algorithm")
-    assert "livesplice test: comp_algorithm read" in new_log(vm, since)
+    assert "livesplice test: comp_algorithm read" in log_since(vm, since)
     listed = json.loads(guest_cli(vm, "list", "--json").out)
     assert listed[0]["targets"] == [{"name": "zram", "state": "patched"}]
     assert {j["name"] for j in listed[0]["jumps"]} == {"disksize_show", "max_comp_streams_show",
@@ -180,7 +167,7 @@ def test_module_loaded_after_apply_and_reloaded(vm, packages):
     cpus = vm.run(["nproc"], check=True).out.strip()
     assert read(vm, STREAMS) == str(int(cpus) + 1000)
     assert read(vm, DISKSIZE) == "7"
-    assert "livesplice: update zram: patched zram (3 functions)" in new_log(vm, since)
+    assert "livesplice: update zram: patched zram (3 functions)" in log_since(vm, since)
     assert targets(vm, "zram") == {"zram": "patched"}
     # Unloaded, the update waits again; loaded again (at another address), patched again.
     assert vm.run(["rmmod", "zram"]).status == 0
@@ -233,7 +220,7 @@ def test_other_build_refused_at_load(vm, packages):
     assert r.status == 0, r.err  # nothing loaded to check: it waits
     assert modprobe_zram(vm).status != 0
     assert not zram_loaded(vm)
-    log = new_log(vm, since)
+    log = log_since(vm, since)
     assert "livesplice: update zram: refusing to load zram: " in log  # (its id is zram's)
     assert "disksize_show" in log
     # The documented way out: load it unpatched.
@@ -242,7 +229,7 @@ def test_other_build_refused_at_load(vm, packages):
         assert modprobe_zram(vm).status == 0
     finally:
         vm.run(f"echo 1 > {REFUSE}", check=True)
-    assert "livesplice: update zram: zram loads unpatched: " in new_log(vm, since)
+    assert "livesplice: update zram: zram loads unpatched: " in log_since(vm, since)
     assert read(vm, DISKSIZE) == "0"
     assert targets(vm, "zram") == {"zram": "waiting"}
     assert guest_cli(vm, "undo", "zram").status == 0
@@ -279,7 +266,7 @@ def test_stacked_module_updates(vm, packages):
     assert read(vm, DISKSIZE) == "8"
     vm.run(["rmmod", "zram"], check=True)
     r = modprobe_zram(vm)
-    assert r.status == 0, new_log(vm, since)
+    assert r.status == 0, log_since(vm, since)
     assert read(vm, STREAMS) == str(cpus + 2000) and read(vm, DISKSIZE) == "8"
     assert targets(vm, "zram") == {"zram": "patched"} and targets(vm, "zram-b") == {"zram": "patched"}
     r = guest_cli(vm, "undo", "zram")
@@ -295,7 +282,7 @@ def test_stacked_module_updates(vm, packages):
     r = guest_cli(vm, "apply", str(packages["zram-b"]))
     assert r.status == 0, r.err
     r = modprobe_zram(vm)
-    assert r.status == 0, new_log(vm, since)
+    assert r.status == 0, log_since(vm, since)
     assert read(vm, STREAMS) == str(cpus + 2000) and read(vm, DISKSIZE) == "8"
     assert targets(vm, "zram") == {"zram": "patched"} and targets(vm, "zram-b") == {"zram": "patched"}
     assert guest_cli(vm, "undo", "zram-b").status == 0
@@ -319,7 +306,7 @@ def test_update_module_removed_by_force(vm, packages):
     assert read(vm, STREAMS) == cpus and read(vm, DISKSIZE) == "0"
     assert json.loads(guest_cli(vm, "list", "--json").out) == []
     assert (f"livesplice: update zram: its module {module} is being removed by force: switched back"
-            in new_log(vm, since))
+            in log_since(vm, since))
     assert guest_cli(vm, "cleanup").status == 0
     assert "livesplice" not in vm.run(["cat", "/proc/modules"]).out
     assert_clean(vm, since)
