@@ -232,8 +232,10 @@ def rmmod(name: str) -> None:
         raise LivespliceError(f"rmmod {name} failed: {proc.stderr.strip()}")
 
 
-_ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
-_ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")  # sh_name, sh_type, ..., sh_offset, sh_size, sh_link, ...
+# The x86-64 ELF records read with struct (here, and by create's module stage on .ko files).
+ELF64_SYM = struct.Struct("<IBBHQQ")  # st_name, st_info, st_other, st_shndx, st_value, st_size
+ELF64_SECTION = struct.Struct("<IIQQQQIIQQ")  # sh_name, sh_type, ..., sh_offset, sh_size, sh_link, ...
+ELF64_RELA = struct.Struct("<QQq")  # r_offset, r_info, r_addend
 SHT_SYMTAB = 2
 SHN_UNDEF = 0
 
@@ -247,19 +249,19 @@ def undefined_symbols(ko: bytes, what: str = "module") -> list[tuple[int, str]]:
             raise ValueError("not a 64-bit little-endian ELF file")
         shoff, = struct.unpack_from("<Q", ko, 0x28)
         shentsize, shnum = struct.unpack_from("<HH", ko, 0x3A)
-        if shentsize != _ELF64_SECTION.size:
+        if shentsize != ELF64_SECTION.size:
             raise ValueError(f"section headers of {shentsize} bytes")
-        sections = [_ELF64_SECTION.unpack_from(ko, shoff + i * shentsize) for i in range(shnum)]
+        sections = [ELF64_SECTION.unpack_from(ko, shoff + i * shentsize) for i in range(shnum)]
         symtabs = [s for s in sections if s[1] == SHT_SYMTAB]
         if len(symtabs) != 1:
             raise ValueError(f"{len(symtabs)} symbol tables")
         _, _, _, _, offset, size, link, _, _, entsize = symtabs[0]
-        if entsize != _ELF64_SYM.size or offset + size > len(ko) or link >= shnum:
+        if entsize != ELF64_SYM.size or offset + size > len(ko) or link >= shnum:
             raise ValueError("a malformed symbol table")
         strings = ko[sections[link][4]:sections[link][4] + sections[link][5]]
         out = []
         for at in range(offset, offset + size - entsize + 1, entsize):
-            st_name, _, _, st_shndx, _, _ = _ELF64_SYM.unpack_from(ko, at)
+            st_name, _, _, st_shndx, _, _ = ELF64_SYM.unpack_from(ko, at)
             if st_shndx == SHN_UNDEF and st_name:
                 end = strings.index(b"\0", st_name)
                 out.append((at, strings[st_name:end].decode()))

@@ -18,15 +18,14 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from .elfmodel import SHT
 from .errors import BadInput, Refused
 from .includes import module_name
+from .kernel import ELF64_RELA, ELF64_SECTION, ELF64_SYM
 from .newcode import TABLES, NewCode
 from .pkgformat import PLACEHOLDER_PREFIX, VMLINUX, HeldField, KernelRef, PreFunction
 from .stockmodule import ModuleImage
 
-_RELA = struct.Struct("<QQq")
-_SECTION = struct.Struct("<IIQQQQIIQQ")
-SHT_RELA = 4
 R_X86_64_NONE = 0
 
 
@@ -122,7 +121,7 @@ def hold_module_fields(ko: bytes, code: NewCode, refs: list[KernelRef]) -> tuple
     out = bytearray(ko)
     shoff, = struct.unpack_from("<Q", ko, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
-    sections = [_SECTION.unpack_from(ko, shoff + i * shentsize) for i in range(shnum)]
+    sections = [ELF64_SECTION.unpack_from(ko, shoff + i * shentsize) for i in range(shnum)]
     names = sections[shstrndx]
 
     def name_of(entry: tuple) -> str:
@@ -131,16 +130,15 @@ def hold_module_fields(ko: bytes, code: NewCode, refs: list[KernelRef]) -> tuple
 
     held, problems = [], []
     for entry in sections:
-        if entry[1] != SHT_RELA:
+        if entry[1] != SHT["SHT_RELA"]:
             continue
         _, _, _, _, offset, size, link, info, _, entsize = entry
         symtab = sections[link]
         strtab = sections[symtab[6]]
         target_section = name_of(sections[info])
         for at in range(offset, offset + size, entsize):
-            r_offset, r_info, r_addend = _RELA.unpack_from(ko, at)
-            sym = symtab[4] + (r_info >> 32) * 24
-            st_name, = struct.unpack_from("<I", ko, sym)
+            r_offset, r_info, r_addend = ELF64_RELA.unpack_from(ko, at)
+            st_name = ELF64_SYM.unpack_from(ko, symtab[4] + (r_info >> 32) * ELF64_SYM.size)[0]
             start = strtab[4] + st_name
             name = ko[start:ko.index(b"\0", start)].decode()
             if not name.startswith(PLACEHOLDER_PREFIX) or name not in into_module:

@@ -18,15 +18,14 @@ relocated fields lead to give the positions of the statics the new code uses.
 from __future__ import annotations
 
 import io
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .elfmodel import PC_RELATIVE, R
+from .elfmodel import R
 from .errors import BadInput
+from .kernel import ELF64_RELA
 from .pkgformat import PreFunction
 
-_RELA = struct.Struct("<QQq")  # r_offset, r_info, r_addend
 # Sections the loader drops or never allocates (their symbols are not the module's in memory).
 _NOT_KEPT_PREFIXES = (".init", ".modinfo", "__versions")
 SIGNED = {R["R_X86_64_PC32"], R["R_X86_64_PLT32"], R["R_X86_64_32S"], R["R_X86_64_PC64"]}
@@ -125,7 +124,7 @@ class ModuleImage:
             rela = self._rela_of.get(shndx)
             if rela is not None:
                 _, _, _, offset, size, _ = self._sections[rela]
-                for r_offset, r_info, r_addend in _RELA.iter_unpack(self.raw[offset:offset + size]):
+                for r_offset, r_info, r_addend in ELF64_RELA.iter_unpack(self.raw[offset:offset + size]):
                     out[r_offset] = (r_info & 0xFFFFFFFF, self.symbols[r_info >> 32], r_addend)
             self._relocs[shndx] = out
         return self._relocs[shndx]
@@ -213,6 +212,3 @@ class ModuleImage:
                 out[r.name] = named[0].sympos if len(named) == 1 else 0
         return out
 
-
-def is_pc_relative(rtype: int) -> bool:
-    return rtype in PC_RELATIVE
