@@ -135,6 +135,13 @@ class Item:
         return self.section.relocs_in(self.start, self.start + self.size)
 
 
+def _alias_rank(sym: Symbol) -> tuple:
+    """Which of the names of one place an object's items use: the one its own section is named
+    after (-ffunction-sections: `.text.uvesafb_init`), then a local name, then the first."""
+    own = sym.section is not None and sym.section.name.endswith("." + sym.name)
+    return (not own, sym.bind != "STB_LOCAL", sym.index)
+
+
 class ObjectFile:
     """A relocatable ELF object (a kernel .o built with -ffunction-sections -fdata-sections)."""
 
@@ -189,16 +196,36 @@ class ObjectFile:
 
     @cached_property
     def items(self) -> list[Item]:
-        """Every function and data object defined in an allocated section."""
-        out = []
+        """Every function and data object defined in an allocated section, an alias counted
+        once (see `aliases`)."""
+        at: dict[tuple, list[Symbol]] = {}
         for sym in self.symbols:
             if sym.type in ("STT_FUNC", "STT_OBJECT") and sym.section is not None \
                     and sym.section.is_alloc:
-                size = sym.size
-                if size == 0 and sym.type == "STT_FUNC":
-                    size = sym.section.size - sym.value
-                out.append(Item(sym, sym.section, sym.value, size))
+                at.setdefault((sym.section.index, sym.value, sym.type), []).append(sym)
+        out = []
+        self._aliases: dict[str, str] = {}
+        for syms in at.values():
+            sym = min(syms, key=_alias_rank)
+            section = sym.section
+            assert section is not None
+            size = sym.size
+            if size == 0 and sym.type == "STT_FUNC":
+                size = section.size - sym.value
+            out.append(Item(sym, section, sym.value, size))
+            for other in syms:
+                if other is not sym:
+                    self._aliases[other.name] = sym.name
+        out.sort(key=lambda i: i.symbol.index)
         return out
+
+    @cached_property
+    def aliases(self) -> dict[str, str]:
+        """Other names of a function or object: the alias a macro gives it (module_init's
+        `init_module`, `__alias`) to the name it has in `items`. One place, one code: it is
+        diffed, replaced and jumped to once, under the name its section carries."""
+        _ = self.items  # fills them
+        return self._aliases
 
     @cached_property
     def functions(self) -> dict[str, Item]:

@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput, LivespliceError
+from .errors import BadInput, LivespliceError, Refused
 
 SHN_ABS = 0xFFF1
 
@@ -293,8 +293,10 @@ def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None 
         # st_shndx and st_value, after st_name, st_info and st_other.
         struct.pack_into("<HQ", out, entry + 6, SHN_ABS, address)
     if missing:
-        raise LivespliceError("the running kernel has no single symbol for "
-                              + ", ".join(sorted(missing)))
+        # The package names what this kernel does not have (once) to link its new code against:
+        # it was not made for this kernel as it runs. Refused, as a run-pre mismatch is.
+        raise Refused(f"the new code of {what} needs symbols the running kernel has not exactly "
+                      "once: " + ", ".join(sorted(missing)))
     return bytes(out)
 
 

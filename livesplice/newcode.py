@@ -40,6 +40,7 @@ from .objdiff import DYNDBG_SECTION, read_only
 from .pkgformat import MODULE_PREFIX, PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
 SECTION_PREFIX = ".text.livesplice."
+MODULE_ENTRY_NAMES = ("init_module", "cleanup_module")
 # Where the key is, in an entry of the tables whose entries name a key.
 KEY_FIELDS = {"__jump_table": 8, ".static_call_sites": 4}
 ONCE_SECTION = ".data.once"  # DO_ONCE_LITE's flags
@@ -155,7 +156,10 @@ class Extractor:
         sec = self._section(OutSection(
             section_name(self.objname, item.name), bytearray(item.data),
             SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_EXECINSTR, align=max(item.section.addralign, 16)))
-        sym = self.code.writer.add_symbol(OutSymbol(item.name, sec, 0, item.size, "STT_FUNC",
+        # modpost gives a module whose object defines init_module or cleanup_module (any
+        # binding) an init or exit: the update module must not call a copy at its load.
+        name = f"{item.name}.livesplice" if item.name in MODULE_ENTRY_NAMES else item.name
+        sym = self.code.writer.add_symbol(OutSymbol(name, sec, 0, item.size, "STT_FUNC",
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym
         if item.symbol.bind != "STB_LOCAL":

@@ -136,3 +136,16 @@ def test_a_global_the_update_defines_resolves_inside_it(tmp_path):
                  and line.split()[-1].startswith("__livesplice_sym_")}
     assert undefined == {r.placeholder for r in code.refs.values()}  # __fentry__, sink
     assert {r.name for r in code.refs.values()} == {"__fentry__", "sink"}
+
+
+def test_the_update_module_never_defines_a_module_entry_point(tmp_path):
+    # modpost makes any object symbol named init_module the module's init: the update module's
+    # load must not run a copy of the target's.
+    src = "int init_module(void) { return sink + %d; }\n"
+    d = compile_pair(tmp_path, src % 1, src % 2)
+    assert [c.name for c in d.changed] == ["init_module"]
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    sym = Extractor(code, "t.o", post, d.names, {"init_module"}).add_function(
+        post.functions["init_module"])
+    assert sym.name == "init_module.livesplice"

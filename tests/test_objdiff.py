@@ -306,3 +306,15 @@ def test_pre_record_masks_name_their_kind(tmp_path):
     assert [0, 5, "fentry call"] in masks
     assert {m[2] for m in masks} == {"fentry call", "jump label", "static call", "lock prefix"}
     assert all(len(m) == 3 for m in masks)
+
+
+def test_an_alias_is_one_function(tmp_path):
+    # module_init(fn) on a function that is not __init gives it a second name, init_module, at
+    # the same place: one function is replaced (and jumped to) once, under its own name.
+    src = """
+    static int uvesa_init(void) { return printk("x%d", sink) + %d; }
+    int init_module(void) __attribute__((alias("uvesa_init")));
+    """
+    d = compile_pair(tmp_path, src.replace("%d;", "1;"), src.replace("%d;", "2;"))
+    assert names(d.changed) == ["uvesa_init"]
+    assert ObjectFile(tmp_path / "post" / "t.o").aliases == {"init_module": "uvesa_init"}
