@@ -62,7 +62,7 @@ def print_json(data: dict | list) -> None:
 
 
 def print_json_error(message: str, status: int, reasons: list[str] | None = None,
-                     **extra: str) -> None:
+                     **extra) -> None:
     print_json({"error": message, "status": status, "reasons": list(reasons or []), **extra})
 
 
@@ -70,7 +70,11 @@ def fail(ctx: click.Context, exc: LivespliceError) -> None:
     reasons = list(getattr(exc, "reasons", []))
     console = getattr(exc, "console", "")
     if json_wanted(ctx):
-        print_json_error(str(exc), exc.exit_status, reasons, **({"console": console} if console else {}))
+        extra: dict = {"console": console} if console else {}
+        report = getattr(exc, "report", None)
+        if report is not None:  # apply --all, undo --all: each update's outcome
+            extra["report"] = report
+        print_json_error(str(exc), exc.exit_status, reasons, **extra)
         sys.exit(exc.exit_status)
     err_console.print(f"[bold red]livesplice:[/] {escape(str(exc))}", highlight=False)
     for reason in reasons:
@@ -442,19 +446,38 @@ def _retry_options(f):
 
 
 @main.command("apply")
-@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("package", type=click.Path(path_type=Path), required=False)
+@click.option("--all", "all_installed", is_flag=True, help="Apply every installed update of the "
+              "running kernel that is not applied yet, in the order they were installed (what "
+              "the boot service runs).")
 @_retry_options
 @click.option("--dry-run", is_flag=True, help="Make every check apply makes (package, signature, "
               "target kernel, lockdown, run-pre matching, symbols, other live patches, stacking) "
               "and say what it would do, without loading anything: the exit status apply would "
               "give.")
 @json_option
-def apply_cmd(package: Path, retries: int, retry_delay: float, dry_run: bool, as_json: bool) -> None:
+def apply_cmd(package: Path | None, all_installed: bool, retries: int, retry_delay: float,
+              dry_run: bool, as_json: bool) -> None:
     """Switch the running kernel to an update's new code. Once a trusted key is configured
     ($LIVESPLICE_TRUSTED_KEYS or /etc/livesplice/trusted-keys), the package must be signed by one.
     Each apply is recorded in the system journal (`journalctl -t livesplice`)."""
     from .apply import apply
 
+    if (package is None) == (not all_installed):
+        raise BadInput("apply takes a PACKAGE or --all (the installed updates), one of them")
+    if all_installed:
+        if dry_run:
+            raise BadInput("apply --all has no --dry-run: `list --installed` shows what it would "
+                           "apply")
+        from .installed import apply_all
+
+        report = apply_all(retries, retry_delay)
+        if as_json:
+            print_json(report)
+        else:
+            _echo_all(report, "applied")
+        return
+    assert package is not None
     result = apply(package, retries, retry_delay, dry_run=dry_run)
     if as_json:
         print_json(result)
@@ -467,23 +490,50 @@ def apply_cmd(package: Path, retries: int, retry_delay: float, dry_run: bool, as
         click.echo(f"  would load {', '.join(result['would_load'])}")
         click.echo("  " + ", ".join(f"{t['name']}: {t['state']}" for t in result["targets"]))
     else:
-        click.echo(f"applied {result['id']}: {', '.join(result['functions'])} "
-                   f"(machine stopped {result['pause_ns'] / 1e6:.3f} ms, "
-                   f"run-pre matching {result['match_seconds']:.2f} s)")
-        click.echo(f"  {_targets_text(result['targets'])}")
+        _echo_applied(result)
+
+
+def _echo_applied(result: dict) -> None:
+    click.echo(f"applied {result['id']}: {', '.join(result['functions'])} "
+               f"(machine stopped {result['pause_ns'] / 1e6:.3f} ms, "
+               f"run-pre matching {result['match_seconds']:.2f} s)")
+    click.echo(f"  {_targets_text(result['targets'])}")
+
+
+def _echo_all(report: dict, done: str) -> None:
+    for u in report["updates"]:
+        if u["status"] == 0:
+            click.echo(f"{done} {u['id']} (machine stopped {u['result']['pause_ns'] / 1e6:.3f} ms)")
+    for name in report.get("already_applied", []):
+        click.echo(f"{name} was applied already")
 
 
 @main.command("undo")
-@click.argument("update_id", shell_complete=complete_applied_ids)
+@click.argument("update_id", required=False, shell_complete=complete_applied_ids)
+@click.option("--all", "all_installed", is_flag=True, help="Undo every applied installed update "
+              "of the running kernel, newest first.")
 @_retry_options
 @json_option
 @click.option("--force", is_flag=True, help="Undo even though the update's new code may have "
               "queued callbacks (timers, works) into itself.")
-def undo_cmd(update_id: str, retries: int, retry_delay: float, as_json: bool, force: bool) -> None:
+def undo_cmd(update_id: str | None, all_installed: bool, retries: int, retry_delay: float,
+             as_json: bool, force: bool) -> None:
     """Take an applied update out again (the latest of those stacked on the same code first).
     Each undo is recorded in the system journal (`journalctl -t livesplice`)."""
     from .apply import undo
 
+    if (update_id is None) == (not all_installed):
+        raise BadInput("undo takes an UPDATE_ID or --all (the installed updates), one of them")
+    if all_installed:
+        from .installed import undo_all
+
+        report = undo_all(retries, retry_delay, force)
+        if as_json:
+            print_json(report)
+        else:
+            _echo_all(report, "undone")
+        return
+    assert update_id is not None
     result = undo(update_id, retries, retry_delay, force)
     if as_json:
         print_json(result)
@@ -492,9 +542,24 @@ def undo_cmd(update_id: str, retries: int, retry_delay: float, as_json: bool, fo
 
 
 @main.command("list")
+@click.option("--installed", "show_installed", is_flag=True, help="The installed updates (kept "
+              "under /var/lib/livesplice and applied at every boot), per kernel release, in "
+              "stacking order, and whether each is applied.")
 @json_option
-def list_cmd(as_json: bool) -> None:
+def list_cmd(show_installed: bool, as_json: bool) -> None:
     """One line per applied update, in stacking order (oldest first)."""
+    if show_installed:
+        from .installed import list_installed
+
+        items = list_installed()
+        if as_json:
+            print_json(items)
+            return
+        for i in items:
+            state = ("applied" if i["applied"] else "not applied") if i["running_kernel"] \
+                else "waiting for its kernel"
+            click.echo(f"{i['release']}\t{i['id']}\t{state}\t{i['package']}")
+        return
     from .apply import list_applied
 
     updates = list_applied()
@@ -506,6 +571,86 @@ def list_cmd(as_json: bool) -> None:
                    f"{_targets_text(u['targets'])}")
         if u["overridden"]:
             _warn_overridden(u)
+
+
+@main.command("install")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--no-apply", is_flag=True, help="Keep it only: apply it at the next boot (or "
+              "`apply --all`).")
+@_retry_options
+@json_option
+def install_cmd(package: Path, no_apply: bool, retries: int, retry_delay: float,
+                as_json: bool) -> None:
+    """Keep an update for its kernel release (under /var/lib/livesplice) so that it is applied
+    at every boot of that kernel, and apply it now if that kernel runs. A package for another
+    kernel is kept and waits for it. An update that apply refuses is not kept."""
+    from .installed import install
+
+    result = install(package, apply_now=not no_apply, retries=retries, retry_delay=retry_delay)
+    if as_json:
+        print_json(result)
+        return
+    if result["apply"]:
+        _echo_applied(result["apply"])
+    click.echo(f"installed {result['id']} for {result['release']}: {result['state']}")
+
+
+@main.command("uninstall")
+@click.argument("update_id")
+@_retry_options
+@click.option("--force", is_flag=True, help="As for undo.")
+@json_option
+def uninstall_cmd(update_id: str, retries: int, retry_delay: float, force: bool,
+                  as_json: bool) -> None:
+    """Undo an installed update if it is applied, and stop keeping it. If the undo is refused
+    or fails, it stays installed."""
+    from .installed import uninstall
+
+    result = uninstall(update_id, retries, retry_delay, force)
+    if as_json:
+        print_json(result)
+        return
+    if result["undo"]:
+        click.echo(f"undone {update_id} (machine stopped "
+                   f"{result['undo']['pause_ns'] / 1e6:.3f} ms)")
+    click.echo(f"uninstalled {update_id} ({', '.join(result['releases'])})")
+
+
+@main.group()
+def service() -> None:
+    """The boot service: `apply --all` early at every boot (systemd)."""
+
+
+@service.command("install")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True,
+              help="The system's root (an image being prepared).")
+@json_option
+def service_install_cmd(root: Path, as_json: bool) -> None:
+    """Install and enable livesplice.service, which runs this livesplice's `apply --all` early
+    at boot, before the network; `livesplice.disable=1` on the kernel command line skips it."""
+    from .service import install_unit
+
+    result = install_unit(root)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"installed {result['unit']} (enabled: {result['enabled']}), running "
+                   f"{result['exec']}")
+
+
+@service.command("remove")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), show_default=True)
+@json_option
+def service_remove_cmd(root: Path, as_json: bool) -> None:
+    """Disable and remove livesplice.service (installed updates stay; they are not applied at
+    boot any more)."""
+    from .service import remove_unit
+
+    result = remove_unit(root)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"removed {result['unit']}" if result["removed"] else "no unit to remove")
 
 
 @main.command("cleanup")
