@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Set up everything livesplice needs on a fresh Debian 12 machine (as root). Idempotent.
 # System packages: QEMU for the test bed, busybox for its initramfs, kmod, and what building kernel
-# objects and modules needs. Python: a virtual environment in .venv with livesplice installed.
+# objects and modules needs; mmdebstrap, e2fsprogs and qemu-utils for the system image of the reboot
+# tests (a Debian 12 with systemd, made once and cached). Python: a virtual environment in .venv with livesplice installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 busybox-static kmod cpio xz-utils rsync patch diffutils util-linux
-          gcc make flex bison bc libelf-dev libssl-dev dwarves python3-venv)
+          gcc make flex bison bc libelf-dev libssl-dev dwarves python3-venv
+          mmdebstrap e2fsprogs qemu-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
