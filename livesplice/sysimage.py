@@ -31,6 +31,21 @@ log = logging.getLogger(__name__)
 SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "dbus", "python3", "python3-venv",
             "openssh-server", "iproute2", "procps", "ca-certificates")
+# mmdebstrap's customize hooks ($1: the new root). The guest's console: root logs in without a
+# password on ttyS0 only (a test bed's guest is reachable from this machine alone); sshd accepts
+# keys only, and each guest makes its own host keys at its first boot.
+HOOKS = (
+    'echo livesplice-guest > "$1/etc/hostname"',
+    'passwd --root "$1" -d root',
+    'rm -f "$1"/etc/ssh/ssh_host_*',
+    'mkdir -p "$1/root/.ssh" && chmod 700 "$1/root/.ssh"',
+    'printf "PasswordAuthentication no\\nPermitRootLogin prohibit-password\\n" '
+    '> "$1/etc/ssh/sshd_config.d/livesplice.conf"',
+    'mkdir -p "$1/etc/systemd/system/ssh.service.d" && printf '
+    '"[Service]\\nExecStartPre=\\nExecStartPre=/usr/bin/ssh-keygen -A\\n'
+    'ExecStartPre=/usr/sbin/sshd -t\\n" '
+    '> "$1/etc/systemd/system/ssh.service.d/livesplice-keys.conf"',
+)
 IMAGE_SIZE = "2G"
 VENV = "/opt/livesplice"  # where a guest's livesplice is installed
 
@@ -43,7 +58,7 @@ def _tool(name: str) -> str:
 
 
 def image_path() -> Path:
-    key = hashlib.sha256(" ".join((SUITE, IMAGE_SIZE) + PACKAGES).encode()).hexdigest()[:12]
+    key = hashlib.sha256("\n".join((SUITE, IMAGE_SIZE) + PACKAGES + HOOKS).encode()).hexdigest()[:12]
     return debian.cache_root() / "images" / f"{SUITE}-system-{key}.ext4"
 
 
@@ -56,22 +71,8 @@ def system_image() -> Path:
     log.info("making the system image %s with mmdebstrap (%s)", image, ", ".join(PACKAGES))
     with tempfile.TemporaryDirectory(prefix="livesplice-image-", dir=image.parent) as tmp:
         root = Path(tmp) / "root"
-        # The guest's console: root logs in without a password on ttyS0 only (a test bed's
-        # guest is reachable from this machine alone); sshd accepts keys only.
-        hooks = [
-            'echo livesplice-guest > "$1/etc/hostname"',
-            'passwd --root "$1" -d root',
-            'rm -f "$1"/etc/ssh/ssh_host_*',  # each guest makes its own at first boot
-            'mkdir -p "$1/root/.ssh" && chmod 700 "$1/root/.ssh"',
-            'printf "PasswordAuthentication no\\nPermitRootLogin prohibit-password\\n" '
-            '> "$1/etc/ssh/sshd_config.d/livesplice.conf"',
-            # sshd's host keys, made at boot when missing (Debian makes them at install only)
-            'mkdir -p "$1/etc/systemd/system/ssh.service.d" && printf '
-            '"[Service]\\nExecStartPre=/usr/bin/ssh-keygen -A\\n" '
-            '> "$1/etc/systemd/system/ssh.service.d/livesplice-keys.conf"',
-        ]
         argv = [_tool("mmdebstrap"), "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                *(f"--customize-hook={h}" for h in hooks), SUITE, str(root)]
+                *(f"--customize-hook={h}" for h in HOOKS), SUITE, str(root)]
         run = subprocess.run(argv, capture_output=True, text=True)
         if run.returncode != 0:
             raise LivespliceError(f"mmdebstrap failed ({run.returncode}): {run.stderr[-2000:]}")
@@ -81,6 +82,9 @@ def system_image() -> Path:
         if run.returncode != 0:
             raise LivespliceError(f"mkfs.ext4 failed: {run.stderr[-2000:]}")
         os.replace(part, image)
+    for old in image.parent.glob(f"{SUITE}-system-*.ext4"):  # of an older package list
+        if old != image:
+            old.unlink()
     return image
 
 
@@ -114,3 +118,16 @@ def wheelhouse() -> Path:
     if leftover:
         shutil.rmtree(repo / "build", ignore_errors=True)  # what setuptools leaves in the tree
     return out
+
+
+def install_livesplice(session, wheels: Path, timeout: float = 600) -> str:
+    """Install livesplice from `wheels` (a directory the guest sees at the same path) into a
+    virtual environment on a system guest's disk; the command that runs it there."""
+    pip = f"{VENV}/bin/pip install -q --no-index --disable-pip-version-check --find-links {wheels}"
+    # (then this very wheel again: a rebuilt one has the same version number)
+    script = (f"set -e; python3 -m venv {VENV}; {pip} livesplice; "
+              f"{pip} --no-deps --force-reinstall livesplice")
+    r = session.run(["/bin/sh", "-c", script], timeout=timeout)
+    if r.status != 0:
+        raise LivespliceError(f"installing livesplice in the guest failed: {r.err[-2000:]}")
+    return f"{VENV}/bin/livesplice"

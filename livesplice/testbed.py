@@ -32,7 +32,8 @@ from .errors import BadInput, GuestDied, LivespliceError
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
 # Modules (with their dependencies) the initramfs loads before it can mount the host's root.
-INITRAMFS_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
+INITRAMFS_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay", "virtio_blk",
+                     "crc32c_generic", "ext4", "virtio_net")  # (ext4 needs crc32c, a soft dependency)
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
 log = logging.getLogger(__name__)
 BAD_DMESG = re.compile(r"Oops|BUG[: ]|WARNING:|Call Trace|general protection|Kernel panic")
@@ -100,6 +101,25 @@ for m in $(cat /modules.load); do insmod "/modules/$m" || echo "livesplice init:
 arg() { sed -n "s/.*livesplice\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 PY=$(arg python); AGENT=$(arg agent); MODS=$(arg modules); RW=$(arg rwdirs)
 mkdir -p /host /ovl /newroot
+if [ "$(arg disk)" = 1 ]; then
+  # A system of its own (sysimage): its disk as root, systemd as init; of this machine only the
+  # kernel's modules (read-only) and the rwdirs. The agent runs as a service of that system.
+  mount -t ext4 /dev/vda /newroot || { echo "livesplice init: no root disk"; poweroff -f; }
+  rel=$(uname -r)
+  mkdir -p "/newroot/usr/lib/modules/$rel"
+  mount -t 9p -o ro,NINEP_OPTS modules "/newroot/usr/lib/modules/$rel"
+  i=0
+  for d in $(echo "$RW" | tr ',' ' '); do
+    mkdir -p "/newroot$d" && mount -t 9p -o NINEP_OPTS "rw$i" "/newroot$d"; i=$((i+1))
+  done
+  mkdir -p /newroot/usr/local/lib/livesplice /newroot/etc/systemd/system/multi-user.target.wants
+  cp /guest_agent.py /newroot/usr/local/lib/livesplice/guest_agent.py
+  cp /agent.service /newroot/etc/systemd/system/livesplice-testbed-agent.service
+  ln -sf ../livesplice-testbed-agent.service \
+    /newroot/etc/systemd/system/multi-user.target.wants/livesplice-testbed-agent.service
+  for d in proc sys dev; do mount --move /$d /newroot/$d; done
+  exec switch_root /newroot /sbin/init
+fi
 mount -t 9p -o ro,NINEP_OPTS hostroot /host || { echo "livesplice init: no host root"; poweroff -f; }
 mount -t tmpfs -o mode=0755 tmpfs /ovl
 mkdir -p /ovl/upper /ovl/work
@@ -154,7 +174,9 @@ def _module_load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[str]:
 def build_initramfs(files: debian.KernelFiles) -> Path:
     """An uncompressed newc cpio (TCG decompresses slowly), cached per kernel and init script."""
     import hashlib
-    tag = hashlib.sha256(INIT_SCRIPT.encode() + repr(INITRAMFS_MODULES).encode()).hexdigest()[:12]
+    agent = Path(__file__).with_name("guest_agent.py").read_bytes()
+    tag = hashlib.sha256(INIT_SCRIPT.encode() + repr(INITRAMFS_MODULES).encode() + agent
+                         + AGENT_UNIT.encode()).hexdigest()[:12]
     out = debian.cache_root() / "initramfs" / f"{files.kernel.abi}-{tag}.cpio"
     if out.exists():
         return out
@@ -175,6 +197,8 @@ def build_initramfs(files: debian.KernelFiles) -> Path:
         for mod in order:
             shutil.copy2(files.modules / mod, root / "modules" / Path(mod).name)
         (root / "modules.load").write_text("\n".join(Path(m).name for m in order) + "\n")
+        (root / "guest_agent.py").write_bytes(agent)
+        (root / "agent.service").write_text(AGENT_UNIT)
         init = root / "init"
         init.write_text(INIT_SCRIPT)
         init.chmod(0o755)
@@ -185,6 +209,19 @@ def build_initramfs(files: debian.KernelFiles) -> Path:
                            input=names, stdout=f, check=True)
         part.rename(out)
     return out
+
+
+# The agent as a service of a system disk's systemd: up once the system is (multi-user).
+AGENT_UNIT = """[Unit]
+Description=livesplice test bed agent (runs the host's commands)
+After=systemd-udevd.service systemd-journald.socket
+
+[Service]
+ExecStart=/usr/bin/python3 -S /usr/local/lib/livesplice/guest_agent.py
+Environment=PATH=/opt/livesplice/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+Environment=HOME=/root LANG=C.UTF-8
+Restart=on-failure
+"""
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -199,6 +236,11 @@ class Session:
     rwdirs: list[str] = field(default_factory=list)
     boot_timeout: float = 180.0
     append: str = ""
+    # A system disk (sysimage.new_disk): boot it with systemd as init instead of this machine's
+    # root; its state lasts from one session to the next.
+    disk: Path | None = None
+    # With a disk: sshd's port 22 forwarded from 127.0.0.1:ssh_port; the guest reaches nothing.
+    ssh_port: int | None = None
 
     def __post_init__(self) -> None:
         self._proc: subprocess.Popen | None = None
@@ -241,6 +283,7 @@ class Session:
             "mitigations=auto",
             f"livesplice.python={sys.executable}", f"livesplice.agent={agent}",
             f"livesplice.modules={files.modules}", f"livesplice.rwdirs={','.join(rwdirs)}",
+            *(["livesplice.disk=1"] if self.disk is not None else []),
             self.append,
         ])
         argv = [qemu_binary(), "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus),
@@ -250,10 +293,21 @@ class Session:
                 "-chardev", f"file,id=con,path={self.console_path}", "-serial", "chardev:con",
                 "-device", "virtio-serial-pci",
                 "-chardev", f"socket,id=agent,path={sock_path},server=on,wait=off",
-                "-device", "virtserialport,chardev=agent,name=livesplice.agent",
-                "-fsdev", "local,id=hostroot,path=/,security_model=passthrough,readonly=on,"
-                          "multidevs=remap",
-                "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]
+                "-device", "virtserialport,chardev=agent,name=livesplice.agent"]
+        if self.disk is None:
+            argv += ["-fsdev", "local,id=hostroot,path=/,security_model=passthrough,readonly=on,"
+                               "multidevs=remap",
+                     "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]
+        else:
+            argv += ["-drive", f"file={self.disk},if=virtio,format=qcow2",
+                     "-fsdev", f"local,id=modules,path={files.modules},security_model=passthrough,"
+                               "readonly=on,multidevs=remap",
+                     "-device", "virtio-9p-pci,fsdev=modules,mount_tag=modules"]
+            if self.ssh_port is not None:
+                # restrict=on: the guest reaches no address at all, only the forward comes in
+                argv += ["-netdev", f"user,id=net,restrict=on,"
+                                    f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                         "-device", "virtio-net-pci,netdev=net"]
         for i, d in enumerate(rwdirs):
             argv += ["-fsdev", f"local,id=rw{i},path={d},security_model=passthrough,multidevs=remap",
                      "-device", f"virtio-9p-pci,fsdev=rw{i},mount_tag=rw{i}"]
