@@ -195,6 +195,17 @@ def complete_applied_ids(ctx, param, incomplete: str) -> list[CompletionItem]:
     return [CompletionItem(i) for i in applied_ids() if i.startswith(incomplete)]
 
 
+def complete_installed_ids(ctx, param, incomplete: str) -> list[CompletionItem]:
+    """The installed updates' ids (none where they cannot be read)."""
+    from .installed import installed
+
+    try:
+        ids = sorted({i.id for i in installed()})
+    except (OSError, LivespliceError):
+        return []
+    return [CompletionItem(i) for i in ids if i.startswith(incomplete)]
+
+
 def complete_view_target(ctx, param, incomplete: str) -> list[CompletionItem]:
     """`view` takes an applied update's id or a package file."""
     return complete_applied_ids(ctx, param, incomplete) + [CompletionItem(incomplete, type="file")]
@@ -596,7 +607,7 @@ def install_cmd(package: Path, no_apply: bool, retries: int, retry_delay: float,
 
 
 @main.command("uninstall")
-@click.argument("update_id")
+@click.argument("update_id", shell_complete=complete_installed_ids)
 @_retry_options
 @click.option("--force", is_flag=True, help="As for undo.")
 @json_option

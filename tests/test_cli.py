@@ -168,7 +168,8 @@ def complete(words: str, env: dict | None = None, prefix: tuple[str, ...] = ()) 
 
 
 def test_completion_of_commands_options_and_kernels():
-    assert complete("livesplice un") == ["plain,undo"]
+    assert complete("livesplice und") == ["plain,undo"]
+    assert complete("livesplice un") == ["plain,undo", "plain,uninstall"]
     assert "plain,--dry-run" in complete("livesplice apply --d")
     assert complete("livesplice vm run --kernel 6.1.0-5") == [f"plain,{abi}" for abi in KNOWN]
     assert complete("livesplice create --debian-version 6.1.19") == [

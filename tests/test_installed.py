@@ -129,3 +129,13 @@ def test_the_boot_unit_runs_this_livesplice_early_and_is_enabled(tmp_path):
     assert stat.S_ISREG(unit.stat().st_mode) and "@EXEC@" not in text
     assert remove_unit(root)["removed"] and not unit.exists() and not link.is_symlink()
     assert "@EXEC@" in unit_text("@EXEC@")
+
+
+def test_uninstall_completes_installed_ids(tmp_path, install_dir):
+    from test_cli import complete
+
+    for name in ("fix1", "fix2"):
+        assert cli("install", "--no-apply", str(package(tmp_path, name))).exit_code == 0
+    env = {installed.INSTALL_DIR_ENV: str(install_dir)}
+    assert complete("livesplice uninstall f", env=env) == ["plain,fix1", "plain,fix2"]
+    assert complete("livesplice uninstall x", env=env) == []
