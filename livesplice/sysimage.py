@@ -45,6 +45,11 @@ HOOKS = (
     '"[Service]\\nExecStartPre=\\nExecStartPre=/usr/bin/ssh-keygen -A\\n'
     'ExecStartPre=/usr/sbin/sshd -t\\n" '
     '> "$1/etc/systemd/system/ssh.service.d/livesplice-keys.conf"',
+    # The one network a guest may have: QEMU's user network with restrict=on (the host's
+    # forwarded port comes in; nothing goes out), its fixed address, by systemd-networkd.
+    'mkdir -p "$1/etc/systemd/network" && printf "[Match]\\nName=en* eth*\\n\\n[Network]\\n'
+    'Address=10.0.2.15/24\\nGateway=10.0.2.2\\n" > "$1/etc/systemd/network/10-livesplice.network"',
+    'systemctl --root="$1" enable systemd-networkd.service',
 )
 IMAGE_SIZE = "2G"
 VENV = "/opt/livesplice"  # where a guest's livesplice is installed

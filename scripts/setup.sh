@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 busybox-static kmod cpio xz-utils rsync patch diffutils util-linux
           gcc make flex bison bc libelf-dev libssl-dev dwarves python3-venv
-          mmdebstrap e2fsprogs qemu-utils)
+          mmdebstrap e2fsprogs qemu-utils openssh-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
