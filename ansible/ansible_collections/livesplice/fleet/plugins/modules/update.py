@@ -33,8 +33,8 @@ options:
     default: applied
   other_kernel:
     description:
-      - For C(installed), what to do with a package for another kernel than the running one:
-        C(keep) it (it waits for that kernel), or C(skip) the host as C(applied) does (a
+      - For C(installed), what to do with a package for another kernel than the running one,
+        C(keep) it (it waits for that kernel) or C(skip) the host as C(applied) does (a
         rollout skips hosts that run another kernel).
     type: str
     choices: [keep, skip]
@@ -50,13 +50,34 @@ options:
 """
 
 RETURN = r"""
-id: {description: the update's id, type: str, returned: always}
-applied: {description: ids of the updates applied on the host after the task, oldest first, type: list, returned: always}
-installed: {description: ids of the updates installed for the running kernel, type: list, returned: always}
-pause_ms: {description: how long the machine was stopped by the apply or undo this task made, type: float, returned: when it made one}
-wrong_kernel: {description: the package is for another kernel than the running one, type: bool, returned: always}
-release: {description: the kernel release the package is for, type: str, returned: with a package}
-running_release: {description: the host's running kernel release, type: str, returned: always}
+id:
+  description: the update's id
+  type: str
+  returned: always
+applied:
+  description: ids of the updates applied on the host after the task, oldest first
+  type: list
+  returned: always
+installed:
+  description: ids of the updates installed for the running kernel
+  type: list
+  returned: always
+pause_ms:
+  description: how long the machine was stopped by the apply or undo this task made
+  type: float
+  returned: when it made one
+wrong_kernel:
+  description: the package is for another kernel than the running one
+  type: bool
+  returned: always
+release:
+  description: the kernel release the package is for
+  type: str
+  returned: with a package
+running_release:
+  description: the host's running kernel release
+  type: str
+  returned: always
 """
 
 import json
@@ -77,10 +98,9 @@ class Livesplice:
         except ValueError:
             data = {}
         if rc not in ok:
-            message = data.get("error") if isinstance(data, dict) else None
-            self.module.fail_json(msg=f"livesplice {args[0]}: {message or err.strip() or out}",
-                                  status=rc, reasons=(data.get("reasons", []) if isinstance(data, dict) else []),
-                                  stderr=err)
+            error = data if isinstance(data, dict) else {}
+            self.module.fail_json(msg=f"livesplice {args[0]}: {error.get('error') or err.strip() or out}",
+                                  status=rc, reasons=error.get("reasons", []), stderr=err)
         return rc, data
 
     def applied(self) -> list[str]:
