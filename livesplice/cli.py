@@ -269,6 +269,46 @@ def vm_run(kernel: str, cpus: int, memory: str, rwdirs: tuple[str, ...], timeout
     sys.exit(result.status)
 
 
+@vm.command("fleet", context_settings={"ignore_unknown_options": True})
+@click.option("--kernel", "kernels", multiple=True, required=True, type=StockKernel(),
+              help="One guest per --kernel (repeat it; the same kernel may come several times).")
+@click.option("--inventory", type=click.Path(path_type=Path), required=True,
+              help="The Ansible inventory to write (group `livesplice`).")
+@click.option("--workdir", type=click.Path(path_type=Path), help="Where the guests' disks and "
+              "SSH key live [default: a temporary directory, removed at the end].")
+@click.option("--memory", default="768M", show_default=True, help="Memory of each guest.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def vm_fleet(kernels: tuple[str, ...], inventory: Path, workdir: Path | None, memory: str,
+             command: tuple[str, ...]) -> None:
+    """Boot one guest per --kernel on the Debian 12 system image (systemd, sshd, python3; one
+    vCPU each), with sshd reachable from 127.0.0.1 only and no other network, and write their
+    Ansible inventory. Then run COMMAND here (e.g. ansible-playbook -i INVENTORY ...) and exit
+    with its status, or, without COMMAND, keep them up until interrupted."""
+    import subprocess
+    import tempfile
+    import time
+
+    from .vmfleet import Fleet
+
+    for kernel in set(kernels):
+        if not debian.is_fetched(kernel):
+            debian.fetch_kernel(kernel, with_source=False)
+    with tempfile.TemporaryDirectory(prefix="livesplice-fleet-") as tmp:
+        with Fleet(list(kernels), workdir or Path(tmp), memory=memory) as fleet:
+            fleet.inventory(inventory)
+            for g in fleet.guests:
+                click.echo(f"{g.name}\t{g.kernel}\tssh -p {g.port} -i {fleet.key} root@127.0.0.1")
+            click.echo(f"inventory: {inventory}")
+            if command:
+                status = subprocess.run(list(command)).returncode
+                sys.exit(status)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                click.echo("shutting the guests down")
+
+
 @main.command("create")
 @click.option("--source", type=click.Path(path_type=Path), help="The running kernel's source tree.")
 @click.option("--debian-version", type=DebianVersion(),

@@ -129,3 +129,17 @@ def test_a_failing_batch_is_undone_and_stops_the_rollout(fleet):
     assert summary["failed"] == ["guest2"] and summary["not_reached"] == ["guest3"], summary
     assert "the given command" in summary["reasons"]["guest2"].lower()
     assert applied(first) == applied(second) == []
+
+
+def test_vm_fleet_command_boots_guests_and_runs_a_command_against_their_inventory(tmp_path):
+    inventory = tmp_path / "hosts.ini"
+    ansible_bin = Path(sys.executable).with_name("ansible")
+    r = subprocess.run([sys.executable, "-m", "livesplice", "vm", "fleet", "--kernel",
+                        "6.1.0-53-amd64", "--inventory", str(inventory), "--",
+                        str(ansible_bin), "-i", str(inventory), "livesplice", "-m", "ansible.builtin.command",
+                        "-a", "uname -r"],
+                       capture_output=True, text=True, timeout=900, cwd=REPO,
+                       env=dict(os.environ, ANSIBLE_NOCOLOR="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "guest1 | CHANGED | rc=0 >>\n6.1.0-53-amd64" in r.stdout, r.stdout
+    assert "ansible_port=" in inventory.read_text()
