@@ -2,7 +2,9 @@
 sysimage) boots the stock 6.1.0-53-amd64 kernel again and again on the same disk. livesplice is
 installed in it from a wheel, as an administrator would; the boot service applies the installed
 updates early at boot, `livesplice.disable=1` keeps it off, and a failing update is logged and
-does not stop the boot. Each boot's kernel log is checked."""
+does not stop the boot. An installed update of a module that is not loaded at boot (zram) is
+armed by the boot service and patches the module when it loads. Each boot's kernel log is
+checked."""
 
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ PRCTL_A = {"kernel/sys.c": [(DUMPABLE_CHECK,
 # ... and, stacked on it, a stray fourth one.
 PRCTL_B = {"kernel/sys.c": [("|| arg3) {", "|| arg3 || arg4) {")]}
 # prctl(PR_SET_DUMPABLE, 1, arg3, arg4): 0 on the stock kernel, -1 (EINVAL) once fixed.
+# zram's max_comp_streams shows the CPU count + 1000 (a module no device loads at boot).
+ZRAM = {"drivers/block/zram/zram_drv.c": [
+    ('return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus());',
+     'return scnprintf(buf, PAGE_SIZE, "%d\\n", num_online_cpus() + 1000);')]}
+STREAMS = "/sys/block/zram0/max_comp_streams"
 PRCTL = ("import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
          "print(libc.prctl(4, 1, int(sys.argv[1]), int(sys.argv[2]), 0))")
 
@@ -30,7 +37,7 @@ PRCTL = ("import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
 @pytest.fixture(scope="module")
 def setup(stock_kernel, tmp_path_factory):
     exchange = tmp_path_factory.mktemp("exchange")
-    made = create_packages(stock_kernel, exchange, {"prctl-a": PRCTL_A})
+    made = create_packages(stock_kernel, exchange, {"prctl-a": PRCTL_A, "zram": ZRAM})
     made["prctl-b"] = create_stacked_package(
         stock_kernel, exchange, tmp_path_factory.mktemp("tree-a") / "linux", PRCTL_A, PRCTL_B,
         "prctl-b")
@@ -94,6 +101,9 @@ def test_installed_updates_come_back_at_every_boot(setup):
         assert applied(s) == ["prctl-a"] and prctl(s, 0, 1) == 0
         listed = json.loads(livesplice(s, "list", "--installed", "--json").out)
         assert [(i["id"], i["applied"]) for i in listed] == [("prctl-a", True), ("prctl-b", False)]
+        # zram, not loaded: installed and applied, its target waiting for the module
+        r = livesplice(s, "install", str(setup["packages"]["zram"]), "--json")
+        assert r.status == 0 and json.loads(r.out)["state"] == "applied", r.out + r.err
     finally:
         shutdown(s)
 
@@ -101,8 +111,14 @@ def test_installed_updates_come_back_at_every_boot(setup):
     s = boot(setup)
     try:
         assert s.system_state == "running", s.system_state
-        assert applied(s) == ["prctl-a", "prctl-b"]
+        assert applied(s) == ["prctl-a", "prctl-b", "zram"]
         assert prctl(s, 1) == -1 and prctl(s, 0, 1) == -1  # observed, not only listed
+        # zram's update was armed at boot: the module is patched as it loads
+        assert s.run(["modprobe", "zram"]).status == 0
+        cpus = int(s.run(["nproc"], check=True).out)
+        assert int(s.run(["cat", STREAMS], check=True).out) == cpus + 1000
+        zram = [u for u in json.loads(livesplice(s, "list", "--json").out) if u["id"] == "zram"]
+        assert [t["state"] for t in zram[0]["targets"]] == ["patched"], zram
         props = unit(s, "ActiveState", "Result", "ExecMainStatus")
         assert props == {"ActiveState": "active", "Result": "success", "ExecMainStatus": "0"}, props
         # It ran before the network and sysinit.target's successors.
@@ -132,7 +148,7 @@ def test_installed_updates_come_back_at_every_boot(setup):
     s = boot(setup)
     try:
         assert s.system_state == "degraded", s.system_state
-        assert applied(s) == [] and prctl(s, 0, 1) == 0
+        assert applied(s) == ["zram"] and prctl(s, 0, 1) == 0  # the others still applied
         props = unit(s, "ActiveState", "Result", "ExecMainStatus")
         assert props == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": "3"}, props
         journal = s.run(["journalctl", "-b", "-o", "cat", "-u", "livesplice.service"],
