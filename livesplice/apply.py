@@ -63,7 +63,8 @@ def _leftover_modules(applied: list[coreproto.AppliedUpdate]) -> list[str]:
 def leftovers(applied: list[coreproto.AppliedUpdate]) -> list[str]:
     """What cleanup would unload, in that order: leftover update modules, then an idle core."""
     names = _leftover_modules(applied)
-    if coreproto.core_loaded() and not applied:
+    # (shadow data keep the core: it holds them for the updates to come)
+    if coreproto.core_loaded() and not applied and not coreproto.shadow_in_use():
         names.append(coreproto.CORE_MODULE)
     return names
 
@@ -437,8 +438,8 @@ def _load_core(package: Package, ks: kernel.Kallsyms) -> bool:
 
 
 def _unload_core_if_idle() -> bool:
-    """Unload the core if no update depends on it; whether it did."""
-    if coreproto.core_loaded() and not coreproto.state():
+    """Unload the core if nothing depends on it (no update, no shadow data); whether it did."""
+    if coreproto.core_loaded() and not coreproto.state() and not coreproto.shadow_in_use():
         kernel.rmmod(coreproto.CORE_MODULE)
         return True
     return False

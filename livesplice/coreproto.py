@@ -255,6 +255,15 @@ def state() -> list[AppliedUpdate]:
     return parse_state(request("state\n", "state").message)
 
 
+def shadow_in_use() -> int:
+    """How many shadow data the core holds (livesplice.h): while there are any, it stays
+    loaded (it holds a reference on itself), whether or not an update is applied."""
+    if not core_loaded():
+        return 0
+    head = request("state\n", "state").message.splitlines()[0]
+    return int(dict(p.split("=", 1) for p in head.split() if "=" in p).get("shadow", 0))
+
+
 def parse_state(message: str) -> list[AppliedUpdate]:
     """The `state` answer after its `ok state -`: `protocol=N`, then the `update`, `func` and
     `target` lines of the applied updates, oldest first."""

@@ -283,8 +283,9 @@ def module_images(target: TargetKernel, pair: BuiltPair) -> dict[str, ModuleImag
 def build_modules(code: NewCode, update_id: str, target: TargetKernel, jobs: int,
                   work: Path) -> Modules:
     name = Manifest.module_name(update_id)
-    ko = build_module(code, name, update_id, target.headers, work / "module", jobs)
-    core = core_module(target.headers, target.release, target.build_id, work / "core", jobs)
+    core, core_symvers = core_module(target.headers, target.release, target.build_id,
+                                     work / "core", jobs)
+    ko = build_module(code, name, update_id, target.headers, work / "module", jobs, core_symvers)
     update, held = hold_module_fields(ko.read_bytes(), code, list(code.refs.values()))
     return Modules(name, update, core, held)
 

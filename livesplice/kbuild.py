@@ -24,6 +24,8 @@ from .errors import BadInput, LivespliceError
 from .kconfig import KernelConfig
 
 SECTION_FLAGS = "-ffunction-sections -fdata-sections"
+# The patch author's header (livesplice.h: shadow data), on the post build's include path only.
+POST_INCLUDE = Path(__file__).resolve().parent / "data" / "include"
 # Objects kbuild builds for vmlinux that are not kernel text livesplice could redirect: host tools,
 # the vDSO (mapped into user space), real-mode and boot code.
 NOT_KERNEL_TEXT = ("scripts/", "tools/", ".tmp", "arch/x86/entry/vdso/", "arch/x86/realmode/",
@@ -84,8 +86,9 @@ class Kbuild:
         return subprocess.run(self.command(*targets, quiet=False, extra=["-n", *extra]),
                               capture_output=True, text=True, check=False)
 
-    def build(self, objects: list[str]) -> None:
-        """Build objects (paths relative to the tree, e.g. kernel/sys.o) in the object tree."""
+    def build(self, objects: list[str], post: bool = False) -> None:
+        """Build objects (paths relative to the tree, e.g. kernel/sys.o) in the object tree.
+        `post`: the patched source, which may include <livesplice.h> (POST_INCLUDE)."""
         if not objects:
             return
         log.info("compiling %d object(s): %s", len(objects), " ".join(objects),
@@ -94,7 +97,8 @@ class Kbuild:
             for i in range(0, len(objects), BATCH):
                 batch = objects[i:i + BATCH]
                 status.update(f"compiling objects {i + 1}-{i + len(batch)} of {len(objects)}")
-                self.make(*batch, extra=[f"KCFLAGS={SECTION_FLAGS}"],
+                flags = f"{SECTION_FLAGS} -I{POST_INCLUDE}" if post else SECTION_FLAGS
+                self.make(*batch, extra=[f"KCFLAGS={flags}"],
                           what=f"compiling {', '.join(batch[:3])}{'...' if len(batch) > 3 else ''}")
 
 

@@ -270,6 +270,12 @@ def undefined_symbols(ko: bytes, what: str = "module") -> list[tuple[int, str]]:
         raise BadInput(f"{what} is not a valid x86-64 kernel module ({exc})") from None
 
 
+# What livesplice's core module exports to the new code (livesplice.h).
+CORE_EXPORTS = frozenset({"livesplice_shadow_get", "livesplice_shadow_alloc",
+                          "livesplice_shadow_get_or_alloc", "livesplice_shadow_free",
+                          "livesplice_shadow_free_all"})
+
+
 def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None = None,
                     what: str = "module") -> bytes:
     """The module with undefined symbols made absolute: those in `names` at the address given,
@@ -281,7 +287,9 @@ def link_unexported(ko: bytes, kallsyms: Kallsyms, names: dict[str, int] | None 
     for entry, name in undefined_symbols(ko, what):
         if names is not None and name in names:
             address = names[name]
-        elif kallsyms.exported(name):
+        elif kallsyms.exported(name) or name in CORE_EXPORTS:
+            # (the core's exports: it is loaded before the update, and perhaps after kallsyms
+            # was read)
             continue
         else:
             candidates = kallsyms.lookup(name)  # vmlinux's

@@ -36,6 +36,7 @@ from .elfmodel import (
 )
 from .errors import LivespliceError, Refused
 from .kbuild import run_make
+from .kernel import CORE_EXPORTS
 from .objdiff import DYNDBG_SECTION, read_only
 from .pkgformat import MODULE_PREFIX, PLACEHOLDER_PREFIX, VMLINUX, KernelRef
 
@@ -59,6 +60,7 @@ class NewCode:
     functions: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)  # (object, name)
     data: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
     strings: dict[str, OutSymbol] = field(default_factory=dict)
+    core_exports: dict[str, OutSymbol] = field(default_factory=dict)  # livesplice.h's, by name
     copied_sections: dict[tuple[str, str], OutSymbol] = field(default_factory=dict)
     tables: dict[str, OutSection] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -81,6 +83,11 @@ class NewCode:
                                        where, 0)
             self.ref_symbols[key] = self.writer.add_symbol(OutSymbol(placeholder, None))
         return self.ref_symbols[key]
+
+    def core_export(self, name: str) -> OutSymbol:
+        if name not in self.core_exports:
+            self.core_exports[name] = self.writer.add_symbol(OutSymbol(name, None))
+        return self.core_exports[name]
 
     def string(self, text: str) -> OutSymbol:
         if text not in self.strings:
@@ -212,6 +219,10 @@ class Extractor:
             # and the kernel often has several of that name (NF_HOOK.constprop.0).
             self.included.add(name)
             return self.add_function(functions[name]), offset
+        if s.section is None and name in CORE_EXPORTS:
+            # livesplice.h's shadow data: the core's exports, left to the module loader, which
+            # checks their versions and makes the update depend on the core.
+            return self.code.core_export(name), offset
         kernel_name = self.names.get(name, name)
         item = functions.get(name) or self.post.data_objects.get(name)
         sym = item.symbol if item is not None else s
@@ -341,8 +352,10 @@ MODULE_INFO(livesplice_update, "{id}");
 
 
 def build_module(code: NewCode, module_name: str, update_id: str, headers: Path, workdir: Path,
-                 jobs: int = 2) -> Path:
-    """Link the new code into MODULE_NAME.ko with kbuild, against the kernel headers."""
+                 jobs: int = 2, core_symvers: Path | None = None) -> Path:
+    """Link the new code into MODULE_NAME.ko with kbuild, against the kernel headers and the
+    core's exports (`core_symvers`: its Module.symvers, so that modpost records their versions
+    and the dependency on the core)."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -352,17 +365,19 @@ def build_module(code: NewCode, module_name: str, update_id: str, headers: Path,
     (workdir / "livesplice_stub.c").write_text(STUB_C.format(id=update_id))
     (workdir / "Makefile").write_text(
         f"obj-m := {module_name}.o\n{module_name}-y := livesplice_stub.o livesplice_new.o\n")
+    extra = [f"KBUILD_EXTRA_SYMBOLS={core_symvers}"] if core_symvers is not None else []
     return _make_module(headers, workdir, jobs, f"{module_name}.ko", "building the update module",
-                        f"create-{update_id}-module")
+                        f"create-{update_id}-module", extra)
 
 
 CORE_SOURCE = Path(__file__).with_name("kmod")
 
 
 def core_module(headers: Path, release: str, build_id: str | None, workdir: Path,
-                jobs: int = 2) -> bytes:
-    """The core module (kmod/livesplice_core.c) built for the target kernel: built once per
-    (kernel, its headers' config, core source), then taken from the cache."""
+                jobs: int = 2) -> tuple[bytes, Path]:
+    """The core module (kmod/livesplice_core.c) built for the target kernel, and its
+    Module.symvers (what it exports, with versions): built once per (kernel, its headers'
+    config, core source), then taken from the cache."""
     key = hashlib.sha256()
     for part in (release, build_id or "", (headers / ".config").read_bytes()):
         key.update(part.encode() if isinstance(part, str) else part)
@@ -370,14 +385,17 @@ def core_module(headers: Path, release: str, build_id: str | None, workdir: Path
     for f in sorted(p for p in CORE_SOURCE.iterdir() if p.is_file()):
         key.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     cached = debian.cache_root() / "core" / f"{release}-{key.hexdigest()[:16]}" / "livesplice_core.ko"
-    if cached.is_file():
-        return cached.read_bytes()
-    ko = build_core(headers, workdir, jobs).read_bytes()
+    symvers = cached.with_name("Module.symvers")
+    if cached.is_file() and symvers.is_file():
+        return cached.read_bytes(), symvers
+    built = build_core(headers, workdir, jobs)
+    ko = built.read_bytes()
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_bytes(ko)
-    os.replace(partial, cached)  # whole or absent, even with two creates at once
-    return ko
+    for data, dest in ((built.with_name("Module.symvers").read_bytes(), symvers), (ko, cached)):
+        partial = dest.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(data)
+        os.replace(partial, dest)  # whole or absent, even with two creates at once
+    return ko, symvers
 
 
 def build_core(headers: Path, workdir: Path, jobs: int = 2) -> Path:
@@ -391,9 +409,9 @@ def build_core(headers: Path, workdir: Path, jobs: int = 2) -> Path:
 
 
 def _make_module(headers: Path, workdir: Path, jobs: int, ko_name: str, what: str,
-                 log_name: str) -> Path:
+                 log_name: str, extra: list[str] | None = None) -> Path:
     run_make(["make", "-C", str(headers), f"M={workdir}", f"-j{jobs}", "KBUILD_MODPOST_WARN=1",
-              "modules"], what, log_name)
+              *(extra or []), "modules"], what, log_name)
     ko = workdir / ko_name
     if not ko.exists():
         raise LivespliceError(f"{what} failed: make made no {ko_name}")

@@ -267,7 +267,7 @@ def guest(vm, stock_kernel, tmp_path_factory):
     shutil.copy(build / f"{UPDATE_MODULE}.ko", ex)
     shutil.copy(build / f"{PCPU_MODULE}.ko", ex)
     (ex / "core.ko").write_bytes(core_module(stock_kernel.headers, stock_kernel.kernel.abi, None,
-                                             tmp_path_factory.mktemp("core")))
+                                             tmp_path_factory.mktemp("core"))[0])
     (ex / "guest.py").write_text(GUEST)
     zram_ko = stock_kernel.modules / "kernel/drivers/block/zram/zram.ko"
     (ex / "zram.json").write_text(json.dumps(function_info(zram_ko, REPLACED)))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import edit_patch, livesplice_cli
 
-from livesplice import debian
+from livesplice import debian, kernel
 from livesplice.package import Package
 
 VERSION = "6.1.187-1"
@@ -248,9 +248,14 @@ def test_core_module_is_built_once_per_kernel(tmp_path, stock_kernel):
 
     target = find_target_kernel(WorkTree(stock_kernel.source_tree, stock_kernel.config),
                                 stock_kernel.kernel.abi)
-    first = core_module(target.headers, target.release, target.build_id, tmp_path / "a")
-    again = core_module(target.headers, target.release, target.build_id, tmp_path / "b")
-    assert again == first and first[:4] == b"\x7fELF"
+    first, symvers = core_module(target.headers, target.release, target.build_id, tmp_path / "a")
+    again, symvers_again = core_module(target.headers, target.release, target.build_id,
+                                       tmp_path / "b")
+    assert again == first and first[:4] == b"\x7fELF" and symvers_again == symvers
+    exports = {line.split("\t")[1] for line in symvers.read_text().splitlines()}
+    assert exports == {"livesplice_shadow_get", "livesplice_shadow_alloc",
+                       "livesplice_shadow_get_or_alloc", "livesplice_shadow_free",
+                       "livesplice_shadow_free_all"} == set(kernel.CORE_EXPORTS)
     assert not (tmp_path / "b").exists()  # taken from the cache, not built
 
 

@@ -264,7 +264,7 @@ def guest(vm, stock_kernel, tmp_path_factory):
     for name in (TARGET, UPDATE, GATE):
         shutil.copy(build / f"{name}.ko", ex)
     (ex / "core.ko").write_bytes(core_module(stock_kernel.headers, stock_kernel.kernel.abi, None,
-                                             tmp_path_factory.mktemp("core")))
+                                             tmp_path_factory.mktemp("core"))[0])
     (ex / "guest.py").write_text(GUEST)
     ko = build / f"{TARGET}.ko"
     for short, name in (("value", "lsrace_value_get"), ("other", "lsrace_other_get")):

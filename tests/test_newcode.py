@@ -149,3 +149,20 @@ def test_the_update_module_never_defines_a_module_entry_point(tmp_path):
     sym = Extractor(code, "t.o", post, d.names, {"init_module"}).add_function(
         post.functions["init_module"])
     assert sym.name == "init_module.livesplice"
+
+
+def test_shadow_calls_are_left_to_the_loader_not_the_kernel(tmp_path):
+    # livesplice.h's functions are the core's exports: the update module keeps them undefined
+    # by name (the loader links them, with their versions, and the update then depends on the
+    # core), never as placeholders for kernel addresses.
+    src = ("void *livesplice_shadow_get(void *obj, unsigned long id);\n"
+           "int f(void *p) { int *x = livesplice_shadow_get(p, 7); return (x ? *x : 0) + %d; }\n")
+    d = compile_pair(tmp_path, src % 1, src % 2)
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    Extractor(code, "t.o", post, d.names, {"f"}).add_function(post.functions["f"])
+    assert "livesplice_shadow_get" in code.core_exports
+    assert not any(r.name == "livesplice_shadow_get" for r in code.refs.values())
+    code.writer.write(tmp_path / "new.o")
+    undefined = {s.name for s in ObjectFile(tmp_path / "new.o").symbols if s.section is None}
+    assert "livesplice_shadow_get" in undefined

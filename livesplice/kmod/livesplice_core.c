@@ -54,6 +54,8 @@
 #include <linux/ftrace.h>
 #include <linux/nmi.h>
 #include <linux/rethook.h>
+#include <linux/hashtable.h>
+#include <linux/gfp.h>
 #include <asm/sync_core.h>
 #include <asm/text-patching.h>
 #include <asm/unwind.h>
@@ -2295,12 +2297,164 @@ static int handle_bench(char *req, struct ls_answer *a)
 }
 
 /* state: the applied updates, oldest first. */
+/* --- shadow data (livesplice.h) -------------------------------------------------------------------
+ *
+ * New fields for existing objects: data attached to an object's address under a numeric id,
+ * owned by the core so that it outlives the update that made it (a later update stacked on it
+ * sees the same data). Lookups are RCU-protected and lock-free, changes take shadow_lock (a
+ * spinlock: callers may be in any context the gfp flags they pass allow). While any shadow data
+ * exists the core holds a reference on itself, so it is not unloaded under it; `state` reports
+ * how many there are.
+ */
+
+struct ls_shadow {
+	struct hlist_node node;
+	struct rcu_head rcu;
+	void *obj;
+	unsigned long id;
+	char data[] __aligned(sizeof(void *) * 2);
+};
+
+#define SHADOW_BITS 12
+static DEFINE_HASHTABLE(shadow_table, SHADOW_BITS);
+static DEFINE_SPINLOCK(shadow_lock);
+static unsigned long shadow_count;	/* guarded by shadow_lock */
+
+static unsigned long shadow_key(void *obj, unsigned long id)
+{
+	return hash_ptr(obj, 32) ^ id;
+}
+
+static struct ls_shadow *shadow_find(void *obj, unsigned long id)
+{
+	struct ls_shadow *sh;
+
+	hash_for_each_possible_rcu(shadow_table, sh, node, shadow_key(obj, id))
+		if (sh->obj == obj && sh->id == id)
+			return sh;
+	return NULL;
+}
+
+void *livesplice_shadow_get(void *obj, unsigned long id)
+{
+	struct ls_shadow *sh;
+
+	rcu_read_lock();
+	sh = shadow_find(obj, id);
+	rcu_read_unlock();
+	return sh ? sh->data : NULL;
+}
+EXPORT_SYMBOL_GPL(livesplice_shadow_get);
+
+static void *shadow_alloc(void *obj, unsigned long id, size_t size, gfp_t gfp, bool or_get)
+{
+	struct ls_shadow *sh, *new;
+	unsigned long flags;
+
+	if (size > KMALLOC_MAX_SIZE - sizeof(*new))
+		return NULL;
+	new = kzalloc(sizeof(*new) + size, gfp);	/* outside the lock: gfp may sleep */
+	if (!new)
+		return NULL;
+	new->obj = obj;
+	new->id = id;
+	spin_lock_irqsave(&shadow_lock, flags);
+	sh = shadow_find(obj, id);
+	if (sh) {
+		spin_unlock_irqrestore(&shadow_lock, flags);
+		kfree(new);
+		return or_get ? sh->data : NULL;
+	}
+	hash_add_rcu(shadow_table, &new->node, shadow_key(obj, id));
+	if (shadow_count++ == 0)
+		__module_get(THIS_MODULE);
+	spin_unlock_irqrestore(&shadow_lock, flags);
+	return new->data;
+}
+
+void *livesplice_shadow_alloc(void *obj, unsigned long id, size_t size, gfp_t gfp)
+{
+	return shadow_alloc(obj, id, size, gfp, false);
+}
+EXPORT_SYMBOL_GPL(livesplice_shadow_alloc);
+
+void *livesplice_shadow_get_or_alloc(void *obj, unsigned long id, size_t size, gfp_t gfp)
+{
+	void *data = livesplice_shadow_get(obj, id);
+
+	return data ? data : shadow_alloc(obj, id, size, gfp, true);
+}
+EXPORT_SYMBOL_GPL(livesplice_shadow_get_or_alloc);
+
+/* Under shadow_lock. The last one gone drops the core's reference on itself. */
+static void shadow_remove(struct ls_shadow *sh)
+{
+	hash_del_rcu(&sh->node);
+	kfree_rcu(sh, rcu);
+	if (--shadow_count == 0)
+		module_put(THIS_MODULE);
+}
+
+void livesplice_shadow_free(void *obj, unsigned long id)
+{
+	struct ls_shadow *sh;
+	unsigned long flags;
+
+	spin_lock_irqsave(&shadow_lock, flags);
+	sh = shadow_find(obj, id);
+	if (sh)
+		shadow_remove(sh);
+	spin_unlock_irqrestore(&shadow_lock, flags);
+}
+EXPORT_SYMBOL_GPL(livesplice_shadow_free);
+
+void livesplice_shadow_free_all(unsigned long id)
+{
+	struct ls_shadow *sh;
+	struct hlist_node *tmp;
+	unsigned long flags;
+	int bkt;
+
+	spin_lock_irqsave(&shadow_lock, flags);
+	hash_for_each_safe(shadow_table, bkt, tmp, sh, node)
+		if (sh->id == id)
+			shadow_remove(sh);
+	spin_unlock_irqrestore(&shadow_lock, flags);
+}
+EXPORT_SYMBOL_GPL(livesplice_shadow_free_all);
+
+static void livesplice_shadow_free_all_ids(void)
+{
+	struct ls_shadow *sh;
+	struct hlist_node *tmp;
+	unsigned long flags;
+	int bkt;
+
+	spin_lock_irqsave(&shadow_lock, flags);
+	hash_for_each_safe(shadow_table, bkt, tmp, sh, node) {
+		hash_del_rcu(&sh->node);
+		kfree_rcu(sh, rcu);
+	}
+	shadow_count = 0;
+	spin_unlock_irqrestore(&shadow_lock, flags);
+}
+
+static unsigned long shadow_in_use(void)
+{
+	unsigned long flags, n;
+
+	spin_lock_irqsave(&shadow_lock, flags);
+	n = shadow_count;
+	spin_unlock_irqrestore(&shadow_lock, flags);
+	return n;
+}
+
 static int handle_state(struct ls_answer *a)
 {
 	struct ls_update *u;
 	int i;
 
-	say(a, "ok state - protocol=%d\n", LIVESPLICE_PROTOCOL);
+	say(a, "ok state - protocol=%d shadow=%lu\n", LIVESPLICE_PROTOCOL, shadow_in_use());
 	list_for_each_entry(u, &updates, list) {
 		say(a, "update %s %s %d pause_ns=%llu work_ns=%llu attempts=%d\n", u->id,
 		    u->mod->name, u->nfuncs, u->pause_ns, u->work_ns, u->attempts);
@@ -2463,6 +2617,8 @@ static void __exit livesplice_core_exit(void)
 	unregister_die_notifier(&ls_int3_nb);
 	/* A parked task may still be returning from ls_park_fn(). */
 	synchronize_rcu_tasks();
+	/* Only a forced unload (rmmod -f) gets here with shadow data: no update is left to use it. */
+	livesplice_shadow_free_all_ids();
 }
 
 module_init(livesplice_core_init);
