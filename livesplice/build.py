@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .elfmodel import ObjectFile
-from .errors import Refused
+from .errors import DATA_CHANGE_HINT, Refused
 from .includes import LeftOut, ObjectDependencies
 from .kbuild import Kbuild, ObjectTree
 from .kconfig import KernelConfig
@@ -160,7 +160,8 @@ def refuse_struct_layout_change_early(tree: WorkTree, patch: str, workdir: Path)
             tried.add(obj)
             probe = _probe(tree, patch, obj, header, name, workdir)
             if probe.refusals:
-                raise Refused("the change cannot be applied live", probe.refusals)
+                raise Refused(f"the change cannot be applied live ({DATA_CHANGE_HINT})",
+                              probe.refusals)
             if probe.describes and not probe.layout_changed:
                 break  # the struct's layout is the same after the patch
 

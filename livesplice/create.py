@@ -22,7 +22,7 @@ from pathlib import Path
 from . import debian, pkgformat
 from .build import BuiltPair, WorkTree, build_pre_post
 from .elfmodel import Item, ObjectFile, fentry_offset, runtime_patched_sites
-from .errors import BadInput, NothingToDo, Refused
+from .errors import DATA_CHANGE_HINT, BadInput, NothingToDo, Refused
 from .includes import LeftOut
 from .kbuild import console
 from .kconfig import config_hash, kernel_release
@@ -228,7 +228,9 @@ def refuse_what_cannot_change_live(files: list[str], diffs: list[ObjectDiff],
     refusals = _refusals_for_files(files) + [r for d in diffs for r in d.refusals]
     refusals += [str(f) for f in left_out if f.built]
     if refusals:
-        raise Refused("the change cannot be applied live", sorted(set(refusals)))
+        data = any("changed data object" in r or "changed layout of" in r for r in refusals)
+        raise Refused("the change cannot be applied live"
+                      + (f" ({DATA_CHANGE_HINT})" if data else ""), sorted(set(refusals)))
 
 
 def refuse_when_no_function_changed(diffs: list[ObjectDiff], left_out: list[LeftOut]) -> None:

@@ -46,3 +46,8 @@ class GuestDied(LivespliceError):
     def __init__(self, message: str, console: str = ""):
         super().__init__(message)
         self.console = console
+
+
+# What a refusal of changed data or struct layouts points to (create).
+DATA_CHANGE_HINT = ("data and struct layouts are not rewritten live: give existing objects new "
+                    "fields with shadow data (#include <livesplice.h>), see docs/writing-updates.md")
