@@ -239,10 +239,26 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
         raise BadInput(f"module {module} is already loaded but update {package.id} is not applied:"
                        f" remove it first (rmmod {module})")
     new_code = kernel.link_unexported(package.new_code, ks, addresses, manifest.module.file)
-    # No update applied: no core after cleanup (it unloads an idle one), so the package's loads.
-    core = (None if applied else
+    # A loaded core stays (it holds applied updates or shadow data) unless cleanup unloads it
+    # as idle: then the package's core loads.
+    core_stays = coreproto.core_loaded() and coreproto.CORE_MODULE not in unload_first
+    if core_stays:
+        check_core_features(new_code, manifest.module.file)
+    core = (None if applied or core_stays else
             kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER))
     return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match, loaded)
+
+
+def check_core_features(new_code: bytes, what: str) -> None:
+    """Refuse new code that calls the core's exports (livesplice.h) when the loaded core, which
+    stays, is an older one without them: its module would not load."""
+    needed = sorted({name for _, name in kernel.undefined_symbols(new_code, what)}
+                    & kernel.CORE_EXPORTS)
+    info = coreproto.core_info()
+    if needed and info is not None and "shadow" not in info.features:
+        raise Refused("the update uses livesplice.h's shadow data, which the loaded core predates "
+                      "(it holds applied updates, so it is not replaced): undo them "
+                      "(livesplice undo --all) and apply again", needed)
 
 
 def loaded_module_targets(manifest: Manifest) -> list[str]:

@@ -101,7 +101,7 @@ def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
             objects[:] = sorted(set(objects) | set(tree.deps.objects_for(new_files)))
         for o in objects:  # make must not take the pre object for an up-to-date post one
             (tree.obj / o).unlink(missing_ok=True)
-        tree.kbuild.build(objects, post=True)
+        tree.kbuild.build(objects)
         _copy_objects(tree, objects, post_dir)
     modules = tree.deps.modules()
     targets = {o: tree.deps.target_of(o) for o in objects}
@@ -198,7 +198,7 @@ def _probe(tree: WorkTree, patch: str, obj: str, header: str, name: str, workdir
     _copy_objects(tree, [obj], workdir / "pre")
     with patch_applied(tree, patch, [obj]):
         (tree.obj / obj).unlink(missing_ok=True)
-        tree.kbuild.build([obj], post=True)
+        tree.kbuild.build([obj])
         _copy_objects(tree, [obj], workdir / "post")
     pre, post = ObjectFile(workdir / "pre" / obj), ObjectFile(workdir / "post" / obj)
     refusals = layout_refusals(obj, pre, post)

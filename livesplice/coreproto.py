@@ -255,20 +255,44 @@ def state() -> list[AppliedUpdate]:
     return parse_state(request("state\n", "state").message)
 
 
+@dataclass(frozen=True)
+class CoreInfo:
+    """The `state` answer's first line: the core's protocol, the shadow data it holds, and the
+    features of that protocol it has (`shadow`: livesplice.h's shadow data exports)."""
+
+    protocol: str
+    shadow: int
+    features: frozenset[str]
+
+
+def _parse_head(head: str) -> CoreInfo:
+    try:
+        kv = dict(p.split("=", 1) for p in head.split() if "=" in p)
+        return CoreInfo(kv.get("protocol", ""), int(kv.get("shadow", 0)),
+                        frozenset(f for f in kv.get("features", "").split(",") if f))
+    except ValueError:
+        raise LivespliceError(f"the core gave a malformed state line: {head[:200]!r}") from None
+
+
+def core_info() -> CoreInfo | None:
+    """What the loaded core says of itself; None when no core is loaded."""
+    if not core_loaded():
+        return None
+    return _parse_head(request("state\n", "state").message.splitlines()[0])
+
+
 def shadow_in_use() -> int:
     """How many shadow data the core holds (livesplice.h): while there are any, it stays
     loaded (it holds a reference on itself), whether or not an update is applied."""
-    if not core_loaded():
-        return 0
-    head = request("state\n", "state").message.splitlines()[0]
-    return int(dict(p.split("=", 1) for p in head.split() if "=" in p).get("shadow", 0))
+    info = core_info()
+    return info.shadow if info is not None else 0
 
 
 def parse_state(message: str) -> list[AppliedUpdate]:
-    """The `state` answer after its `ok state -`: `protocol=N`, then the `update`, `func` and
-    `target` lines of the applied updates, oldest first."""
+    """The `state` answer after its `ok state -`: `protocol=N shadow=N features=...`, then the
+    `update`, `func` and `target` lines of the applied updates, oldest first."""
     head, *lines = message.splitlines() if message else [""]
-    proto = dict(p.split("=", 1) for p in head.split() if "=" in p).get("protocol")
+    proto = _parse_head(head).protocol
     if proto != str(PROTOCOL):
         raise LivespliceError(f"the loaded core speaks protocol {proto}; this livesplice speaks "
                               f"{PROTOCOL}")

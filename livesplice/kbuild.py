@@ -24,8 +24,9 @@ from .errors import BadInput, LivespliceError
 from .kconfig import KernelConfig
 
 SECTION_FLAGS = "-ffunction-sections -fdata-sections"
-# The patch author's header (livesplice.h: shadow data), on the post build's include path only.
-POST_INCLUDE = Path(__file__).resolve().parent / "data" / "include"
+# The patch author's header (livesplice.h: shadow data, hooks). Every build (pre, post, probes)
+# has it on its include path: a stacked update's pre source is an older update's post source.
+AUTHOR_INCLUDE = Path(__file__).resolve().parent / "data" / "include"
 # Objects kbuild builds for vmlinux that are not kernel text livesplice could redirect: host tools,
 # the vDSO (mapped into user space), real-mode and boot code.
 NOT_KERNEL_TEXT = ("scripts/", "tools/", ".tmp", "arch/x86/entry/vdso/", "arch/x86/realmode/",
@@ -77,6 +78,22 @@ class Kbuild:
         return ["make", *(["-s"] if quiet else []), "-C", str(self.src), f"O={self.obj}",
                 f"CC={self.compiler}", f"-j{self.jobs}", *(extra or []), *targets]
 
+    @property
+    def kcflags(self) -> str:
+        """KCFLAGS of every build: function and data sections, and the author's headers, copied
+        into the object tree (a path that does not move with the checkout, so that a build
+        from another clone reuses the objects; rewritten only when they change)."""
+        include = self.obj / "livesplice-include"
+        include.mkdir(parents=True, exist_ok=True)
+        for header in AUTHOR_INCLUDE.iterdir():
+            copy = include / header.name
+            if not copy.exists() or copy.read_bytes() != header.read_bytes():
+                shutil.copyfile(header, copy)
+        if any(c.isspace() for c in str(include)):
+            raise BadInput(f"the object tree's path has white space, which make's KCFLAGS cannot "
+                           f"carry: {include}; set LIVESPLICE_CACHE to a path without any")
+        return f"{SECTION_FLAGS} -I{include}"
+
     def make(self, *targets: str, what: str = "", extra: list[str] | None = None) -> None:
         run_make(self.command(*targets, extra=extra), what or f"make {' '.join(targets)}",
                  self.log_name, BuildFailed)
@@ -86,9 +103,8 @@ class Kbuild:
         return subprocess.run(self.command(*targets, quiet=False, extra=["-n", *extra]),
                               capture_output=True, text=True, check=False)
 
-    def build(self, objects: list[str], post: bool = False) -> None:
-        """Build objects (paths relative to the tree, e.g. kernel/sys.o) in the object tree.
-        `post`: the patched source, which may include <livesplice.h> (POST_INCLUDE)."""
+    def build(self, objects: list[str]) -> None:
+        """Build objects (paths relative to the tree, e.g. kernel/sys.o) in the object tree."""
         if not objects:
             return
         log.info("compiling %d object(s): %s", len(objects), " ".join(objects),
@@ -97,8 +113,7 @@ class Kbuild:
             for i in range(0, len(objects), BATCH):
                 batch = objects[i:i + BATCH]
                 status.update(f"compiling objects {i + 1}-{i + len(batch)} of {len(objects)}")
-                flags = f"{SECTION_FLAGS} -I{POST_INCLUDE}" if post else SECTION_FLAGS
-                self.make(*batch, extra=[f"KCFLAGS={flags}"],
+                self.make(*batch, extra=[f"KCFLAGS={self.kcflags}"],
                           what=f"compiling {', '.join(batch[:3])}{'...' if len(batch) > 3 else ''}")
 
 
@@ -141,7 +156,7 @@ class ObjectTree:
         # show as kbuild's delete-on-interrupt traps rather than as compiler commands).
         kconfig_h = self.kbuild.src / "include" / "linux" / "kconfig.h"
         proc = self.kbuild.dry_run("vmlinux", extra=["-k", "-W", str(kconfig_h),
-                                                     f"KCFLAGS={SECTION_FLAGS}"])
+                                                     f"KCFLAGS={self.kbuild.kcflags}"])
         objects = set(re.findall(r" -o (\S+\.o)(?=\s)", proc.stdout))
         objects |= set(re.findall(r"trap 'rm -f (\S+\.o);", proc.stdout))
         if len(objects) < 100:
@@ -169,7 +184,7 @@ class ObjectTree:
         with console.status("asking kbuild which objects make up each module (dry run, about "
                             "a minute once)"):
             proc = self.kbuild.dry_run("modules", extra=["-k", "-W", str(kconfig_h),
-                                                         f"KCFLAGS={SECTION_FLAGS}"])
+                                                         f"KCFLAGS={self.kbuild.kcflags}"])
         out: dict[str, str] = {}
         for objects, prefix, module in self._MOD_FILE.findall(proc.stdout):
             for o in objects.split():

@@ -35,7 +35,7 @@ from .elfmodel import (
     Section,
 )
 from .errors import LivespliceError, Refused
-from .kbuild import run_make
+from .kbuild import AUTHOR_INCLUDE, run_make
 from .kernel import CORE_EXPORTS
 from .objdiff import DYNDBG_SECTION, read_only
 from .pkgformat import MODULE_PREFIX, PLACEHOLDER_PREFIX, VMLINUX, KernelRef
@@ -382,7 +382,7 @@ def core_module(headers: Path, release: str, build_id: str | None, workdir: Path
     for part in (release, build_id or "", (headers / ".config").read_bytes()):
         key.update(part.encode() if isinstance(part, str) else part)
         key.update(b"\0")
-    for f in sorted(p for p in CORE_SOURCE.iterdir() if p.is_file()):
+    for f in sorted(p for d in (CORE_SOURCE, AUTHOR_INCLUDE) for p in d.iterdir() if p.is_file()):
         key.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     cached = debian.cache_root() / "core" / f"{release}-{key.hexdigest()[:16]}" / "livesplice_core.ko"
     symvers = cached.with_name("Module.symvers")
@@ -403,6 +403,8 @@ def build_core(headers: Path, workdir: Path, jobs: int = 2) -> Path:
     if workdir.exists():
         shutil.rmtree(workdir)
     shutil.copytree(CORE_SOURCE, workdir)
+    for header in AUTHOR_INCLUDE.iterdir():  # the core implements livesplice.h
+        shutil.copyfile(header, workdir / header.name)
     # The core calls unexported kernel functions directly; apply links them (kernel.link_unexported).
     return _make_module(headers, workdir, jobs, "livesplice_core.ko", "building the core module",
                         "core-module")

@@ -177,6 +177,19 @@ def test_malformed_state_lines(line):
         c.parse_state(text)
 
 
+def test_state_head_says_shadow_data_and_features():
+    head = c._parse_head("protocol=3 shadow=12 features=shadow,other")
+    assert head == c.CoreInfo("3", 12, frozenset({"shadow", "other"}))
+    # a core from before shadow data: no count, no features
+    assert c._parse_head("protocol=3") == c.CoreInfo("3", 0, frozenset())
+    with pytest.raises(LivespliceError, match="malformed state line"):
+        c._parse_head("protocol=3 shadow=many")
+    # the core's own line has both fields, and the features the core defines
+    source = CORE_C.read_text()
+    assert '"ok state - protocol=%d shadow=%lu features=%s\\n"' in source
+    assert _define("LIVESPLICE_FEATURES") == '"shadow"'
+
+
 def _define(name: str) -> str:
     found = re.search(rf"^#define {name}\s+(.+?)(?:\s*/\*.*)?$", CORE_C.read_text(), re.MULTILINE)
     assert found, name

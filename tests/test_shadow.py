@@ -14,8 +14,10 @@ pytestmark = pytest.mark.vm
 
 INCLUDE = ("#include <linux/utsname.h>\n", "#include <linux/utsname.h>\n#include <livesplice.h>\n")
 BANNER = "\tseq_printf(m, linux_proc_banner,"
-COUNTER = ("\tint *reads = livesplice_shadow_get_or_alloc(&init_uts_ns, 1, sizeof(int), GFP_KERNEL);\n"
-           "\n\tif (reads)\n\t\tseq_printf(m, \"livesplice-%s reads=%%d\\n\", ++*reads);\n")
+COUNTER = ("\tatomic_t *reads = livesplice_shadow_get_or_alloc(&init_uts_ns, 1, sizeof(*reads),"
+           " GFP_KERNEL);\n"
+           "\n\tif (reads)\n\t\tseq_printf(m, \"livesplice-%s reads=%%d\\n\", "
+           "atomic_inc_return(reads));\n")
 # A counts the reads of /proc/version in shadow data of init_uts_ns ...
 SHADOW_A = {"fs/proc/version.c": [INCLUDE, (BANNER, COUNTER % "a" + BANNER)]}
 # ... B, stacked on A, shows the same counter under its own name ...

@@ -60,7 +60,11 @@
 #include <asm/text-patching.h>
 #include <asm/unwind.h>
 
+#include "livesplice.h"		/* what it exports to patches (copied beside this file) */
+
 #define LIVESPLICE_PROTOCOL 3
+/* What this core has of its protocol, in `state`: shadow = livesplice.h's exports. */
+#define LIVESPLICE_FEATURES "shadow"
 #define JMP_SIZE 5
 #define INT3 0xcc
 #define MAX_FUNCS 4096			/* f and p lines of one request together; q lines */
@@ -2296,7 +2300,6 @@ static int handle_bench(char *req, struct ls_answer *a)
 	return 0;
 }
 
-/* state: the applied updates, oldest first. */
 /* --- shadow data (livesplice.h) -------------------------------------------------------------------
  *
  * New fields for existing objects: data attached to an object's address under a numeric id,
@@ -2329,7 +2332,8 @@ static struct ls_shadow *shadow_find(void *obj, unsigned long id)
 {
 	struct ls_shadow *sh;
 
-	hash_for_each_possible_rcu(shadow_table, sh, node, shadow_key(obj, id))
+	hash_for_each_possible_rcu(shadow_table, sh, node, shadow_key(obj, id),
+				   lockdep_is_held(&shadow_lock))
 		if (sh->obj == obj && sh->id == id)
 			return sh;
 	return NULL;
@@ -2449,12 +2453,14 @@ static unsigned long shadow_in_use(void)
 	return n;
 }
 
+/* state: the core's protocol, features and shadow data; the applied updates, oldest first. */
 static int handle_state(struct ls_answer *a)
 {
 	struct ls_update *u;
 	int i;
 
-	say(a, "ok state - protocol=%d shadow=%lu\n", LIVESPLICE_PROTOCOL, shadow_in_use());
+	say(a, "ok state - protocol=%d shadow=%lu features=%s\n", LIVESPLICE_PROTOCOL,
+	    shadow_in_use(), LIVESPLICE_FEATURES);
 	list_for_each_entry(u, &updates, list) {
 		say(a, "update %s %s %d pause_ns=%llu work_ns=%llu attempts=%d\n", u->id,
 		    u->mod->name, u->nfuncs, u->pause_ns, u->work_ns, u->attempts);
