@@ -243,22 +243,28 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     # as idle: then the package's core loads.
     core_stays = coreproto.core_loaded() and coreproto.CORE_MODULE not in unload_first
     if core_stays:
-        check_core_features(new_code, manifest.module.file)
+        check_core_features(new_code, manifest)
     core = (None if applied or core_stays else
             kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER))
     return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match, loaded)
 
 
-def check_core_features(new_code: bytes, what: str) -> None:
-    """Refuse new code that calls the core's exports (livesplice.h) when the loaded core, which
-    stays, is an older one without them: its module would not load."""
-    needed = sorted({name for _, name in kernel.undefined_symbols(new_code, what)}
-                    & kernel.CORE_EXPORTS)
+def check_core_features(new_code: bytes, manifest: Manifest) -> None:
+    """Refuse an update that needs what the loaded core, which stays, is too old to have: the
+    exports of livesplice.h's shadow data (its module would not load), or hooks (k lines)."""
     info = coreproto.core_info()
-    if needed and info is not None and "shadow" not in info.features:
-        raise Refused("the update uses livesplice.h's shadow data, which the loaded core predates "
-                      "(it holds applied updates, so it is not replaced): undo them "
-                      "(livesplice undo --all) and apply again", needed)
+    if info is None:
+        return
+    needed = sorted({name for _, name in kernel.undefined_symbols(new_code, manifest.module.file)}
+                    & kernel.CORE_EXPORTS)
+    missing = ([f"shadow data ({', '.join(needed)})"] if needed and "shadow" not in info.features
+               else [])
+    if manifest.hooks and "hooks" not in info.features:
+        missing.append(f"hooks ({', '.join(sorted({h.function for h in manifest.hooks}))})")
+    if missing:
+        raise Refused("the update uses livesplice.h features the loaded core predates (it holds "
+                      "applied updates, so it is not replaced): undo them (livesplice undo --all) "
+                      "and apply again", missing)
 
 
 def loaded_module_targets(manifest: Manifest) -> list[str]:
@@ -343,7 +349,8 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
                  f"; waiting for {', '.join(plan.waiting_targets)}" if plan.waiting_targets else "")
         figures = coreproto.call(
             coreproto.apply_request(package.id, module, switches, ranges, max(1, retries),
-                                    int(retry_delay * 1000), targets), "apply", package.id)
+                                    int(retry_delay * 1000), targets,
+                                    hook_calls(package.manifest, module)), "apply", package.id)
     except BaseException:
         if kernel.module_loaded(module):
             kernel.rmmod(module)
@@ -360,6 +367,12 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
             "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
             "attempts": figures.get("attempts", 1), "match_seconds": plan.match_seconds,
             "total_seconds": time.monotonic() - plan.started}
+
+
+def hook_calls(manifest: Manifest, module: str) -> list[coreproto.HookCall]:
+    """The author's hooks as the core runs them: each function's address in the loaded module."""
+    return [coreproto.HookCall(h.kind, h.target, kernel.module_section(module, h.new_section))
+            for h in manifest.hooks]
 
 
 def _switches(package: Package, match: MatchResult

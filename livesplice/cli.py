@@ -368,7 +368,8 @@ def create_cmd(source, debian_version, config, patch_file, diffext, update_id, o
 def summary(manifest: Manifest, path: str | None = None,
             timings: dict[str, float] | None = None) -> dict:
     full = manifest.to_json()
-    out = {k: full[k] for k in ("id", "replaced", "new", "line_only", "notes", "targets")}
+    out = {k: full[k] for k in ("id", "replaced", "new", "line_only", "notes", "targets",
+                                "hooks")}
     out["package_format"] = manifest.format  # ("format" is the JSON's own: docs/cli-json.md)
     out["target"] = full["kernel"]  # the kernel the update is for
     out["module"] = manifest.module.name
@@ -396,6 +397,8 @@ def show_package(manifest: Manifest) -> None:
     for n in manifest.new:
         table.add_row(n.target, escape(n.object), escape(n.name), "new", str(n.size))
     Console().print(table)
+    for h in manifest.hooks:  # in the order the core runs those of one kind
+        click.echo(f"hook {h.kind}: {h.function} ({h.target}, {h.object})")
 
 
 def signature_status(package, trusted) -> dict:

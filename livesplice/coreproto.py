@@ -106,6 +106,16 @@ class ModuleTarget:
 
 
 @dataclass
+class HookCall:
+    """A `k` line: a hook of the update (livesplice.h) the core runs when `target` (vmlinux: the
+    whole update) is switched in or out."""
+
+    kind: str  # pkgformat.HOOK_KINDS
+    target: str
+    address: int
+
+
+@dataclass
 class Answer:
     status: str  # ok, busy, mismatch, stacked, refused, unknown, error
     op: str
@@ -132,7 +142,7 @@ class Answer:
 
 def apply_request(update_id: str, module: str, switches: Sequence[Switch],
                   ranges: Sequence[CodeRange], tries: int, delay_ms: int,
-                  targets: Sequence[ModuleTarget] = ()) -> str:
+                  targets: Sequence[ModuleTarget] = (), hooks: Sequence[HookCall] = ()) -> str:
     lines = [f"apply {update_id} {module} {tries} {delay_ms}"]
     lines += [f"f {s.name} {s.site:x} {s.target:x} {s.expect.hex()}" for s in switches]
     lines += [f"r {r.start:x} {r.end:x} {r.func}" for r in ranges]
@@ -146,6 +156,7 @@ def apply_request(update_id: str, module: str, switches: Sequence[Switch],
             lines += [f"m {offset} {length}" for offset, length in f.masks]
             lines += [f"c {c.offset} {c.type} {c.symbol} {c.sympos} {c.addend}" for c in f.checks]
         lines += [f"h {h.address:x} {h.type} {h.symbol} {h.sympos} {h.addend}" for h in t.held]
+    lines += [f"k {h.kind} {h.target} {h.address:x}" for h in hooks]  # after the t lines
     text = "\n".join(lines) + "\n"
     if len(text) > MAX_REQUEST:
         raise LivespliceError(f"update {update_id} is too large for the core: its request is "

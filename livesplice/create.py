@@ -35,6 +35,7 @@ from .pkgformat import (
     FORMAT_VERSION,
     VMLINUX,
     HeldField,
+    Hook,
     KernelIdentity,
     Manifest,
     Mask,
@@ -242,7 +243,7 @@ def refuse_when_no_function_changed(diffs: list[ObjectDiff], left_out: list[Left
         raise NothingToDo("no function's object code changed"
                           + (f" (only __LINE__ values moved in {', '.join(shifted)})"
                              if shifted else "") + aside)
-    if not any(d.changed for d in diffs):
+    if not any(d.changed or d.hooks for d in diffs):
         added = [c.name for d in diffs for c in d.new]
         raise NothingToDo("no existing function's object code changed; the new functions "
                           f"({', '.join(added)}) are called by nothing the kernel runs" + aside)
@@ -442,6 +443,8 @@ def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: 
         held=modules.held,
         callbacks=callbacks(code),
         line_only=[f for d in diffs for f in d.line_only],
+        hooks=[Hook(kind, pair.targets[d.object], d.object, function,
+                    section_name(d.object, function)) for d in diffs for kind, function in d.hooks],
         notes=[n for d in diffs for n in d.notes] + code.notes
         + [f"left out: {f}" for f in left_out]
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),

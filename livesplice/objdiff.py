@@ -15,6 +15,7 @@ reach; every function that uses it then counts as changed, so that the new code 
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from .elfmodel import (
     fentry_offset,
     runtime_patched_sites,
 )
+from .pkgformat import HOOK_KINDS
 
 # Sections whose functions livesplice does not redirect, with why.
 UNREDIRECTABLE_SECTIONS = {
@@ -71,11 +73,54 @@ class ObjectDiff:
     refusals: list[str] = field(default_factory=list)
     line_only: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    hooks: list[tuple[str, str]] = field(default_factory=list)  # (kind, post function), in order
     names: dict[str, str] = field(default_factory=dict)  # post name -> pre name, correlated
 
     @property
     def has_changes(self) -> bool:
         return bool(self.changed or self.new)
+
+
+HOOK_SECTION_PREFIX = ".livesplice.hooks."
+
+
+def hook_entries(obj: ObjectFile) -> list[tuple[str, str]]:
+    """The hooks livesplice.h's macros declared in `obj`: (kind, function), in source order
+    (each macro is a pointer in section .livesplice.hooks.KIND, emitted in source order)."""
+    out = []
+    for sec in obj.sections:
+        if sec is None or not sec.name.startswith(HOOK_SECTION_PREFIX):
+            continue
+        kind = sec.name[len(HOOK_SECTION_PREFIX):]
+        for r in sec.relocs:
+            target = obj.target(r)
+            variable = obj.item_at(sec, r.offset)
+            line = re.match(rf"__livesplice_hook_{re.escape(kind)}_(\d+)_",
+                            variable.name if variable is not None else "")
+            out.append((int(line.group(1)) if line else 0, r.offset, kind,
+                        target.name if target.kind == "sym" and not target.offset
+                        else f"{target.kind}:{target.name}+{target.offset}"))
+    return [(kind, function) for *_, kind, function in sorted(out)]
+
+
+def diff_hooks(pre: ObjectFile, post: ObjectFile, name: str, diff: ObjectDiff) -> None:
+    """The object's hooks that are the patch's own: those of the post object that the pre object
+    does not declare (a stacked update's pre source has the older update's hooks). Each must be a
+    known kind naming a function the new code carries."""
+    before = set(hook_entries(pre))
+    carried = {c.name for c in diff.changed + diff.new}
+    for kind, function in hook_entries(post):
+        if (kind, function) in before:
+            continue
+        if kind not in HOOK_KINDS:
+            diff.refusals.append(f"{name}: unknown hook kind {kind!r} (section "
+                                 f"{HOOK_SECTION_PREFIX}{kind}): livesplice.h declares "
+                                 f"{', '.join(HOOK_KINDS)}")
+        elif function not in carried:
+            diff.refusals.append(f"{name}: {kind} hook {function} is not a function the patch "
+                                 "adds or changes: a hook must be the patch's own code")
+        else:
+            diff.hooks.append((kind, function))
 
 
 def section_kind(name: str) -> str:
@@ -374,6 +419,7 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str, module: str | Non
         diff.refusals.append(f"{name}: changed data object {dname} in {item.section.name} "
                              f"({what}): live data cannot be rewritten safely")
     diff.new_data = [d for d in post.data_objects if d not in names]
+    diff_hooks(pre, post, name, diff)
     return diff
 
 
@@ -399,7 +445,8 @@ def _boot_table_entries(post: ObjectFile, new_functions: set[str], name: str) ->
     out = []
     for sec in post.sections:
         if sec is None or not sec.is_alloc or sec.flags & SH_FLAGS.SHF_EXECINSTR \
-                or sec.name in CODE_TABLES or sec.name.startswith(EXPORT_TABLES):
+                or sec.name in CODE_TABLES or sec.name.startswith(EXPORT_TABLES) \
+                or sec.name.startswith(HOOK_SECTION_PREFIX):
             continue  # a new export only matters to modules loaded later: left out
         if sec.name.startswith((".rodata", ".data")):
             continue  # the compiler's own anonymous data (jump tables) goes with the code

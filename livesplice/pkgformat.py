@@ -27,8 +27,8 @@ from .errors import BadInput
 # 3: objects patched are named per function (`target`: vmlinux or a module) and listed in
 #    `targets` with their build ids; the running kernel is `kernel` (was `target`).
 # 2: build id of the kernel, core protocol 2, signatures.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)  # older ones are upgraded on reading (`_upgrade`)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)  # older ones are upgraded on reading (`_upgrade`)
 VMLINUX = "vmlinux"  # the `target` of functions built into the kernel image
 PLACEHOLDER_PREFIX = "__livesplice_sym_"  # how the new code names what the kernel has
 MODULE_PREFIX = "livesplice_"  # an update's module is livesplice_ID (ID with '-' as '_')
@@ -290,6 +290,23 @@ class NewFunction(Record):
     new_part_sections: list[str] = spec(list_of(SYMBOL))
 
 
+# The patch author's hooks (livesplice.h), in the order an apply and an undo run them.
+HOOK_KINDS = ("pre_apply", "check_apply", "apply", "post_apply", "fail_apply",
+              "pre_reverse", "check_reverse", "reverse", "post_reverse", "fail_reverse")
+
+
+@dataclass
+class Hook(Record):
+    """A hook of the patch (LIVESPLICE_PRE_APPLY(fn)...): a function of the new code the core runs
+    when `target` is switched in or out; several of one kind run in the manifest's order."""
+
+    kind: str = spec(choice(*HOOK_KINDS))
+    target: str = spec(TARGET_NAME)
+    object: str = spec(object_path)
+    function: str = spec(SYMBOL)  # in the post object: a replaced function's new_name, or new
+    new_section: str = spec(SYMBOL)  # the update module's section of the function
+
+
 @dataclass
 class KernelRef(Record):
     """A placeholder symbol of the new code, to be given the address of what the kernel has."""
@@ -337,7 +354,7 @@ class Manifest(Record):
     config_sha256: str = spec(SHA256)
     patch: str = spec(string(max_len=MAX_MANIFEST_BYTES))
     module: ModuleFile = spec(record(ModuleFile))
-    replaced: list[ReplacedFunction] = spec(records(ReplacedFunction, min_len=1))
+    replaced: list[ReplacedFunction] = spec(records(ReplacedFunction))
     new: list[NewFunction] = spec(records(NewFunction))
     kernel_refs: list[KernelRef] = spec(records(KernelRef))
     held: list[HeldField] = spec(records(HeldField))
@@ -346,6 +363,7 @@ class Manifest(Record):
     callbacks: list[str] = spec(list_of(SYMBOL))
     line_only: list[str] = spec(list_of(SYMBOL))  # changed only in line numbers: left alone
     notes: list[str] = spec(list_of(string(printable=True)))
+    hooks: list[Hook] = spec(records(Hook))  # format 5
 
     @staticmethod
     def module_name(update_id: str) -> str:
@@ -366,6 +384,8 @@ class Manifest(Record):
             raise Invalid("module.file", f"{show(self.module.file)}, expected "
                                          f"'modules/{module}.ko'")
         _unique([t.name for t in self.targets], "targets")
+        if not self.replaced and not self.hooks:
+            raise Invalid("replaced", "empty, and no hooks: the update would change nothing")
         if VMLINUX in {t.name for t in self.targets} and \
                 self.target(VMLINUX).build_id != self.kernel.build_id:
             raise Invalid("targets", "vmlinux's build id is not the kernel's")
@@ -388,6 +408,12 @@ class Manifest(Record):
                 raise Invalid(f"kernel_refs[{i}].target", "a global symbol of vmlinux has \"\"")
             if ref.sympos and (ref.target not in known or ref.target == VMLINUX):
                 raise Invalid(f"kernel_refs[{i}].sympos", "a position is within a module target")
+        carried = {(r.object, r.new_name): (r.target, r.new_section) for r in self.replaced}
+        carried |= {(n.object, n.name): (n.target, n.new_section) for n in self.new}
+        for i, hook in enumerate(self.hooks):
+            if carried.get((hook.object, hook.function)) != (hook.target, hook.new_section):
+                raise Invalid(f"hooks[{i}]", f"{show(hook.function)} of {show(hook.object)} is not "
+                                             "a replaced or new function of that target and section")
         refs = {r.placeholder: r for r in self.kernel_refs}
         for i, h in enumerate(self.held):
             held_ref = refs.get(h.placeholder)
@@ -566,12 +592,21 @@ def read_pre(value: Any, manifest: Manifest, where: str = "package", member: str
 
 
 def _upgrade(value: dict) -> dict:
-    """An older manifest as format 4 says it."""
+    """An older manifest as format 5 says it."""
     if value.get("format") == 2:
         value = _upgrade_2(value)
     if value.get("format") == 3:
         value = _upgrade_3(value)
+    if value.get("format") == 4:
+        value = _upgrade_4(value)
     return value
+
+
+def _upgrade_4(value: dict) -> dict:
+    """Format 4 as format 5: no hooks."""
+    if "hooks" in value:
+        raise Invalid("hooks", "unknown field (in format 4)")
+    return {**value, "format": 5, "hooks": []}
 
 
 def _upgrade_3(value: dict) -> dict:

@@ -49,6 +49,7 @@ MANIFEST = {
     "held": [],
     "line_only": ["other_function"],
     "notes": ["kernel/sys.o: a note"],
+    "hooks": [],
 }
 
 PRE = {"functions": [{

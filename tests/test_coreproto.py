@@ -187,7 +187,7 @@ def test_state_head_says_shadow_data_and_features():
     # the core's own line has both fields, and the features the core defines
     source = CORE_C.read_text()
     assert '"ok state - protocol=%d shadow=%lu features=%s\\n"' in source
-    assert _define("LIVESPLICE_FEATURES") == '"shadow"'
+    assert _define("LIVESPLICE_FEATURES") == '"shadow,hooks"'
 
 
 def _define(name: str) -> str:

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -318,3 +319,54 @@ def test_an_alias_is_one_function(tmp_path):
     d = compile_pair(tmp_path, src.replace("%d;", "1;"), src.replace("%d;", "2;"))
     assert names(d.changed) == ["uvesa_init"]
     assert ObjectFile(tmp_path / "post" / "t.o").aliases == {"init_module": "uvesa_init"}
+
+
+def hook_macros() -> str:
+    """livesplice.h's hook macros as they are, with the kernel's own definitions they use."""
+    header = (Path(__file__).parent.parent / "livesplice/data/include/livesplice.h").read_text()
+    lines = header[header.index("typedef int"):header.index("/* The data attached")]
+    return ("#define __used __attribute__((__used__))\n"
+            "#define __section(s) __attribute__((__section__(s)))\n"
+            + "\n".join(line for line in lines.splitlines()
+                        if not line.lstrip().startswith(("void *", "void livesplice"))) + "\n")
+
+
+def test_hooks_are_the_patchs_own_in_source_order(tmp_path):
+    pre = "int f(int x) { return x + sink; }\n"
+    post = hook_macros() + textwrap.dedent("""
+        int f(int x) { return x + sink + 1; }
+        static void second(void) { sink = 2; }
+        static void first(void) { sink = 1; }
+        static int check(void) { return sink == 7; }
+        LIVESPLICE_POST_APPLY(second);
+        LIVESPLICE_CHECK_APPLY(check);
+        LIVESPLICE_POST_APPLY(first);
+        LIVESPLICE_POST_APPLY(f);
+    """)
+    d = compile_pair(tmp_path, pre, post)
+    assert not d.refusals, d.refusals
+    assert d.hooks == [("post_apply", "second"), ("check_apply", "check"), ("post_apply", "first"),
+                       ("post_apply", "f")]
+    assert {"second", "first", "check"} <= {c.name for c in d.new}  # carried as new functions
+
+
+def test_a_stacked_update_takes_only_its_own_hooks(tmp_path):
+    older = hook_macros() + textwrap.dedent("""
+        int f(int x) { return x + sink + 1; }
+        static void older(void) { sink = 1; }
+        LIVESPLICE_APPLY(older);
+    """)
+    newer = older.replace("sink + 1", "sink + 2") + textwrap.dedent("""
+        static void newer(void) { sink = 2; }
+        LIVESPLICE_REVERSE(newer);
+    """)
+    d = compile_pair(tmp_path, older, newer)
+    assert not d.refusals and d.hooks == [("reverse", "newer")]
+
+
+def test_a_hook_must_be_code_the_patch_brings(tmp_path):
+    pre = "int f(int x) { return x + sink; }\nvoid g(void) { sink = 3; }\n"
+    post = hook_macros() + pre.replace("x + sink", "x + sink + 1") + "LIVESPLICE_APPLY(g);\n"
+    d = compile_pair(tmp_path, pre, post)
+    assert d.refusals == ["t.o: apply hook g is not a function the patch adds or changes: a hook "
+                          "must be the patch's own code"]

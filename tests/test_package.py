@@ -614,7 +614,12 @@ VALUE_CASES = [
     (("module", "name"), "livesplice_other", "module.name"),
     (("module", "file"), "modules/livesplice_other.ko", "module.file"),
     (("module", "file"), "../livesplice_fix1.ko", "module.file"),
-    (("replaced",), [], "replaced: 0 entries"),
+    (("replaced",), [], "replaced: empty, and no hooks"),
+    (("hooks",), [{"kind": "pre_apply", "target": "vmlinux", "object": "kernel/sys.o",
+                   "function": "helper", "new_section": ".text.other"}], "hooks[0]: 'helper'"),
+    (("hooks",), [{"kind": "pre_patch", "target": "vmlinux", "object": "kernel/sys.o",
+                   "function": "helper", "new_section": ".text.livesplice.abcdef0123.helper"}],
+     "hooks[0].kind"),
     (("replaced", 0, "name"), "foo bar", "replaced[0].name"),
     (("replaced", 0, "name"), "foo\nbar", "replaced[0].name"),
     (("replaced", 0, "name"), "", "replaced[0].name"),
@@ -704,11 +709,36 @@ def format2(manifest: dict, pre: dict) -> tuple[dict, dict]:
 
 def format3(manifest: dict, pre: dict) -> tuple[dict, dict]:
     """The same update as package format 3 wrote it (module targets named, but no positions)."""
-    m = {k: v for k, v in manifest.items() if k != "held"}
+    m = {k: v for k, v in format4(manifest, pre)[0].items() if k != "held"}
     m["format"] = 3
     m["kernel_refs"] = [{k: v for k, v in e.items() if k != "sympos"} for e in manifest["kernel_refs"]]
     return m, {"functions": [{**{k: v for k, v in f.items() if k != "sympos"},
                               "relocs": [r[:6] for r in f["relocs"]]} for f in pre["functions"]]}
+
+
+def format4(manifest: dict, pre: dict) -> tuple[dict, dict]:
+    """The same update as package format 4 wrote it (before hooks)."""
+    return {**{k: v for k, v in manifest.items() if k != "hooks"}, "format": 4}, pre
+
+
+def test_format_4_is_read_as_format_5(tmp_path):
+    m4, p4 = format4(packages.manifest(), packages.pre())
+    p = Package.read(packages.write_package(tmp_path / "old.tar.gz", m4, p4))
+    assert p.manifest.to_json() == packages.manifest() and p.manifest.hooks == []
+    m4["hooks"] = []  # format 4 had no such field
+    assert_bad(packages.write_package(tmp_path / "bad.tar.gz", m4, p4),
+               "manifest field hooks: unknown field")
+
+
+def test_hooks_name_functions_the_update_carries(tmp_path):
+    m = packages.manifest()
+    m["replaced"] = []  # an update of hooks alone (and the new functions they are)
+    m["hooks"] = [{"kind": k, "target": "vmlinux", "object": "kernel/sys.o", "function": "helper",
+                   "new_section": ".text.livesplice.abcdef0123.helper"}
+                  for k in ("pre_apply", "post_reverse")]
+    p = Package.read(packages.write_package(tmp_path / "hooks.tar.gz", m))
+    assert [(h.kind, h.function) for h in p.manifest.hooks] == [("pre_apply", "helper"),
+                                                               ("post_reverse", "helper")]
 
 
 def test_format_3_is_read_as_format_4(tmp_path):
@@ -753,9 +783,9 @@ def test_format_2_is_read_as_format_4(tmp_path):
 
 def test_unknown_format_names_both_versions(tmp_path):
     m = packages.manifest()
-    m["format"] = 5
-    message = assert_bad(packages.write_package(tmp_path / "new.tar.gz", m), "has format 5")
-    assert "reads formats 2, 3, 4" in message and "update livesplice" in message
+    m["format"] = 6
+    message = assert_bad(packages.write_package(tmp_path / "new.tar.gz", m), "has format 6")
+    assert "reads formats 2, 3, 4, 5" in message and "update livesplice" in message
     m["format"] = 1
     message = assert_bad(packages.write_package(tmp_path / "old.tar.gz", m), "has format 1")
     assert "update livesplice" not in message

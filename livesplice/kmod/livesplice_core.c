@@ -63,8 +63,9 @@
 #include "livesplice.h"		/* what it exports to patches (copied beside this file) */
 
 #define LIVESPLICE_PROTOCOL 3
-/* What this core has of its protocol, in `state`: shadow = livesplice.h's exports. */
-#define LIVESPLICE_FEATURES "shadow"
+/* What this core has of its protocol, in `state`: shadow = livesplice.h's exports; hooks = k
+ * lines (the patch author's hooks). */
+#define LIVESPLICE_FEATURES "shadow,hooks"
 #define JMP_SIZE 5
 #define INT3 0xcc
 #define MAX_FUNCS 4096			/* f and p lines of one request together; q lines */
@@ -72,6 +73,7 @@
 #define MAX_TARGETS 64			/* t lines */
 #define MAX_FIELDS 131072		/* c and h lines together */
 #define MAX_MASKS 131072		/* m lines */
+#define MAX_HOOKS 256			/* k lines */
 #define MAX_CODE_SIZE (1 << 20)		/* SIZE of a p line */
 #define MAX_B_BYTES 256			/* bytes of one b line */
 #define MAX_SYMPOS 65535
@@ -135,12 +137,47 @@ struct ls_func {
 	unsigned long addr, live;	/* resolved: the function; where its code runs now */
 };
 
+/*
+ * The patch author's hooks (livesplice.h): k lines, each a function of the update's module, run
+ * in the order given (the source order). tgt is the target whose patching runs it: -1 for
+ * vmlinux (the whole apply or undo), else a module target (when that module is patched, at apply
+ * or at its load, and when it is switched back).
+ */
+enum ls_hook_kind {
+	LS_PRE_APPLY, LS_CHECK_APPLY, LS_APPLY, LS_POST_APPLY, LS_FAIL_APPLY,
+	LS_PRE_REVERSE, LS_CHECK_REVERSE, LS_REVERSE, LS_POST_REVERSE, LS_FAIL_REVERSE,
+	LS_NHOOK_KINDS
+};
+
+static const char *const hook_kinds[LS_NHOOK_KINDS] = {
+	"pre_apply", "check_apply", "apply", "post_apply", "fail_apply",
+	"pre_reverse", "check_reverse", "reverse", "post_reverse", "fail_reverse",
+};
+
+/* The kinds whose hooks return int (non-zero: abort); the others return nothing. */
+static bool hook_returns(int kind)
+{
+	return kind == LS_PRE_APPLY || kind == LS_CHECK_APPLY || kind == LS_PRE_REVERSE ||
+	       kind == LS_CHECK_REVERSE;
+}
+
+struct ls_hook {
+	int kind, tgt;
+	unsigned long fn;
+};
+
+/* Which hooks a run takes: those of the whole update (vmlinux's, and of the module targets in
+ * the switch), of one target (its index), or none. */
+#define SCOPE_ALL -2
+#define SCOPE_NONE -3
+
 struct ls_target {
 	char name[MODULE_NAME_LEN];
 	char build_id[BUILD_ID_HEX];	/* "-": none given */
 	struct module *mod;		/* while patched: the instance its jumps are in */
 	bool patched;
 	bool pending;			/* checked at this load, to be written */
+	bool pre_ran;			/* at its load: its PRE_APPLY hooks ran, POST or FAIL not yet */
 	int first, nfuncs;		/* its functions: funcs[first .. first + nfuncs) */
 	struct ls_field *held;
 	int nheld;
@@ -167,6 +204,8 @@ struct ls_update {
 	struct ls_field *checks, *held;
 	struct ls_mask *masks;
 	struct ls_part *parts;
+	struct ls_hook *hooks;
+	int nhooks;
 	u64 pause_ns, work_ns;
 	int attempts;
 };
@@ -194,6 +233,49 @@ static __printf(2, 3) void say(struct ls_answer *a, const char *fmt, ...)
 	a->len = min(a->len + n, a->cap - 1);
 }
 
+/* --- hooks ------------------------------------------------------------------------------------ */
+
+static notrace bool hook_in_scope(struct ls_update *u, struct ls_hook *h, int scope, bool undo)
+{
+	if (scope == SCOPE_NONE)
+		return false;
+	if (scope != SCOPE_ALL)
+		return h->tgt == scope;
+	if (h->tgt < 0)
+		return true;
+	/* a module target takes part in an apply when it is loaded (pending), in an undo when
+	 * it is patched; a waiting one runs its hooks when it loads */
+	return undo ? u->targets[h->tgt].patched : u->targets[h->tgt].pending;
+}
+
+/*
+ * Run u's hooks of `kind` in scope, in order. Hooks that return int stop at the first non-zero
+ * (its index in *failed); the others all run. Called inside stop_machine for the CHECK, APPLY
+ * and REVERSE kinds (interrupts off: the hooks must not sleep), in process context otherwise.
+ */
+static notrace int run_hooks(struct ls_update *u, int kind, int scope, bool undo, int *failed)
+{
+	int i, ret;
+
+	for (i = 0; i < u->nhooks; i++) {
+		struct ls_hook *h = &u->hooks[i];
+
+		if (h->kind != kind || !hook_in_scope(u, h, scope, undo))
+			continue;
+		if (!hook_returns(kind)) {
+			((void (*)(void))h->fn)();
+			continue;
+		}
+		ret = ((int (*)(void))h->fn)();
+		if (ret) {
+			if (failed)
+				*failed = i;
+			return ret;
+		}
+	}
+	return 0;
+}
+
 /* --- stack walking ------------------------------------------------------------------------------ */
 
 enum ls_why { LS_RUNNING, LS_SLEEPING, LS_BLOCKED, LS_KTHREAD, LS_UNRELIABLE };
@@ -210,6 +292,8 @@ struct ls_busy {
 struct ls_switch {
 	struct ls_update *u;
 	bool undo;
+	int scope;			/* the hooks this switch runs (SCOPE_*, or a target) */
+	int hook_failed, hook_ret;	/* a CHECK hook that said no, and what it returned */
 	/* the rendezvous of all CPUs */
 	atomic_t arrived;
 	atomic_t acks;
@@ -496,11 +580,16 @@ static notrace int switch_stopped(struct ls_switch *s)
 			return -EILSEQ;
 		}
 	}
+	s->hook_ret = run_hooks(u, s->undo ? LS_CHECK_REVERSE : LS_CHECK_APPLY, s->scope, s->undo,
+				&s->hook_failed);
+	if (s->hook_ret)
+		return -ECANCELED;
 	if (!s->undo)
 		for (i = 0; i < u->nfuncs; i++)
 			if (u->funcs[i].site)
 				memcpy(u->funcs[i].saved, (void *)u->funcs[i].site, JMP_SIZE);
 	write_sites(s);
+	run_hooks(u, s->undo ? LS_REVERSE : LS_APPLY, s->scope, s->undo, NULL);
 	return 0;
 }
 
@@ -660,7 +749,7 @@ static void release_busy(struct ls_switch *s)
  * can be woken, wait, and retry. The lock order is the kernel's own text patchers':
  * cpus_read_lock, text_mutex, stop_machine_cpuslocked.
  */
-static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms,
+static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms, int scope,
 			 struct ls_answer *a)
 {
 	struct ls_switch *s;
@@ -678,6 +767,7 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		raw_spin_lock_init(&s->busy_lock);
 		s->u = u;
 		s->undo = undo;
+		s->scope = scope;
 		s->mismatch_func = -1;
 		cpus_read_lock();
 		mutex_lock(&text_mutex);
@@ -719,6 +809,11 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 				    why_text[s->busy[i].why]);
 			say(a, "\n");
 		}
+	} else if (ret == -ECANCELED) {
+		struct ls_hook *h = &u->hooks[s->hook_failed];
+
+		say(a, "refused %s %s %s hook %ps returned %d: nothing was changed\n", op, u->id,
+		    hook_kinds[h->kind], (void *)h->fn, s->hook_ret);
 	} else if (ret == -EILSEQ) {
 		say(a, "mismatch %s %s %s: the bytes at %pS are not the ones matched\n", op, u->id,
 		    u->funcs[s->mismatch_func].name, (void *)u->funcs[s->mismatch_func].site);
@@ -762,6 +857,7 @@ static void free_update(struct ls_update *u)
 	kvfree(u->held);
 	kvfree(u->masks);
 	kvfree(u->parts);
+	kvfree(u->hooks);
 	kfree(u);
 }
 
@@ -1510,6 +1606,25 @@ static void forget_instance(struct module *mod)
 	}
 }
 
+/* At the end of a load's patching: POST_APPLY for each target of mod patched at it, FAIL_APPLY
+ * for those whose PRE_APPLY ran and that were not (all of them when the load is refused). */
+static void finish_coming_hooks(struct module *mod, bool refused)
+{
+	struct ls_update *u;
+	struct ls_target *t;
+
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (!t || !t->pre_ran)
+			continue;
+		t->pre_ran = false;
+		if (!refused && t->patched && t->mod == mod)
+			run_hooks(u, LS_POST_APPLY, t - u->targets, false, NULL);
+		else
+			run_hooks(u, LS_FAIL_APPLY, t - u->targets, false, NULL);
+	}
+}
+
 /*
  * MODULE_STATE_COMING of a module that applied updates wait for, oldest first: resolve and check
  * each, and write its held fields at once, so that an update stacked on it (whose pre code is
@@ -1517,7 +1632,10 @@ static void forget_instance(struct module *mod)
  * load; then write the jumps of those that match, with text_poke. No stop_machine: none of the
  * module's code has run yet. A mismatch refuses the load unless refuse_mismatch is off; then
  * that update waits on. (Held fields written for a load that is then refused are harmless:
- * nothing jumps to the new code of a target that is not patched.)
+ * nothing jumps to the new code of a target that is not patched.) The author's hooks of each
+ * target run as an apply runs them: PRE_APPLY before the writes (no lock held: they may sleep; one
+ * that fails refuses the load, or with refuse_mismatch off leaves that update waiting), CHECK_APPLY
+ * and APPLY under text_mutex around the target's writes, POST_APPLY (or FAIL_APPLY) after.
  */
 static int module_coming(struct module *mod)
 {
@@ -1525,7 +1643,7 @@ static int module_coming(struct module *mod)
 	struct ls_target *t;
 	char why[320];
 	bool wrote = false;
-	int i, ret;
+	int i, ret, failed = 0;
 
 	list_for_each_entry(u, &updates, list) {
 		t = find_target(u, mod->name);
@@ -1549,6 +1667,25 @@ static int module_coming(struct module *mod)
 		pr_warn("livesplice: update %s: %s loads unpatched: %s (the update is for build id %s)\n",
 			u->id, mod->name, why, t->build_id);
 	}
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (!t || !t->pending)
+			continue;
+		t->pre_ran = true;
+		ret = run_hooks(u, LS_PRE_APPLY, t - u->targets, false, &failed);
+		if (!ret)
+			continue;
+		if (refuse_mismatch) {
+			pr_err("livesplice: update %s: refusing to load %s: pre_apply hook %ps returned %d\n",
+			       u->id, mod->name, (void *)u->hooks[failed].fn, ret);
+			finish_coming_hooks(mod, true);
+			forget_instance(mod);
+			return -EINVAL;
+		}
+		pr_warn("livesplice: update %s: %s loads unpatched: pre_apply hook %ps returned %d\n",
+			u->id, mod->name, (void *)u->hooks[failed].fn, ret);
+		forget_target(u, t);
+	}
 	mutex_lock(&text_mutex);
 	list_for_each_entry(u, &updates, list) {
 		t = find_target(u, mod->name);
@@ -1557,6 +1694,7 @@ static int module_coming(struct module *mod)
 		/* The sites again, under text_mutex, right before the write: a kprobe registered
 		 * since the check arms its int3 under it too. A stacked function expects the older
 		 * update's jump, written just before (or left out: then this one fails too). */
+		ret = 0;
 		for (i = t->first; i < t->first + t->nfuncs; i++) {
 			struct ls_func *f = &u->funcs[i];
 
@@ -1566,11 +1704,18 @@ static int module_coming(struct module *mod)
 				 f->name, f->fentry, JMP_SIZE, (void *)f->site, JMP_SIZE, f->expect);
 			break;
 		}
-		if (i < t->first + t->nfuncs) {
+		if (i == t->first + t->nfuncs) {
+			ret = run_hooks(u, LS_CHECK_APPLY, t - u->targets, false, &failed);
+			if (ret)
+				snprintf(why, sizeof(why), "check_apply hook %ps returned %d",
+					 (void *)u->hooks[failed].fn, ret);
+		}
+		if (i < t->first + t->nfuncs || ret) {
 			if (refuse_mismatch) {
 				mutex_unlock(&text_mutex);
 				pr_err("livesplice: update %s: refusing to load %s: %s\n", u->id, mod->name,
 				       why);
+				finish_coming_hooks(mod, true);
 				forget_instance(mod);
 				return -EINVAL;
 			}
@@ -1584,6 +1729,7 @@ static int module_coming(struct module *mod)
 			memcpy(f->saved, (void *)f->site, JMP_SIZE);
 			text_poke((void *)f->site, f->jump, JMP_SIZE);
 		}
+		run_hooks(u, LS_APPLY, t - u->targets, false, NULL);
 		t->pending = false;
 		t->patched = true;
 		wrote = true;
@@ -1593,6 +1739,7 @@ static int module_coming(struct module *mod)
 	mutex_unlock(&text_mutex);
 	if (wrote)
 		on_each_cpu(ls_sync_core, NULL, 1);
+	finish_coming_hooks(mod, false);
 	return 0;
 }
 
@@ -1612,7 +1759,7 @@ static int switch_target(struct ls_update *u, struct ls_target *t, struct module
 	struct ls_update view = *u;	/* never linked into `updates` */
 	struct ls_answer a = { .buf = why, .cap = len };
 	char *msg;
-	int i, j, ret, nparts = 0;
+	int i, j, ret, nparts = 0, tgt = t - u->targets, failed = 0;
 
 	view.funcs = &u->funcs[t->first];
 	view.nfuncs = t->nfuncs;
@@ -1636,13 +1783,22 @@ static int switch_target(struct ls_update *u, struct ls_target *t, struct module
 			view.ranges[view.nranges++] = (struct ls_range){
 				f->parts[j].addr, f->parts[j].addr + f->parts[j].size, i };
 	}
+	ret = run_hooks(u, LS_PRE_APPLY, tgt, false, &failed);
+	if (ret) {
+		snprintf(why, len, "pre_apply hook %ps returned %d", (void *)u->hooks[failed].fn, ret);
+		run_hooks(u, LS_FAIL_APPLY, tgt, false, NULL);
+		kvfree(view.ranges);
+		forget_target(u, t);
+		return -ECANCELED;
+	}
 	mutex_lock(&text_mutex);	/* nothing jumps to the new code yet */
 	write_held(t);
 	mutex_unlock(&text_mutex);
 	why[0] = '\0';
-	ret = switch_update(&view, false, UNSEEN_TRIES, UNSEEN_DELAY_MS, &a);
+	ret = switch_update(&view, false, UNSEEN_TRIES, UNSEEN_DELAY_MS, tgt, &a);
 	kvfree(view.ranges);
 	if (ret) {
+		run_hooks(u, LS_FAIL_APPLY, tgt, false, NULL);
 		/* The answer's message, without its "STATUS apply ID " and newline. */
 		for (i = 0, msg = why; i < 3 && msg; i++)
 			msg = strchr(msg, ' ') ? strchr(msg, ' ') + 1 : NULL;
@@ -1654,6 +1810,7 @@ static int switch_target(struct ls_update *u, struct ls_target *t, struct module
 	}
 	t->patched = true;
 	t->mod = mod;
+	run_hooks(u, LS_POST_APPLY, tgt, false, NULL);
 	return 0;
 }
 
@@ -1701,7 +1858,12 @@ static void module_going(struct module *mod)
 		t = find_target(u, mod->name);
 		if (!t || !t->patched || t->mod != mod)
 			continue;
+		/* As livepatch does for a patched module that goes: the target's PRE_REVERSE (its
+		 * answer cannot stop the unload) and POST_REVERSE hooks; no switch, no CHECK or
+		 * REVERSE hooks (the module's code goes, its exit has run). */
+		run_hooks(u, LS_PRE_REVERSE, t - u->targets, true, NULL);
 		forget_target(u, t);
+		run_hooks(u, LS_POST_REVERSE, t - u->targets, true, NULL);
 		pr_info("livesplice: update %s: %s unloaded; patched again when it loads\n", u->id,
 			mod->name);
 	}
@@ -1759,7 +1921,7 @@ static struct notifier_block ls_module_nb = {
 /* --- apply ------------------------------------------------------------------------------------- */
 
 struct ls_counts {
-	int f, r, t, p, q, b, m, c, h;
+	int f, r, t, p, q, b, m, c, h, k;
 };
 
 /* How many lines of each kind follow the first: the request is allocated for exactly those. */
@@ -1779,6 +1941,7 @@ static void count_lines(const char *req, struct ls_counts *n)
 		case 'm': n->m++; break;
 		case 'c': n->c++; break;
 		case 'h': n->h++; break;
+		case 'k': n->k++; break;
 		}
 		p = strchr(p, '\n');
 	}
@@ -1786,7 +1949,7 @@ static void count_lines(const char *req, struct ls_counts *n)
 
 /* Where the parse of a request is: the next free entry of each kind, the current t and p line. */
 struct ls_parse {
-	int f, r, p, t, c, h, m, q;
+	int f, r, p, t, c, h, m, q, k;
 	struct ls_target *target;
 	struct ls_func *func;
 	/* The p lines' SIZEs so far, and what the request can carry: its b lines give every byte
@@ -1927,6 +2090,57 @@ static bool parse_target_line(struct ls_update *u, struct ls_parse *ps, char *li
 	return false;
 }
 
+/* A k line: KIND TARGET ADDR, the target "vmlinux" or one of the t lines before it. The address
+ * is checked against the update's module once it is found (hooks_in_module). */
+static bool parse_hook(struct ls_update *u, struct ls_parse *ps, char *line)
+{
+	struct ls_hook *h = &u->hooks[ps->k];
+	struct ls_target *t;
+	char *tok[4];
+
+	if (split_tokens(line, tok, ARRAY_SIZE(tok)) != 4 || strcmp(tok[0], "k"))
+		return false;
+	h->kind = match_string(hook_kinds, LS_NHOOK_KINDS, tok[1]);
+	if (h->kind < 0 || kstrtoul(tok[3], 16, &h->fn) || !h->fn)
+		return false;
+	if (!strcmp(tok[2], "vmlinux")) {
+		h->tgt = -1;
+	} else {
+		t = valid_token(tok[2], MODULE_NAME_LEN) ? find_target(u, tok[2]) : NULL;
+		if (!t)
+			return false;
+		h->tgt = t - u->targets;
+	}
+	u->nhooks = ++ps->k;
+	return true;
+}
+
+/* Every hook is a function of the update's own module (its core text). */
+static int hooks_in_module(struct ls_update *u, struct ls_answer *a)
+{
+	int i;
+
+	for (i = 0; i < u->nhooks; i++) {
+		if (text_module(u->hooks[i].fn) != u->mod ||
+		    !in_core_text(u->mod, u->hooks[i].fn, 1)) {
+			say(a, "error apply %s hook %d (%s) at %#lx is not in module %s's text\n",
+			    u->id, i, hook_kinds[u->hooks[i].kind], u->hooks[i].fn, u->mod->name);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+static bool target_has_hooks(struct ls_update *u, int tgt)
+{
+	int i;
+
+	for (i = 0; i < u->nhooks; i++)
+		if (u->hooks[i].tgt == tgt)
+			return true;
+	return false;
+}
+
 /* After the last line: every target has functions, every function all its bytes; the bytes
  * compared are those given, less the masks and the c fields (checked by value). */
 static int finish_targets(struct ls_update *u, struct ls_answer *a)
@@ -1934,8 +2148,9 @@ static int finish_targets(struct ls_update *u, struct ls_answer *a)
 	int i, j;
 
 	for (i = 0; i < u->ntargets; i++) {
-		if (!u->targets[i].nfuncs) {
-			say(a, "error apply %s target %s has no functions\n", u->id, u->targets[i].name);
+		if (!u->targets[i].nfuncs && !target_has_hooks(u, i)) {
+			say(a, "error apply %s target %s has no functions and no hooks\n", u->id,
+			    u->targets[i].name);
 			return -EINVAL;
 		}
 	}
@@ -1959,9 +2174,11 @@ static int finish_targets(struct ls_update *u, struct ls_answer *a)
 static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct ls_answer *a)
 {
 	if (n->f + n->p > MAX_FUNCS || n->q > MAX_FUNCS || n->r > MAX_RANGES ||
-	    n->t > MAX_TARGETS || n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS) {
-		say(a, "error apply %s too many lines: at most %d f and p, %d q, %d r, %d t, %d c and h, %d m\n",
-		    u->id, MAX_FUNCS, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS);
+	    n->t > MAX_TARGETS || n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS ||
+	    n->k > MAX_HOOKS) {
+		say(a, "error apply %s too many lines: at most %d f and p, %d q, %d r, %d t, %d c and h, %d m, %d k\n",
+		    u->id, MAX_FUNCS, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS,
+		    MAX_HOOKS);
 		return -EINVAL;
 	}
 	u->nvmlinux = n->f;
@@ -1979,8 +2196,9 @@ static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct l
 	u->held = kvcalloc(max(n->h, 1), sizeof(*u->held), LS_GFP);
 	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), LS_GFP);
 	u->parts = kvcalloc(max(n->q, 1), sizeof(*u->parts), LS_GFP);
+	u->hooks = kvcalloc(max(n->k, 1), sizeof(*u->hooks), LS_GFP);
 	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks ||
-	    !u->parts) {
+	    !u->parts || !u->hooks) {
 		say(a, "error apply %s out of memory\n", u->id);
 		return -ENOMEM;
 	}
@@ -1997,6 +2215,7 @@ static const char *resolve_status(int ret)
  * f NAME SITE TARGET EXPECT_HEX      one per vmlinux function
  * r START END FUNC_INDEX             old code to find no thread in
  * t, p, q, b, m, c, h                module targets (docs/core-protocol.md, protocol 3)
+ * k KIND TARGET ADDR                 the patch author's hooks (feature `hooks`), after the t lines
  */
 static int handle_apply(char *req, struct ls_answer *a)
 {
@@ -2005,9 +2224,10 @@ static int handle_apply(char *req, struct ls_answer *a)
 	struct ls_parse ps = {};
 	char *line;
 	char modname[MODULE_NAME_LEN], hex[2 * JMP_SIZE + 2], why[320];
-	int tries, delay, ret = -EINVAL, i, k;
+	int tries, delay, ret = -EINVAL, i, k, failed = 0;
 	size_t linelen = 0, j;
 	struct module *mod;
+	bool pre_ran = false;
 
 	count_lines(req, &counts);
 	ps.code_budget = strlen(req) / 2;
@@ -2048,6 +2268,9 @@ static int handle_apply(char *req, struct ls_answer *a)
 			u->ranges[ps.r].end = y;
 			u->ranges[ps.r].func = idx;
 			u->nranges = ++ps.r;
+		} else if (line[0] == 'k') {
+			if (!parse_hook(u, &ps, line))
+				goto bad_line;
 		} else if (!strchr("tpqbmch", line[0]) || !parse_target_line(u, &ps, line)) {
 			if (ps.too_much_code) {
 				say(a, "error apply %s the p lines ask for more bytes of code than the request carries (%zu bytes at most)\n",
@@ -2062,8 +2285,8 @@ static int handle_apply(char *req, struct ls_answer *a)
 			goto bad_line;
 		}
 	}
-	if (!u->nfuncs) {
-		say(a, "error apply %s no functions\n", u->id);
+	if (!u->nfuncs && !u->nhooks) {
+		say(a, "error apply %s no functions and no hooks\n", u->id);
 		goto out;
 	}
 	ret = finish_targets(u, a);
@@ -2088,7 +2311,9 @@ static int handle_apply(char *req, struct ls_answer *a)
 		goto out;
 	}
 	u->mod = mod;
-	ret = check_funcs(u, a);
+	ret = hooks_in_module(u, a);
+	if (!ret)
+		ret = check_funcs(u, a);
 	if (!ret)
 		ret = check_targets(u, a);
 	/* Module targets loaded now are patched in this switch; the others wait for their load. */
@@ -2105,6 +2330,16 @@ static int handle_apply(char *req, struct ls_answer *a)
 		}
 		t->pending = true;
 		t->mod = tmod;
+	}
+	/* Everything checked: the author's PRE_APPLY hooks, before the machine is stopped. */
+	if (!ret) {
+		pre_ran = true;
+		ret = run_hooks(u, LS_PRE_APPLY, SCOPE_ALL, false, &failed);
+		if (ret) {
+			say(a, "refused apply %s pre_apply hook %ps returned %d: nothing was changed\n",
+			    u->id, (void *)u->hooks[failed].fn, ret);
+			ret = -ECANCELED;
+		}
 	}
 	if (!ret) {
 		mutex_lock(&text_mutex);	/* nothing jumps to the new code yet */
@@ -2125,12 +2360,15 @@ static int handle_apply(char *req, struct ls_answer *a)
 				u->ranges[u->nranges++] = (struct ls_range){
 					f->parts[k].addr, f->parts[k].addr + f->parts[k].size, i };
 		}
-		ret = switch_update(u, false, tries, delay, a);
+		ret = switch_update(u, false, tries, delay, SCOPE_ALL, a);
 	}
 	if (ret) {
+		if (pre_ran)
+			run_hooks(u, LS_FAIL_APPLY, SCOPE_ALL, false, NULL);
 		module_put(mod);
 		goto out;
 	}
+	run_hooks(u, LS_POST_APPLY, SCOPE_ALL, false, NULL);
 	__module_get(THIS_MODULE);
 	add_taint(TAINT_LIVEPATCH, LOCKDEP_STILL_OK);
 	pr_info("livesplice: applied %s (%s): %d functions, machine stopped %llu us\n", u->id,
@@ -2221,7 +2459,8 @@ static void update_module_going(struct module *mod)
 			ret = -EBUSY;
 			say(&a, "update %s stacks on it (%s)", later->id, u->funcs[func].name);
 		} else {
-			ret = switch_update(u, true, FORCED_TRIES, FORCED_DELAY_MS, &a);
+			/* no hooks: they are the going module's own code, its exit has run */
+			ret = switch_update(u, true, FORCED_TRIES, FORCED_DELAY_MS, SCOPE_NONE, &a);
 		}
 		if (a.buf && a.len && a.buf[a.len - 1] == '\n')
 			a.buf[--a.len] = '\0';
@@ -2264,10 +2503,21 @@ static int handle_undo(char *req, struct ls_answer *a)
 		    u->id, u->funcs[i].name);
 		return -EBUSY;
 	}
-	/* Patched targets switch back with vmlinux's functions; waiting ones are just forgotten. */
-	ret = switch_update(u, true, tries, delay, a);
-	if (ret)
+	/* The author's PRE_REVERSE hooks, before the machine is stopped; then patched targets switch
+	 * back with vmlinux's functions; waiting ones are just forgotten. */
+	ret = run_hooks(u, LS_PRE_REVERSE, SCOPE_ALL, true, &i);
+	if (ret) {
+		say(a, "refused undo %s pre_reverse hook %ps returned %d: nothing was changed\n",
+		    u->id, (void *)u->hooks[i].fn, ret);
+		ret = -ECANCELED;
+	} else {
+		ret = switch_update(u, true, tries, delay, SCOPE_ALL, a);
+	}
+	if (ret) {
+		run_hooks(u, LS_FAIL_REVERSE, SCOPE_ALL, true, NULL);
 		return ret;
+	}
+	run_hooks(u, LS_POST_REVERSE, SCOPE_ALL, true, NULL);
 	pr_info("livesplice: undone %s (%s), machine stopped %llu us\n", u->id, u->mod->name,
 		div_u64(u->pause_ns, 1000));
 	forget_update(u);

@@ -4,6 +4,22 @@
  * `livesplice create` puts this file on the include path of its builds (it is not part of the
  * kernel tree); the patch does `#include <livesplice.h>`. docs/writing-updates.md.
  *
+ * Hooks: functions of the patch that run when the update is switched in or out, each declared
+ * with one of the macros below, naming a function of the patch (new, or changed). Several of one
+ * kind run in source order. For an update of a module, the hooks of that module's code run when
+ * the module is patched: at apply if it is loaded, else when it loads.
+ *   LIVESPLICE_PRE_APPLY(fn)    int fn(void), before the machine is stopped; non-zero aborts the
+ *                               apply (nothing changed; the FAIL_APPLY hooks run).
+ *   LIVESPLICE_CHECK_APPLY(fn)  int fn(void), inside stop_machine before any write, at every try;
+ *                               non-zero aborts the apply.
+ *   LIVESPLICE_APPLY(fn)        void fn(void), inside stop_machine after the jumps are written.
+ *   LIVESPLICE_POST_APPLY(fn)   void fn(void), after the machine runs again.
+ *   LIVESPLICE_FAIL_APPLY(fn)   void fn(void), when the apply is abandoned after PRE_APPLY ran
+ *                               (a hook said no, a thread stayed in the code, a mismatch).
+ *   LIVESPLICE_PRE_REVERSE ... LIVESPLICE_FAIL_REVERSE: the same five for undo.
+ * Hooks inside stop_machine (CHECK_*, APPLY, REVERSE) run with interrupts off on one CPU while
+ * the others spin: they must not sleep, take sleeping locks or wait for other CPUs.
+ *
  * Shadow data: new fields for existing objects, without changing any layout. Data of `size`
  * bytes is attached to an object's address under a numeric id the patch chooses; it is owned by
  * livesplice's core module, not by the update, so it outlives the update that made it (a later
@@ -28,6 +44,30 @@
 
 #include <linux/types.h>
 #include <linux/gfp.h>
+#include <linux/compiler.h>
+
+typedef int (*livesplice_check_hook)(void);
+typedef void (*livesplice_action_hook)(void);
+
+/* A hook is a pointer to its function in section .livesplice.hooks.KIND of the object, named
+ * after its line (the compiler may emit variables in any order; create sorts them by line):
+ * create reads them there, and carries the functions into the update. */
+#define __LIVESPLICE_HOOK_AT(kind, type, fn, line)					\
+	static const type __livesplice_hook_##kind##_##line##_##fn			\
+	__used __section(".livesplice.hooks." #kind) = (fn)
+#define __LIVESPLICE_HOOK_LINE(kind, type, fn, line) __LIVESPLICE_HOOK_AT(kind, type, fn, line)
+#define __LIVESPLICE_HOOK(kind, type, fn) __LIVESPLICE_HOOK_LINE(kind, type, fn, __LINE__)
+
+#define LIVESPLICE_PRE_APPLY(fn)	__LIVESPLICE_HOOK(pre_apply, livesplice_check_hook, fn)
+#define LIVESPLICE_CHECK_APPLY(fn)	__LIVESPLICE_HOOK(check_apply, livesplice_check_hook, fn)
+#define LIVESPLICE_APPLY(fn)		__LIVESPLICE_HOOK(apply, livesplice_action_hook, fn)
+#define LIVESPLICE_POST_APPLY(fn)	__LIVESPLICE_HOOK(post_apply, livesplice_action_hook, fn)
+#define LIVESPLICE_FAIL_APPLY(fn)	__LIVESPLICE_HOOK(fail_apply, livesplice_action_hook, fn)
+#define LIVESPLICE_PRE_REVERSE(fn)	__LIVESPLICE_HOOK(pre_reverse, livesplice_check_hook, fn)
+#define LIVESPLICE_CHECK_REVERSE(fn)	__LIVESPLICE_HOOK(check_reverse, livesplice_check_hook, fn)
+#define LIVESPLICE_REVERSE(fn)		__LIVESPLICE_HOOK(reverse, livesplice_action_hook, fn)
+#define LIVESPLICE_POST_REVERSE(fn)	__LIVESPLICE_HOOK(post_reverse, livesplice_action_hook, fn)
+#define LIVESPLICE_FAIL_REVERSE(fn)	__LIVESPLICE_HOOK(fail_reverse, livesplice_action_hook, fn)
 
 /* The data attached to obj under id, or NULL. */
 void *livesplice_shadow_get(void *obj, unsigned long id);
