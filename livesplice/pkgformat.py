@@ -528,7 +528,7 @@ def _latin1(text: str) -> bool:
 class PreCode(Record):
     """pre.json."""
 
-    functions: list[PreFunction] = spec(records(PreFunction, min_len=1))
+    functions: list[PreFunction] = spec(records(PreFunction))  # empty for hooks alone
 
     def validate(self, manifest: Manifest) -> None:
         seen: dict[tuple[str, str], PreFunction] = {}

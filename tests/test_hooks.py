@@ -68,7 +68,7 @@ def clean_state(vm):
 
 
 def domain(name: str, vm) -> None:
-    vm.run(["sh", "-c", f"echo {name} > /proc/sys/kernel/domainname"], check=True)
+    vm.run(["sh", "-c", 'echo "$1" > /proc/sys/kernel/domainname', "sh", name], check=True)
 
 
 def ran(vm, since: int, tag: str) -> list[str]:
