@@ -49,5 +49,6 @@ class GuestDied(LivespliceError):
 
 
 # What a refusal of changed data or struct layouts points to (create).
-DATA_CHANGE_HINT = ("data and struct layouts are not rewritten live: give existing objects new "
-                    "fields with shadow data (#include <livesplice.h>), see docs/writing-updates.md")
+DATA_CHANGE_HINT = ("data and struct layouts are not rewritten live: change live data with hooks "
+                    "that run at switch time, and give existing objects new fields with shadow "
+                    "data (#include <livesplice.h>), see docs/writing-updates.md")
