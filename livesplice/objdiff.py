@@ -123,6 +123,19 @@ def diff_hooks(pre: ObjectFile, post: ObjectFile, name: str, diff: ObjectDiff) -
             diff.hooks.append((kind, function))
 
 
+KPATCH_SECTIONS = (".kpatch.ignore.functions", ".kpatch.ignore.sections", ".kpatch.force")
+
+
+def kpatch_marks(obj: ObjectFile) -> dict[str, set[str]]:
+    """What kpatch-macros.h's KPATCH_IGNORE_FUNCTION, KPATCH_IGNORE_SECTION and
+    KPATCH_FORCE_UNSAFE marked in `obj`: function names, section names, function names."""
+    out: dict[str, set[str]] = {name: set() for name in KPATCH_SECTIONS}
+    for sec in obj.sections:
+        if sec is not None and sec.name in out:
+            out[sec.name] |= {obj.target(r).name for r in sec.relocs}
+    return out
+
+
 def section_kind(name: str) -> str:
     if name.startswith(INIT_SECTION_PREFIXES):
         return "init"
@@ -351,8 +364,19 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str, module: str | Non
                               "the new code gets its own copy")
             del names[dname]
 
+    marks = kpatch_marks(post)
+    ignored = marks[".kpatch.ignore.functions"]
+    ignored_sections = marks[".kpatch.ignore.sections"]
+    for fname in sorted(marks[".kpatch.force"]):
+        diff.notes.append(f"{fname}: KPATCH_FORCE_UNSAFE is not honoured: livesplice checks that "
+                          "no thread is inside every function it replaces")
     changed_units: dict[str, set[str]] = {}  # unit (parent function) -> changed members
     for fname, item in post_funcs.items():
+        unit = fname[:-len(".cold")] if fname.endswith(".cold") else fname
+        if unit in ignored or item.section.name in ignored_sections:
+            diff.notes.append(f"{fname}: left out, as KPATCH_IGNORE_"
+                              f"{'FUNCTION' if unit in ignored else 'SECTION'} asks")
+            continue
         pre_name = names.get(fname)
         kind = section_kind(item.section.name)
         if pre_name is None or pre_name not in pre_funcs:
@@ -446,7 +470,7 @@ def _boot_table_entries(post: ObjectFile, new_functions: set[str], name: str) ->
     for sec in post.sections:
         if sec is None or not sec.is_alloc or sec.flags & SH_FLAGS.SHF_EXECINSTR \
                 or sec.name in CODE_TABLES or sec.name.startswith(EXPORT_TABLES) \
-                or sec.name.startswith(HOOK_SECTION_PREFIX):
+                or sec.name.startswith(HOOK_SECTION_PREFIX) or sec.name in KPATCH_SECTIONS:
             continue  # a new export only matters to modules loaded later: left out
         if sec.name.startswith((".rodata", ".data")):
             continue  # the compiler's own anonymous data (jump tables) goes with the code

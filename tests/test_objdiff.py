@@ -370,3 +370,27 @@ def test_a_hook_must_be_code_the_patch_brings(tmp_path):
     d = compile_pair(tmp_path, pre, post)
     assert d.refusals == ["t.o: apply hook g is not a function the patch adds or changes: a hook "
                           "must be the patch's own code"]
+
+
+def kpatch_macros() -> str:
+    """kpatch-macros.h's marking macros as they are, with the kernel's definitions they use."""
+    header = (Path(__file__).parent.parent / "livesplice/data/include/kpatch-macros.h").read_text()
+    start = header.index("#define KPATCH_IGNORE_FUNCTION")
+    return ("#define __used __attribute__((__used__))\n"
+            "#define __section(s) __attribute__((__section__(s)))\n"
+            "#define __UNIQUE_ID(p) p##__COUNTER__\n"
+            + header[start:header.index("#define KPATCH_PRINTK")])
+
+
+def test_kpatch_ignore_and_force_marks(tmp_path):
+    pre = ("int f(int x) { return x + sink; }\nint g(int x) { return x * sink; }\n"
+           "__attribute__((section(\".text.unlikely.h\"))) int h(int x) { return x - sink; }\n")
+    post = kpatch_macros() + pre.replace("x + sink", "x + sink + 1").replace(
+        "x * sink", "x * sink * 2").replace("x - sink", "x - sink - 3") + (
+        "KPATCH_IGNORE_FUNCTION(g);\nKPATCH_IGNORE_SECTION(\".text.unlikely.h\");\n"
+        "KPATCH_FORCE_UNSAFE(f);\n")
+    d = compile_pair(tmp_path, pre, post)
+    assert names(d.changed) == ["f"] and not d.refusals, (d.changed, d.refusals)
+    assert any("g: left out, as KPATCH_IGNORE_FUNCTION asks" in n for n in d.notes), d.notes
+    assert any("h: left out, as KPATCH_IGNORE_SECTION asks" in n for n in d.notes), d.notes
+    assert any("f: KPATCH_FORCE_UNSAFE is not honoured" in n for n in d.notes), d.notes
