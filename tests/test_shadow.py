@@ -5,6 +5,7 @@ exist, with no update applied, until an update frees it. The kernel log is check
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -22,6 +23,9 @@ COUNTER = ("\tatomic_t *reads = livesplice_shadow_get_or_alloc(&init_uts_ns, 1, 
 SHADOW_A = {"fs/proc/version.c": [INCLUDE, (BANNER, COUNTER % "a" + BANNER)]}
 # ... B, stacked on A, shows the same counter under its own name ...
 SHADOW_B = {"fs/proc/version.c": [("livesplice-a reads", "livesplice-b reads")]}
+# An unrelated update: PR_SET_DUMPABLE also rejects a stray third argument.
+PRCTL = {"kernel/sys.c": [("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) {",
+                           "if ((arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_USER) || arg3) {")]}
 # ... and C, made from the stock source, frees it.
 SHADOW_C = {"fs/proc/version.c": [INCLUDE, (BANNER, "\tlivesplice_shadow_free(&init_uts_ns, 1);\n"
                                             "\tseq_puts(m, \"livesplice-c freed\\n\");\n" + BANNER)]}
@@ -29,7 +33,8 @@ SHADOW_C = {"fs/proc/version.c": [INCLUDE, (BANNER, "\tlivesplice_shadow_free(&i
 
 @pytest.fixture(scope="module")
 def packages(stock_kernel, vm, tmp_path_factory):
-    made = create_packages(stock_kernel, vm.exchange, {"shadow-a": SHADOW_A, "shadow-c": SHADOW_C})
+    made = create_packages(stock_kernel, vm.exchange, {"shadow-a": SHADOW_A, "shadow-c": SHADOW_C,
+                                                         "unrelated": PRCTL})
     made["shadow-b"] = create_stacked_package(
         stock_kernel, vm.exchange, tmp_path_factory.mktemp("tree-a") / "linux", SHADOW_A,
         SHADOW_B, "shadow-b")
@@ -73,4 +78,60 @@ def test_shadow_data_outlives_its_updates_and_keeps_the_core(vm, packages):
     assert not core_loaded(vm)  # nothing holds it now
     log = vm.dmesg().splitlines()[since:]
     assert not [line for line in log if "no symbol version" in line or "disagrees" in line], log
+    assert_clean(vm, since)
+
+
+# In the guest: 50 applies and undos of the unrelated update, from one process (the library, as
+# the CLI calls it), while the load runs; then the counter's next two values.
+CYCLES = """
+import sys
+from livesplice import apply as a
+for i in range(50):
+    a.apply(a.Path(sys.argv[1]), retries=20, retry_delay=0.05)
+    a.undo("unrelated", retries=20, retry_delay=0.05)
+print("cycles done")
+"""
+# Load: two readers of /proc/version (the shadow counter's users) and a busy loop of prctl calls
+# (the unrelated update's function), detached from the agent, named for pkill.
+LOAD = """
+import ctypes, os
+for _ in range(2):
+    if os.fork() == 0:
+        while True:
+            open("/proc/version").read()
+libc = ctypes.CDLL(None)
+while True:
+    libc.prctl(4, 1, 0, 0, 0)
+"""
+
+
+def reads(vm) -> int:
+    line = next(line for line in version(vm).splitlines() if "reads=" in line)
+    return int(line.rsplit("reads=", 1)[1])
+
+
+def test_a_shadow_field_survives_50_cycles_of_an_unrelated_update_under_load(vm, packages):
+    since = mark(vm)
+    assert guest_cli(vm, "apply", str(packages["shadow-a"])).status == 0
+    first = reads(vm)
+    vm.run(["sh", "-c", 'setsid python3 -c "$1" livesplice-load >/dev/null 2>&1 </dev/null &',
+            "sh", LOAD], check=True)
+    try:
+        r = vm.run([sys.executable, "-c", CYCLES, str(packages["unrelated"])], cwd=str(REPO),
+                   timeout=900)
+        assert r.status == 0 and "cycles done" in r.out, r.err[-3000:]
+    finally:
+        vm.run("pkill -f livesplice-load; sleep 0.2; true")
+    # the field lived on: the same counter, only higher, in the same shadow data
+    later = reads(vm)
+    assert later > first + 1 and reads(vm) == later + 1
+    held = vm.run([sys.executable, "-c", "from livesplice import coreproto; "
+                   "print(coreproto.shadow_in_use())"], cwd=str(REPO)).out
+    assert held.strip() == "1", held
+    assert [u["id"] for u in json.loads(guest_cli(vm, "list", "--json").out)] == ["shadow-a"]
+    assert guest_cli(vm, "undo", "shadow-a").status == 0
+    r = guest_cli(vm, "apply", str(packages["shadow-c"]))  # its read frees it: the core can go
+    assert r.status == 0 and "livesplice-c freed" in version(vm)
+    assert guest_cli(vm, "undo", "shadow-c").status == 0
+    assert not core_loaded(vm)
     assert_clean(vm, since)
