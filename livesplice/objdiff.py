@@ -32,6 +32,7 @@ from .elfmodel import (
     fentry_offset,
     runtime_patched_sites,
 )
+from .errors import BadInput
 from .pkgformat import HOOK_KINDS
 
 # Sections whose functions livesplice does not redirect, with why.
@@ -97,7 +98,11 @@ def hook_entries(obj: ObjectFile) -> list[tuple[str, str]]:
             variable = obj.item_at(sec, r.offset)
             line = re.match(rf"__livesplice_hook_{re.escape(kind)}_(\d+)_",
                             variable.name if variable is not None else "")
-            out.append((int(line.group(1)) if line else 0, r.offset, kind,
+            if line is None:
+                raise BadInput(f"{obj.path.name}: an entry of {sec.name} at {r.offset:#x} is not "
+                               "one livesplice.h's macros make (__livesplice_hook_KIND_LINE_FN): "
+                               "declare hooks with LIVESPLICE_PRE_APPLY(fn) and the like")
+            out.append((int(line.group(1)), r.offset, kind,
                         target.name if target.kind == "sym" and not target.offset
                         else f"{target.kind}:{target.name}+{target.offset}"))
     return [(kind, function) for *_, kind, function in sorted(out)]

@@ -291,6 +291,7 @@ class NewFunction(Record):
 
 
 # The patch author's hooks (livesplice.h), in the order an apply and an undo run them.
+MAX_HOOKS = 256  # the core's bound (MAX_HOOKS in livesplice_core.c)
 HOOK_KINDS = ("pre_apply", "check_apply", "apply", "post_apply", "fail_apply",
               "pre_reverse", "check_reverse", "reverse", "post_reverse", "fail_reverse")
 
@@ -384,6 +385,8 @@ class Manifest(Record):
             raise Invalid("module.file", f"{show(self.module.file)}, expected "
                                          f"'modules/{module}.ko'")
         _unique([t.name for t in self.targets], "targets")
+        if len(self.hooks) > MAX_HOOKS:
+            raise Invalid("hooks", f"{len(self.hooks)} entries: the core runs at most {MAX_HOOKS}")
         if not self.replaced and not self.hooks:
             raise Invalid("replaced", "empty, and no hooks: the update would change nothing")
         if VMLINUX in {t.name for t in self.targets} and \

@@ -200,6 +200,11 @@ def test_bounds_are_the_cores():
     assert int(_define("LIVESPLICE_PROTOCOL")) == c.PROTOCOL
     assert _define("MAX_REQUEST") == "(4 << 20)" and c.MAX_REQUEST == 4 << 20
     assert int(_define("MAX_B_BYTES")) == c.B_LINE_BYTES
+    from livesplice.pkgformat import HOOK_KINDS, MAX_HOOKS
+    assert int(_define("MAX_HOOKS")) == MAX_HOOKS
+    source = CORE_C.read_text()
+    kinds = source[source.index("hook_kinds[LS_NHOOK_KINDS] = {"):]
+    assert re.findall(r'"(\w+)"', kinds[:kinds.index("};")]) == list(HOOK_KINDS)
 
 
 def test_field_types_are_the_cores():

@@ -7,6 +7,7 @@ checked for problems."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import assert_clean, create_packages, guest_cli, log_since, mark
@@ -21,14 +22,16 @@ SAYS_NO = ("pre_apply", "check_apply", "pre_reverse", "check_reverse")
 STOPPED = ("check_apply", "apply", "check_reverse", "reverse")
 
 
-def hooks_source(tag: str) -> str:
+def hooks_source(tag: str, pre_extra: str = "") -> str:
     """One hook of each kind, each logging `livesplice-test TAG KIND` (and whether interrupts
-    are off); those that return int fail when the domain name is fail-KIND."""
+    are off); those that return int fail when the domain name is fail-KIND. `pre_extra`: more
+    statements for the pre_apply hook."""
     out = ["#include <linux/utsname.h>\n#include <livesplice.h>\n"]
     for kind in KINDS:
         returns = kind in SAYS_NO
         out.append(f"static {'int' if returns else 'void'} {tag}_{kind}(void)\n{{\n"
                    f"\tpr_info(\"livesplice-test {tag} {kind} irqs_off=%d\\n\", irqs_disabled());\n"
+                   + (pre_extra if kind == "pre_apply" else "")
                    + (f"\treturn strcmp(init_uts_ns.name.domainname, \"fail-{kind}\") ? 0 : -EPERM;\n"
                       if returns else "")
                    + "}\n")
@@ -48,7 +51,11 @@ ALONE = {VERSION_C: [('#include "internal.h"\n', '#include "internal.h"\n#includ
                       "LIVESPLICE_POST_APPLY(alone_post);\n")]}
 ZRAM_C = "drivers/block/zram/zram_drv.c"
 # zram's max_comp_streams shows the CPU count + 1000, with hooks of all kinds.
-ZRAM = {ZRAM_C: [('#include "zram_drv.h"\n', '#include "zram_drv.h"\n' + hooks_source("zram")),
+# Its pre_apply hook reads a static of zram's own (a field the core links into the update's
+# module): the hooks of a loaded target run once those fields are written.
+DEVICES = '\tpr_info("livesplice-test-zram-devices %px\\n", &num_devices);\n'
+ZRAM = {ZRAM_C: [("static unsigned int num_devices = 1;\n",
+                  "static unsigned int num_devices = 1;\n" + hooks_source("zram", DEVICES)),
                  ('"%d\\n", num_online_cpus());', '"%d\\n", num_online_cpus() + 1000);')]}
 
 
@@ -157,26 +164,37 @@ def test_a_modules_hooks_run_when_it_loads_and_goes(vm, packages):
     assert vm.run(["modprobe", "zram", "num_devices=1"]).status == 0
     cpus = int(vm.run(["nproc"], check=True).out)
     assert int(vm.run(["cat", "/sys/block/zram0/max_comp_streams"], check=True).out) == cpus + 1000
-    # at its load: no stop_machine (none of its code has run), CHECK and APPLY under text_mutex
-    log = [k for k in ran_any(vm, since, "zram")]
-    assert log == ["pre_apply", "check_apply", "apply", "post_apply"], log
+    # at its load: no stop_machine (none of its code has run); CHECK and APPLY with interrupts off
+    assert ran(vm, since, "zram") == ["pre_apply", "check_apply", "apply", "post_apply"]
     since2 = mark(vm)
     assert vm.run(["rmmod", "zram"]).status == 0
-    assert ran_any(vm, since2, "zram") == ["pre_reverse", "post_reverse"]
+    assert ran(vm, since2, "zram") == ["pre_reverse", "reverse", "post_reverse"]
     # a module that says no at its load: refused (refuse_mismatch, the default)
     domain("fail-pre_apply", vm)
     since3 = mark(vm)
     assert vm.run(["modprobe", "zram", "num_devices=1"]).status != 0
-    assert ran_any(vm, since3, "zram") == ["pre_apply", "fail_apply"]
+    assert ran(vm, since3, "zram") == ["pre_apply", "fail_apply"]
     assert "refusing to load zram: pre_apply hook" in log_since(vm, since3)
     domain("(none)", vm)
     since4 = mark(vm)
     assert guest_cli(vm, "undo", "zram-hooked").status == 0
-    assert ran_any(vm, since4, "zram") == []  # not loaded: nothing to reverse
+    assert ran(vm, since4, "zram") == []  # not loaded: nothing to reverse
     assert_clean(vm, since)
 
 
-def ran_any(vm, since: int, tag: str) -> list[str]:
-    """As `ran`, without the context check: at a module's load no machine is stopped."""
-    return [line.split(f"livesplice-test {tag} ", 1)[1].split(" ")[0]
-            for line in log_since(vm, since).splitlines() if f"livesplice-test {tag} " in line]
+def test_a_loaded_modules_hooks_see_its_own_data(vm, packages):
+    assert vm.run(["modprobe", "zram", "num_devices=3"]).status == 0
+    since = mark(vm)
+    r = guest_cli(vm, "apply", str(packages["zram-hooked"]), "--json")
+    assert r.status == 0, r.err
+    assert [t["state"] for t in json.loads(r.out)["targets"]] == ["patched"]
+    # the address the hook used is zram's own num_devices
+    seen = re.search(r"livesplice-test-zram-devices ([0-9a-f]+)", log_since(vm, since))
+    kallsyms = vm.run(["grep", "-w", "num_devices", "/proc/kallsyms"], check=True).out
+    ours = [line.split()[0] for line in kallsyms.splitlines() if line.endswith("[zram]")]
+    assert seen and ours == [seen.group(1)], (seen, kallsyms)
+    assert ran(vm, since, "zram") == ["pre_apply", "check_apply", "apply", "post_apply"]
+    since = mark(vm)
+    assert guest_cli(vm, "undo", "zram-hooked").status == 0
+    assert ran(vm, since, "zram") == ["pre_reverse", "check_reverse", "reverse", "post_reverse"]
+    assert_clean(vm, since)

@@ -22,7 +22,9 @@
  * Kernel functions that are not exported (text_poke_kgdb, find_module, ...) are called directly:
  * `apply` turns their undefined symbols into absolute ones at their /proc/kallsyms addresses
  * before loading this module. Nothing is called through a pointer to an unexported function
- * (with IBT, a sealed ENDBR makes such a call fault).
+ * (with IBT, a sealed ENDBR makes such a call fault). The only indirect calls are to the patch
+ * author's hooks: functions of an update's module at a symbol's start, with an ENDBR when the
+ * CPU enforces IBT (hooks_in_module checks both).
  */
 
 #include <linux/module.h>
@@ -59,6 +61,7 @@
 #include <asm/sync_core.h>
 #include <asm/text-patching.h>
 #include <asm/unwind.h>
+#include <asm/ibt.h>
 
 #include "livesplice.h"		/* what it exports to patches (copied beside this file) */
 
@@ -155,7 +158,7 @@ static const char *const hook_kinds[LS_NHOOK_KINDS] = {
 };
 
 /* The kinds whose hooks return int (non-zero: abort); the others return nothing. */
-static bool hook_returns(int kind)
+static inline notrace bool hook_returns(int kind)
 {
 	return kind == LS_PRE_APPLY || kind == LS_CHECK_APPLY || kind == LS_PRE_REVERSE ||
 	       kind == LS_CHECK_REVERSE;
@@ -768,6 +771,7 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		s->u = u;
 		s->undo = undo;
 		s->scope = scope;
+		s->hook_failed = -1;
 		s->mismatch_func = -1;
 		cpus_read_lock();
 		mutex_lock(&text_mutex);
@@ -809,7 +813,7 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 				    why_text[s->busy[i].why]);
 			say(a, "\n");
 		}
-	} else if (ret == -ECANCELED) {
+	} else if (ret == -ECANCELED && s->hook_failed >= 0) {
 		struct ls_hook *h = &u->hooks[s->hook_failed];
 
 		say(a, "refused %s %s %s hook %ps returned %d: nothing was changed\n", op, u->id,
@@ -1612,17 +1616,54 @@ static void finish_coming_hooks(struct module *mod, bool refused)
 {
 	struct ls_update *u;
 	struct ls_target *t;
+	unsigned long flags;
 
 	list_for_each_entry(u, &updates, list) {
 		t = find_target(u, mod->name);
 		if (!t || !t->pre_ran)
 			continue;
 		t->pre_ran = false;
-		if (!refused && t->patched && t->mod == mod)
-			run_hooks(u, LS_POST_APPLY, t - u->targets, false, NULL);
-		else
+		if (!(t->patched && t->mod == mod)) {
 			run_hooks(u, LS_FAIL_APPLY, t - u->targets, false, NULL);
+		} else if (!refused) {
+			run_hooks(u, LS_POST_APPLY, t - u->targets, false, NULL);
+		} else {
+			/* written, its APPLY ran, and the load is refused after all (a probe raced
+			 * a later update's write): switched back, as far as its hooks go */
+			local_irq_save(flags);
+			run_hooks(u, LS_REVERSE, t - u->targets, true, NULL);
+			local_irq_restore(flags);
+			run_hooks(u, LS_POST_REVERSE, t - u->targets, true, NULL);
+		}
 	}
+}
+
+/* The CHECK_APPLY hooks of every target of mod about to be patched, before any is written:
+ * interrupts off as inside stop_machine (the other CPUs run: none of mod's code has yet). */
+static int check_coming_hooks(struct module *mod, char *why, size_t len)
+{
+	struct ls_update *u;
+	struct ls_target *t;
+	unsigned long flags;
+	int ret, failed = 0;
+
+	list_for_each_entry(u, &updates, list) {
+		t = find_target(u, mod->name);
+		if (!t || !t->pending)
+			continue;
+		local_irq_save(flags);
+		ret = run_hooks(u, LS_CHECK_APPLY, t - u->targets, false, &failed);
+		local_irq_restore(flags);
+		if (!ret)
+			continue;
+		snprintf(why, len, "update %s: check_apply hook %ps returned %d", u->id,
+			 (void *)u->hooks[failed].fn, ret);
+		if (refuse_mismatch)
+			return ret;
+		pr_warn("livesplice: %s loads unpatched by %s\n", mod->name, why);
+		forget_target(u, t);
+	}
+	return 0;
 }
 
 /*
@@ -1634,8 +1675,9 @@ static void finish_coming_hooks(struct module *mod, bool refused)
  * that update waits on. (Held fields written for a load that is then refused are harmless:
  * nothing jumps to the new code of a target that is not patched.) The author's hooks of each
  * target run as an apply runs them: PRE_APPLY before the writes (no lock held: they may sleep; one
- * that fails refuses the load, or with refuse_mismatch off leaves that update waiting), CHECK_APPLY
- * and APPLY under text_mutex around the target's writes, POST_APPLY (or FAIL_APPLY) after.
+ * that fails refuses the load, or with refuse_mismatch off leaves that update waiting), then
+ * under text_mutex the CHECK_APPLY hooks of every target before any write, APPLY after each
+ * target's writes (both with interrupts off), POST_APPLY (or FAIL_APPLY) after.
  */
 static int module_coming(struct module *mod)
 {
@@ -1643,6 +1685,7 @@ static int module_coming(struct module *mod)
 	struct ls_target *t;
 	char why[320];
 	bool wrote = false;
+	unsigned long flags;
 	int i, ret, failed = 0;
 
 	list_for_each_entry(u, &updates, list) {
@@ -1687,6 +1730,13 @@ static int module_coming(struct module *mod)
 		forget_target(u, t);
 	}
 	mutex_lock(&text_mutex);
+	if (check_coming_hooks(mod, why, sizeof(why))) {
+		mutex_unlock(&text_mutex);
+		pr_err("livesplice: refusing to load %s: %s\n", mod->name, why);
+		finish_coming_hooks(mod, true);
+		forget_instance(mod);
+		return -EINVAL;
+	}
 	list_for_each_entry(u, &updates, list) {
 		t = find_target(u, mod->name);
 		if (!t || !t->pending)
@@ -1694,7 +1744,6 @@ static int module_coming(struct module *mod)
 		/* The sites again, under text_mutex, right before the write: a kprobe registered
 		 * since the check arms its int3 under it too. A stacked function expects the older
 		 * update's jump, written just before (or left out: then this one fails too). */
-		ret = 0;
 		for (i = t->first; i < t->first + t->nfuncs; i++) {
 			struct ls_func *f = &u->funcs[i];
 
@@ -1704,13 +1753,7 @@ static int module_coming(struct module *mod)
 				 f->name, f->fentry, JMP_SIZE, (void *)f->site, JMP_SIZE, f->expect);
 			break;
 		}
-		if (i == t->first + t->nfuncs) {
-			ret = run_hooks(u, LS_CHECK_APPLY, t - u->targets, false, &failed);
-			if (ret)
-				snprintf(why, sizeof(why), "check_apply hook %ps returned %d",
-					 (void *)u->hooks[failed].fn, ret);
-		}
-		if (i < t->first + t->nfuncs || ret) {
+		if (i < t->first + t->nfuncs) {
 			if (refuse_mismatch) {
 				mutex_unlock(&text_mutex);
 				pr_err("livesplice: update %s: refusing to load %s: %s\n", u->id, mod->name,
@@ -1729,7 +1772,9 @@ static int module_coming(struct module *mod)
 			memcpy(f->saved, (void *)f->site, JMP_SIZE);
 			text_poke((void *)f->site, f->jump, JMP_SIZE);
 		}
+		local_irq_save(flags);
 		run_hooks(u, LS_APPLY, t - u->targets, false, NULL);
+		local_irq_restore(flags);
 		t->pending = false;
 		t->patched = true;
 		wrote = true;
@@ -1783,6 +1828,9 @@ static int switch_target(struct ls_update *u, struct ls_target *t, struct module
 			view.ranges[view.nranges++] = (struct ls_range){
 				f->parts[j].addr, f->parts[j].addr + f->parts[j].size, i };
 	}
+	mutex_lock(&text_mutex);	/* nothing jumps to the new code yet; the hooks may use them */
+	write_held(t);
+	mutex_unlock(&text_mutex);
 	ret = run_hooks(u, LS_PRE_APPLY, tgt, false, &failed);
 	if (ret) {
 		snprintf(why, len, "pre_apply hook %ps returned %d", (void *)u->hooks[failed].fn, ret);
@@ -1791,9 +1839,6 @@ static int switch_target(struct ls_update *u, struct ls_target *t, struct module
 		forget_target(u, t);
 		return -ECANCELED;
 	}
-	mutex_lock(&text_mutex);	/* nothing jumps to the new code yet */
-	write_held(t);
-	mutex_unlock(&text_mutex);
 	why[0] = '\0';
 	ret = switch_update(&view, false, UNSEEN_TRIES, UNSEEN_DELAY_MS, tgt, &a);
 	kvfree(view.ranges);
@@ -1853,15 +1898,19 @@ static void module_going(struct module *mod)
 {
 	struct ls_update *u;
 	struct ls_target *t;
+	unsigned long flags;
 
-	list_for_each_entry(u, &updates, list) {
+	list_for_each_entry_reverse(u, &updates, list) {	/* newest first, as undo goes */
 		t = find_target(u, mod->name);
 		if (!t || !t->patched || t->mod != mod)
 			continue;
-		/* As livepatch does for a patched module that goes: the target's PRE_REVERSE (its
-		 * answer cannot stop the unload) and POST_REVERSE hooks; no switch, no CHECK or
-		 * REVERSE hooks (the module's code goes, its exit has run). */
+		/* As livepatch does for a patched module that goes: the target's hooks of a switch
+		 * back, but PRE_REVERSE cannot stop the unload and there is no CHECK (nothing is
+		 * written: the module's code goes, its exit has run). */
 		run_hooks(u, LS_PRE_REVERSE, t - u->targets, true, NULL);
+		local_irq_save(flags);
+		run_hooks(u, LS_REVERSE, t - u->targets, true, NULL);
+		local_irq_restore(flags);
 		forget_target(u, t);
 		run_hooks(u, LS_POST_REVERSE, t - u->targets, true, NULL);
 		pr_info("livesplice: update %s: %s unloaded; patched again when it loads\n", u->id,
@@ -2118,13 +2167,22 @@ static bool parse_hook(struct ls_update *u, struct ls_parse *ps, char *line)
 /* Every hook is a function of the update's own module (its core text). */
 static int hooks_in_module(struct ls_update *u, struct ls_answer *a)
 {
+	unsigned long size, offset;
 	int i;
 
 	for (i = 0; i < u->nhooks; i++) {
-		if (text_module(u->hooks[i].fn) != u->mod ||
-		    !in_core_text(u->mod, u->hooks[i].fn, 1)) {
+		unsigned long fn = u->hooks[i].fn;
+
+		if (text_module(fn) != u->mod || !in_core_text(u->mod, fn, 1)) {
 			say(a, "error apply %s hook %d (%s) at %#lx is not in module %s's text\n",
-			    u->id, i, hook_kinds[u->hooks[i].kind], u->hooks[i].fn, u->mod->name);
+			    u->id, i, hook_kinds[u->hooks[i].kind], fn, u->mod->name);
+			return -EINVAL;
+		}
+		/* a function's start, which an indirect call may reach (ENDBR under IBT) */
+		if (!kallsyms_lookup_size_offset(fn, &size, &offset) || offset ||
+		    (cpu_feature_enabled(X86_FEATURE_IBT) && !is_endbr(*(u32 *)fn))) {
+			say(a, "error apply %s hook %d (%s) at %pS is not the start of a function an indirect call may reach\n",
+			    u->id, i, hook_kinds[u->hooks[i].kind], (void *)fn);
 			return -EINVAL;
 		}
 	}
@@ -2331,8 +2389,15 @@ static int handle_apply(char *req, struct ls_answer *a)
 		t->pending = true;
 		t->mod = tmod;
 	}
-	/* Everything checked: the author's PRE_APPLY hooks, before the machine is stopped. */
+	/* Everything checked: the held fields of the loaded targets (the hooks may use them too;
+	 * nothing jumps to the new code yet), then the author's PRE_APPLY hooks, before the machine
+	 * is stopped. */
 	if (!ret) {
+		mutex_lock(&text_mutex);
+		for (i = 0; i < u->ntargets; i++)
+			if (u->targets[i].pending)
+				write_held(&u->targets[i]);
+		mutex_unlock(&text_mutex);
 		pre_ran = true;
 		ret = run_hooks(u, LS_PRE_APPLY, SCOPE_ALL, false, &failed);
 		if (ret) {
@@ -2342,11 +2407,6 @@ static int handle_apply(char *req, struct ls_answer *a)
 		}
 	}
 	if (!ret) {
-		mutex_lock(&text_mutex);	/* nothing jumps to the new code yet */
-		for (i = 0; i < u->ntargets; i++)
-			if (u->targets[i].pending)
-				write_held(&u->targets[i]);
-		mutex_unlock(&text_mutex);
 		for (i = u->nvmlinux; i < u->nfuncs; i++) {
 			struct ls_func *f = &u->funcs[i];
 
