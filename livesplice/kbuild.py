@@ -8,6 +8,7 @@ fails leaves its whole output in a log file under the cache's logs/ (as kpatch-b
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -78,11 +79,11 @@ class Kbuild:
         return ["make", *(["-s"] if quiet else []), "-C", str(self.src), f"O={self.obj}",
                 f"CC={self.compiler}", f"-j{self.jobs}", *(extra or []), *targets]
 
-    @property
+    @functools.cached_property
     def kcflags(self) -> str:
         """KCFLAGS of every build: function and data sections, and the author's headers, copied
-        into the object tree (a path that does not move with the checkout, so that a build
-        from another clone reuses the objects; rewritten only when they change)."""
+        into the object tree once per Kbuild (a path that does not move with the checkout, so
+        that a build from another clone reuses the objects; rewritten only when they change)."""
         include = self.obj / "livesplice-include"
         include.mkdir(parents=True, exist_ok=True)
         for header in AUTHOR_INCLUDE.iterdir():
