@@ -37,10 +37,15 @@ def reloc_width(rtype: int) -> int:
 _NUMBERED = re.compile(r"\.(\d+)(?=\.|$)")
 # __UNIQUE_ID_<prefix><__COUNTER__>: the counter moves when a patch adds an earlier one.
 _UNIQUE_ID = re.compile(r"^(__UNIQUE_ID_.*?)\d+(?=\.|$)")
+# BTF_ID()'s 4-byte slots, __BTF_ID__<kind>__<name>__<__COUNTER__><__LINE__>: renamed whenever a
+# patch moves lines (which made every ops table pointing to one look changed).
+_BTF_ID = re.compile(r"^(__BTF_ID__\w+__)\d+$")
 
 
 def base_name(name: str) -> str:
     """A symbol name without the numbers the compiler gives clones and static locals."""
+    if _BTF_ID.match(name):
+        return _BTF_ID.sub(r"\1N", name)
     return _NUMBERED.sub(".N", _UNIQUE_ID.sub(r"\1N", name))
 
 

@@ -203,7 +203,10 @@ def correlate(pre: ObjectFile, post: ObjectFile) -> dict[str, str]:
 
 
 def _number_order(item: Item) -> tuple[int, str]:
-    """Where the compiler numbered a static local (__key.22 -> 22): its place in the source."""
+    """Where the compiler numbered a static local (__key.22 -> 22): its place in the source. A
+    BTF_ID() slot's number glues __COUNTER__ to __LINE__; its place in .BTF_ids is the order."""
+    if item.name.startswith("__BTF_ID__"):
+        return (item.start, item.name)
     number = item.name.rsplit(".", 1)[-1]
     return (int(number) if number.isdigit() else -1, item.name)
 

@@ -394,3 +394,23 @@ def test_kpatch_ignore_and_force_marks(tmp_path):
     assert any("g: left out, as KPATCH_IGNORE_FUNCTION asks" in n for n in d.notes), d.notes
     assert any("h: left out, as KPATCH_IGNORE_SECTION asks" in n for n in d.notes), d.notes
     assert any("f: KPATCH_FORCE_UNSAFE is not honoured" in n for n in d.notes), d.notes
+
+
+BTF_SRC = """
+#define BTF_LIST(list, a, b) asm(".pushsection .BTF_ids,\\"a\\"\\n.local " #list "\\n" #list ":\\n" \\
+    ".local " #a "\\n.type " #a ", STT_OBJECT\\n.size " #a ", 4\\n" #a ":\\n.zero 4\\n" \\
+    ".local " #b "\\n.type " #b ", STT_OBJECT\\n.size " #b ", 4\\n" #b ":\\n.zero 4\\n.popsection\\n")
+BTF_LIST(map_btf_ids, __BTF_ID__struct__bpf_htab__%d, __BTF_ID__struct__bpf_htab__%d);
+extern unsigned int map_btf_ids[];
+struct ops { int (*f)(int); unsigned int *btf_id; };
+int f(int x) { return printk("%%d %%d", x, sink) + %d; }
+const struct ops map_ops = { f, &map_btf_ids[1] };
+"""
+
+
+def test_btf_ids_are_correlated_by_place(tmp_path):
+    # BTF_ID() names its 4-byte slot after __COUNTER__ and __LINE__: a patch that moves lines
+    # renames it, which made every ops table that points to one look changed.
+    d = compile_pair(tmp_path, BTF_SRC % (5382194, 5382195, 1), BTF_SRC % (5482212, 5482213, 2))
+    assert names(d.changed) == ["f"] and not d.refusals, d.refusals
+    assert d.names["__BTF_ID__struct__bpf_htab__5482213"] == "__BTF_ID__struct__bpf_htab__5382195"
