@@ -174,6 +174,10 @@ class ApplyPlan:
                        "runs": f"{fm.live:#x}", "expect": fm.expect.hex()}
                       for fm in (self.match.functions.get((r.object, r.name))
                                  for r in manifest.replaced) if fm is not None],
+            "rewrites": [{"name": om.name, "object": om.object, "address": f"{om.address:#x}",
+                          "ranges": [[r.offset, r.length] for r in w.ranges]}
+                         for w in manifest.rewrites
+                         for om in [self.match.objects[(w.object, w.name)]]],
             "targets": [{**s, "state": "would wait" if s["state"] == "waiting" else "would patch"}
                         for s in self.target_states()],
             "kernel_refs": [{"name": by_placeholder[p].name,
@@ -208,7 +212,9 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     records = [r for r in package.pre.functions if r.target == VMLINUX
                or (r.target in loaded and not r.referenced_only)]
     log.info("run-pre matching %d functions against /proc/kcore", len(records))
-    match = matcher.match(records)
+    if package.pre.objects:
+        log.info("run-pre matching %d objects rewritten in place", len(package.pre.objects))
+    match = matcher.match(records, package.pre.objects)
     for fm in match.functions.values():
         log.debug("matched %s (%s) at %#x, running at %#x", fm.name, fm.object, fm.original, fm.live)
     addresses, unresolved = {}, []
@@ -251,7 +257,8 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
 
 def check_core_features(new_code: bytes, manifest: Manifest) -> None:
     """Refuse an update that needs what the loaded core, which stays, is too old to have: the
-    exports of livesplice.h's shadow data (its module would not load), or hooks (k lines)."""
+    exports of livesplice.h's shadow data (its module would not load), hooks (k lines), or
+    rewrites of data in place (w lines)."""
     info = coreproto.core_info()
     if info is None:
         return
@@ -261,8 +268,11 @@ def check_core_features(new_code: bytes, manifest: Manifest) -> None:
                else [])
     if manifest.hooks and "hooks" not in info.features:
         missing.append(f"hooks ({', '.join(sorted({h.function for h in manifest.hooks}))})")
+    if manifest.rewrites and "rewrite" not in info.features:
+        missing.append("data rewritten in place ("
+                       + ", ".join(sorted({w.name for w in manifest.rewrites})) + ")")
     if missing:
-        raise Refused("the update uses livesplice.h features the loaded core predates (it holds "
+        raise Refused("the update uses features the loaded core predates (it holds "
                       "applied updates, so it is not replaced): undo them (livesplice undo --all) "
                       "and apply again", missing)
 
@@ -350,7 +360,9 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
         figures = coreproto.call(
             coreproto.apply_request(package.id, module, switches, ranges, max(1, retries),
                                     int(retry_delay * 1000), targets,
-                                    hook_calls(package.manifest, module)), "apply", package.id)
+                                    hook_calls(package.manifest, module),
+                                    data_writes(package.manifest, plan.match, module)),
+            "apply", package.id)
     except BaseException:
         if kernel.module_loaded(module):
             kernel.rmmod(module)
@@ -367,6 +379,19 @@ def _apply(plan: ApplyPlan, retries: int, retry_delay: float) -> dict:
             "pause_ns": figures.get("pause_ns", 0), "work_ns": figures.get("work_ns", 0),
             "attempts": figures.get("attempts", 1), "match_seconds": plan.match_seconds,
             "total_seconds": time.monotonic() - plan.started}
+
+
+def data_writes(manifest: Manifest, match: MatchResult, module: str) -> list[coreproto.DataWrite]:
+    """The rewrites in place as the core makes them: each changed range of each object, from
+    the module's relocated copy, expecting what run-pre matching found."""
+    writes = []
+    for w in manifest.rewrites:
+        om = match.objects[(w.object, w.name)]
+        source = kernel.module_section(module, w.new_section)
+        for r in w.ranges:
+            writes.append(coreproto.DataWrite(w.name, om.address + r.offset, source + r.offset,
+                                              om.contents[r.offset:r.offset + r.length]))
+    return writes
 
 
 def hook_calls(manifest: Manifest, module: str) -> list[coreproto.HookCall]:

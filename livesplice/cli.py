@@ -369,7 +369,7 @@ def summary(manifest: Manifest, path: str | None = None,
             timings: dict[str, float] | None = None) -> dict:
     full = manifest.to_json()
     out = {k: full[k] for k in ("id", "replaced", "new", "line_only", "notes", "targets",
-                                "hooks")}
+                                "hooks", "rewrites")}
     out["package_format"] = manifest.format  # ("format" is the JSON's own: docs/cli-json.md)
     out["target"] = full["kernel"]  # the kernel the update is for
     out["module"] = manifest.module.name
@@ -396,6 +396,10 @@ def show_package(manifest: Manifest) -> None:
                       f"{r.size} -> {r.new_size}")
     for n in manifest.new:
         table.add_row(n.target, escape(n.object), escape(n.name), "new", str(n.size))
+    for w in manifest.rewrites:
+        changed = sum(r.length for r in w.ranges)
+        table.add_row(w.target, escape(w.object), escape(w.name),
+                      "data rewritten in place", f"{changed} of {w.size} bytes")
     Console().print(table)
     for h in manifest.hooks:  # in the order the core runs those of one kind
         click.echo(f"hook {h.kind}: {h.function} ({h.target}, {h.object})")

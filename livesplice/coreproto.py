@@ -115,6 +115,17 @@ class HookCall:
     address: int
 
 
+@dataclass(frozen=True)
+class DataWrite:
+    """A `w` line: the `old` bytes at `address` (in object `name` of vmlinux's read-only data)
+    take the bytes at `source` (the update module's copy, relocated by its loader)."""
+
+    name: str
+    address: int
+    source: int
+    old: bytes  # what run-pre matching found there
+
+
 @dataclass
 class Answer:
     status: str  # ok, busy, mismatch, stacked, refused, unknown, error
@@ -142,10 +153,12 @@ class Answer:
 
 def apply_request(update_id: str, module: str, switches: Sequence[Switch],
                   ranges: Sequence[CodeRange], tries: int, delay_ms: int,
-                  targets: Sequence[ModuleTarget] = (), hooks: Sequence[HookCall] = ()) -> str:
+                  targets: Sequence[ModuleTarget] = (), hooks: Sequence[HookCall] = (),
+                  writes: Sequence[DataWrite] = ()) -> str:
     lines = [f"apply {update_id} {module} {tries} {delay_ms}"]
     lines += [f"f {s.name} {s.site:x} {s.target:x} {s.expect.hex()}" for s in switches]
     lines += [f"r {r.start:x} {r.end:x} {r.func}" for r in ranges]
+    lines += [f"w {w.name} {w.address:x} {len(w.old)} {w.source:x} {w.old.hex()}" for w in writes]
     for t in targets:
         lines.append(f"t {t.name} {t.build_id or '-'}")
         for f in t.functions:
@@ -257,6 +270,7 @@ class AppliedUpdate:
     work_ns: int
     funcs: list[AppliedFunc]
     targets: dict[str, str] = field(default_factory=dict)  # module -> "patched" or "waiting"
+    data: list[tuple[str, int, int]] = field(default_factory=list)  # (object, address, length)
 
 
 def state() -> list[AppliedUpdate]:
@@ -301,7 +315,7 @@ def shadow_in_use() -> int:
 
 def parse_state(message: str) -> list[AppliedUpdate]:
     """The `state` answer after its `ok state -`: `protocol=N shadow=N features=...`, then the
-    `update`, `func` and `target` lines of the applied updates, oldest first."""
+    `update`, `func`, `target` and `data` lines of the applied updates, oldest first."""
     head, *lines = message.splitlines() if message else [""]
     proto = _parse_head(head).protocol
     if proto != str(PROTOCOL):
@@ -323,6 +337,8 @@ def parse_state(message: str) -> list[AppliedUpdate]:
                                                            int(parts[4], 16), saved, parts[6]))
             elif parts[0] == "target" and len(parts) == 4:
                 updates[parts[1]].targets[parts[2]] = parts[3]
+            elif parts[0] == "data" and len(parts) == 5:
+                updates[parts[1]].data.append((parts[2], int(parts[3], 16), int(parts[4])))
             else:
                 raise ValueError(line)
     except (ValueError, KeyError) as exc:

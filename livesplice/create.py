@@ -27,13 +27,23 @@ from .includes import LeftOut
 from .kbuild import console
 from .kconfig import config_hash, kernel_release
 from .moduletargets import exporters, hold_module_fields, module_files, place_in_modules
-from .newcode import Extractor, NewCode, build_module, callbacks, check_problems, core_module, section_name
+from .newcode import (
+    Extractor,
+    NewCode,
+    build_module,
+    callbacks,
+    check_problems,
+    core_module,
+    rewrite_section,
+    section_name,
+)
 from .objdiff import ObjectDiff, diff_objects, section_kind
 from .package import Package
 from .patches import patch_files
 from .pkgformat import (
     FORMAT_VERSION,
     VMLINUX,
+    WRITTEN_AT_BOOT,
     HeldField,
     Hook,
     KernelIdentity,
@@ -44,8 +54,10 @@ from .pkgformat import (
     PatchedObject,
     PreCode,
     PreFunction,
+    Range,
     Relocation,
     ReplacedFunction,
+    Rewrite,
     Source,
 )
 from .stockmodule import ModuleImage
@@ -123,12 +135,15 @@ def create(source: Path, config: Path, patch: str, update_id: str | None = None,
                 images = module_images(target, pair)
                 code = extract_new_code(diffs, objects, pair.targets, images)
                 pre_code = record_pre_code(diffs, objects, code, pair.targets)
+                pre_objects = record_pre_objects(diffs, objects)
                 place_in_modules(pre_code, code, images,
                                  exporters(target.headers / "Module.symvers"))
                 modules = build_modules(code, request.update_id, target, tree.jobs, work)
             manifest = build_manifest(request.update_id, target, tree, request.patch, diffs, code,
-                                      pre_code, modules, source_version, pair, images)
-            package = write_package(manifest, pre_code, modules, request.output, signing_key)
+                                      pre_code, modules, source_version, pair, images,
+                                      pre_objects)
+            package = write_package(manifest, pre_code, pre_objects, modules, request.output,
+                                    signing_key)
     return CreateResult(package, request.output, diffs, timings)
 
 
@@ -243,7 +258,7 @@ def refuse_when_no_function_changed(diffs: list[ObjectDiff], left_out: list[Left
         raise NothingToDo("no function's object code changed"
                           + (f" (only __LINE__ values moved in {', '.join(shifted)})"
                              if shifted else "") + aside)
-    if not any(d.changed or d.hooks for d in diffs):
+    if not any(d.changed or d.hooks or d.rewrites for d in diffs):
         added = [c.name for d in diffs for c in d.new]
         raise NothingToDo("no existing function's object code changed; the new functions "
                           f"({', '.join(added)}) are called by nothing the kernel runs" + aside)
@@ -266,6 +281,8 @@ def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs, targets: dic
             ex.add_function(post.functions[c.name])
             for part in c.parts:
                 ex.add_function(post.functions[part])
+        for w in d.rewrites:
+            ex.add_rewrite(post.data_objects[w.name], w.ranges)
     code.bind_own_globals()
     check_problems(code)
     return code
@@ -326,9 +343,44 @@ def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs, code: NewCode
     return list(records.values())
 
 
-def write_package(manifest: Manifest, pre_code: list[PreFunction], modules: Modules, output: Path,
-                  signing_key) -> Package:
-    package = Package(manifest, PreCode(pre_code),
+def record_pre_objects(diffs: list[ObjectDiff], objects: ObjectPairs) -> list[PreFunction]:
+    """The pre contents of each object rewritten in place, as run-pre matching compares them
+    with the running kernel: all of a const object; of an __ro_after_init one, the pointers and
+    the bytes rewritten (boot may have written the rest: an id a registration assigned)."""
+    records = []
+    for d in diffs:
+        pre, _ = objects[d.object]
+        for w in d.rewrites:
+            item = pre.data_objects[w.pre_name]
+            record = pre_record(pre, d.object, item)
+            if w.ro_after_init:
+                compared = bytearray(item.size)
+                for start, length in w.ranges:
+                    compared[start:start + length] = b"\1" * length
+                for r in record.relocs:
+                    compared[r.offset:r.offset + r.width] = b"\1" * r.width
+                record.masks = [Mask(start, length, WRITTEN_AT_BOOT)
+                                for start, length in _runs(compared, 0, 255)]
+            records.append(record)
+    return records
+
+
+def _runs(flags: bytearray, value: int, longest: int) -> list[tuple[int, int]]:
+    """[offset, length] of the runs of `value` in `flags`, none longer than `longest`."""
+    out: list[tuple[int, int]] = []
+    for i, f in enumerate(flags):
+        if f != value:
+            continue
+        if out and out[-1][0] + out[-1][1] == i and out[-1][1] < longest:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+def write_package(manifest: Manifest, pre_code: list[PreFunction], pre_objects: list[PreFunction],
+                  modules: Modules, output: Path, signing_key) -> Package:
+    package = Package(manifest, PreCode(pre_code, pre_objects),
                       {f"modules/{modules.name}.ko": modules.update,
                        "modules/livesplice_core.ko": modules.core})
     package.write(output, signing_key)
@@ -406,8 +458,9 @@ def default_id(patch: str, config: Path) -> str:
 def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: str,
                    diffs: list[ObjectDiff], code: NewCode, pre_code: list[PreFunction],
                    modules: Modules, source_version: str | None, pair: BuiltPair,
-                   images: dict[str, ModuleImage]) -> Manifest:
+                   images: dict[str, ModuleImage], pre_objects: list[PreFunction]) -> Manifest:
     left_out = pair.left_out
+    by_object = {r.key: r for r in pre_objects}
     module_name = modules.name
     by_key = {r.key: r for r in pre_code}
     replaced = []
@@ -445,6 +498,11 @@ def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: 
         line_only=[f for d in diffs for f in d.line_only],
         hooks=[Hook(kind, pair.targets[d.object], d.object, function,
                     section_name(d.object, function)) for d in diffs for kind, function in d.hooks],
+        rewrites=[Rewrite(pair.targets[d.object], d.object, w.pre_name,
+                          by_object[(d.object, w.pre_name)].local, w.size, w.section,
+                          w.ro_after_init, rewrite_section(d.object, w.name),
+                          [Range(start, length) for start, length in w.ranges])
+                  for d in diffs for w in d.rewrites],
         notes=[n for d in diffs for n in d.notes] + code.notes
         + [f"left out: {f}" for f in left_out]
         + ([f"target: {target.build_id_note}"] if target.build_id_note else []),

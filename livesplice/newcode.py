@@ -128,6 +128,16 @@ def section_name(objname: str, function: str) -> str:
     return (SECTION_PREFIX + tag + "." + re.sub(r"[^A-Za-z0-9_.]", "_", function))[:SECTION_NAME_MAX]
 
 
+REWRITE_PREFIX = ".rodata.livesplice.rewrite."
+
+
+def rewrite_section(objname: str, name: str) -> str:
+    """The new-code module's section holding object `name`'s new contents, for a rewrite in
+    place (objdiff.DataRewrite); named as section_name() names functions'."""
+    tag = hashlib.sha256(f"{objname}\0{name}".encode()).hexdigest()[:10]
+    return (REWRITE_PREFIX + tag + "." + re.sub(r"[^A-Za-z0-9_.]", "_", name))[:SECTION_NAME_MAX]
+
+
 def _plain_constant(item: Item) -> bool:
     """A local read-only object without pointers (a __func__, a table of numbers): a copy is as
     good as the kernel's, which kallsyms often cannot tell apart from others of its name. Objects
@@ -175,6 +185,29 @@ class Extractor:
             self._relocate(sec, r.offset - item.start, r)
         self._tables(item, sym)
         return sym
+
+    def add_rewrite(self, item: Item, ranges: list[tuple[int, int]]) -> OutSection:
+        """The new contents of a read-only object rewritten in place: a section of the module
+        whose fields in `ranges` the module loader relocates (the core copies only those). A
+        function the kernel has is pointed to at its own address, which a replaced function's
+        jump leads on from, so that a later update of it is reached too; new functions and data
+        are the update's."""
+        sec = self._section(OutSection(rewrite_section(self.objname, item.name),
+                                       bytearray(item.data), SH_FLAGS.SHF_ALLOC,
+                                       align=max(item.section.addralign, 8)))
+        for r in item.relocs:
+            off = r.offset - item.start
+            if not any(start < off + r.width and off < start + length for start, length in ranges):
+                continue  # never copied: left unrelocated
+            target = self.post.target(r)
+            fn = self.post.functions.get(target.name) if target.kind == "sym" else None
+            if fn is not None and target.name in self.names:
+                sym = self.code.ref(self.names[target.name], self.objname,
+                                    fn.symbol.bind == "STB_LOCAL", "func", self.target)
+                sec.relocs.append((off, r.type, sym, target.offset))
+            else:
+                self._relocate(sec, off, r)
+        return sec
 
     def _relocate(self, out: OutSection, offset: int, r: Reloc) -> None:
         sym, addend = self._resolve(r)

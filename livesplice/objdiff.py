@@ -8,9 +8,13 @@ function (alternatives, jump labels, exception fixups, ...) are part of what is 
 A difference only in the `__LINE__` immediates passed to might_sleep() and friends, or in the line
 number of a dynamic debug descriptor, is not a change.
 
-Changed data is refused, except where the new code can have a copy of its own: a local read-only
-object (a string, a const table) or a dynamic debug descriptor, which only code of this object can
-reach; every function that uses it then counts as changed, so that the new code uses the copy.
+Changed data is refused, except in two cases. Where the new code can have a copy of its own (a
+local read-only object without pointers that only code of this object reaches, or a dynamic debug
+descriptor), every function that uses it counts as changed, so that the new code uses the copy.
+Where a read-only object of vmlinux keeps its size (an ops table, a protocol descriptor, a netlink
+policy: const or __ro_after_init data), it is rewritten in place (`DataRewrite`): only the bytes
+that differ, pointers included, whose new values the update's module holds (relocated when it
+loads) and the core copies in under stop_machine.
 """
 
 from __future__ import annotations
@@ -65,6 +69,25 @@ class FunctionChange:
     parts: list[str] = field(default_factory=list)  # .cold parts that go with it
 
 
+# __ro_after_init data: written during boot, read-only once mark_rodata_ro() has run (the core
+# checks at apply that the address lies in vmlinux's [__start_rodata, __end_rodata)).
+RO_AFTER_INIT_SECTION = ".data..ro_after_init"
+ABS64 = 1  # R_X86_64_64: the only relocation a rewritten word may hold (a pointer)
+MAX_WRITE = 4096  # bytes of one range (the core's MAX_WRITE_SIZE)
+
+
+@dataclass
+class DataRewrite:
+    """A read-only object of vmlinux rewritten in place: its `ranges` ([offset, length]) differ."""
+
+    name: str  # in the post object
+    pre_name: str
+    section: str
+    size: int
+    ranges: list[tuple[int, int]]
+    ro_after_init: bool  # bytes outside `ranges` may differ from the object file (init wrote them)
+
+
 @dataclass
 class ObjectDiff:
     object: str
@@ -76,10 +99,11 @@ class ObjectDiff:
     notes: list[str] = field(default_factory=list)
     hooks: list[tuple[str, str]] = field(default_factory=list)  # (kind, post function), in order
     names: dict[str, str] = field(default_factory=dict)  # post name -> pre name, correlated
+    rewrites: list[DataRewrite] = field(default_factory=list)
 
     @property
     def has_changes(self) -> bool:
-        return bool(self.changed or self.new)
+        return bool(self.changed or self.new or self.rewrites)
 
 
 HOOK_SECTION_PREFIX = ".livesplice.hooks."
@@ -361,10 +385,16 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str, module: str | Non
         return n
 
     # Changed data the new code can have a copy of becomes new data: uncorrelated, so that every
-    # function referring to it differs. Copies can make more copies (a const table of strings).
+    # function referring to it differs; copies can make more copies. A read-only object that can
+    # be rewritten in place is, unless it is a plain constant only code uses: an ops table's
+    # address is held by the kernel (open files, registered families), so only the same
+    # address with new contents reaches every user.
     while True:
         changed_data = _changed_data(pre, post, names, rename_post)
-        copies = [d for d in changed_data if _copyable(post.data_objects[d])]
+        plans = {d: _plan_rewrite(pre, pre.data_objects[names[d]], post, post.data_objects[d],
+                                  rename_post, module) for d in changed_data}
+        copies = [d for d in changed_data if _copyable(post.data_objects[d]) and (
+            not isinstance(plans[d], DataRewrite) or _code_only_constant(post, d))]
         if not copies:
             break
         for dname in copies:
@@ -445,14 +475,77 @@ def diff_objects(pre: ObjectFile, post: ObjectFile, name: str, module: str | Non
         diff.new = [n for n in diff.new if n.name not in c.parts]
 
     for dname in changed_data:  # what is left is data no copy can stand in for
+        plan = plans[dname]
+        if isinstance(plan, DataRewrite):
+            diff.rewrites.append(plan)
+            continue
         item, pre_item = post.data_objects[dname], pre.data_objects[names[dname]]
         what = (f"size {pre_item.size} -> {item.size}" if pre_item.size != item.size
                 else "contents differ")
         diff.refusals.append(f"{name}: changed data object {dname} in {item.section.name} "
-                             f"({what}): live data cannot be rewritten safely")
+                             f"({what}): {plan}")
     diff.new_data = [d for d in post.data_objects if d not in names]
     diff_hooks(pre, post, name, diff)
     return diff
+
+
+def _code_only_constant(post: ObjectFile, dname: str) -> bool:
+    """A local read-only object without pointers that no other data points to: a copy for the
+    new code is as good as the kernel's, and writes nothing live."""
+    item = post.data_objects[dname]
+    if item.relocs or item.symbol.bind != "STB_LOCAL":
+        return False
+    return not any(post.target(r).name == dname for other in post.data_objects.values()
+                   if other is not item for r in other.relocs)
+
+
+def _plan_rewrite(pre: ObjectFile, pre_item: Item, post: ObjectFile, item: Item, rename_post,
+                  module: str | None) -> DataRewrite | str:
+    """How `item` is rewritten in place, or why it cannot be."""
+    sec = item.section.name
+    ro_after_init = sec == RO_AFTER_INIT_SECTION == pre_item.section.name
+    if not ro_after_init and not (read_only(item) and read_only(pre_item)):
+        return "live data cannot be rewritten safely (it is writable at run time)"
+    if not ro_after_init and not sec.startswith(".rodata"):
+        return f"live data cannot be rewritten safely (livesplice rewrites .rodata and " \
+               f"__ro_after_init objects, not {sec})"
+    if pre_item.size != item.size:
+        return "live data cannot be rewritten safely (a rewrite in place keeps the size)"
+    if module is not None:
+        return f"live data cannot be rewritten safely (a rewrite in place is for vmlinux's " \
+               f"data; module {module} may load again with the old contents)"
+    if item.section.type == "SHT_NOBITS" or pre_item.section.type == "SHT_NOBITS":
+        return "live data cannot be rewritten safely (no contents in the object file)"
+    changed = bytearray(item.size)
+    fields: dict[int, list] = defaultdict(lambda: [None, None])
+    for side, (obj, it, rename) in enumerate(((pre, pre_item, lambda n: n),
+                                              (post, item, rename_post))):
+        for r in it.relocs:
+            fields[r.offset - it.start][side] = (r.type, r.width, _norm(obj.target(r), rename))
+    for off, (a, b) in sorted(fields.items()):
+        if a == b:
+            continue
+        for f in (a, b):
+            if f is not None and f[0] != ABS64:
+                return (f"live data cannot be rewritten safely (the field at offset {off} is a "
+                        f"type {f[0]} relocation, not a pointer)")
+        changed[off:off + 8] = b"\1" * 8
+    pre_bytes, post_bytes = bytearray(pre_item.data), bytearray(item.data)
+    for off, (a, b) in fields.items():
+        for f in (a, b):
+            if f is not None:
+                pre_bytes[off:off + f[1]] = post_bytes[off:off + f[1]] = bytes(f[1])
+    for i, (x, y) in enumerate(zip(pre_bytes, post_bytes)):
+        if x != y:
+            changed[i] = 1
+    ranges: list[tuple[int, int]] = []
+    for i, flag in enumerate(changed):
+        if flag and ranges and ranges[-1][0] + ranges[-1][1] == i and ranges[-1][1] < MAX_WRITE:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+        elif flag:
+            ranges.append((i, 1))
+    return DataRewrite(item.name, pre_item.name, pre_item.section.name, item.size, ranges,
+                       ro_after_init)
 
 
 def _changed_data(pre: ObjectFile, post: ObjectFile, names: dict[str, str], rename_post) -> list[str]:

@@ -21,14 +21,17 @@ from typing import Any, Callable, ClassVar, TypeVar
 from .elfmodel import SITE_KINDS, reloc_width
 from .errors import BadInput
 
+# 6: read-only objects of vmlinux rewritten in place (`rewrites`, and their pre contents in
+#    pre.json's `objects`).
+# 5: the patch author's hooks (`hooks`).
 # 4: module targets: symbols of a module are named by (name, `sympos`), their position among
 #    the module's symbols of that name; the new code's fields that refer into a module are `held`
 #    (left unrelocated in the module; the core writes them whenever that module is patched).
 # 3: objects patched are named per function (`target`: vmlinux or a module) and listed in
 #    `targets` with their build ids; the running kernel is `kernel` (was `target`).
 # 2: build id of the kernel, core protocol 2, signatures.
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, 5)  # older ones are upgraded on reading (`_upgrade`)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, 6)  # older ones are upgraded on reading (`_upgrade`)
 VMLINUX = "vmlinux"  # the `target` of functions built into the kernel image
 PLACEHOLDER_PREFIX = "__livesplice_sym_"  # how the new code names what the kernel has
 MODULE_PREFIX = "livesplice_"  # an update's module is livesplice_ID (ID with '-' as '_')
@@ -308,6 +311,52 @@ class Hook(Record):
     new_section: str = spec(SYMBOL)  # the update module's section of the function
 
 
+MAX_REWRITES = 256  # objects of one update rewritten in place
+MAX_WRITES = 4096  # their ranges together (the core's MAX_WRITES, w lines)
+MAX_WRITE_SIZE = 4096  # bytes of one range (the core's MAX_WRITE_SIZE)
+MAX_REWRITE_SIZE = 1 << 20  # bytes of one object rewritten in place
+
+
+@dataclass
+class Range(Record):
+    """[offset, length] of bytes within an object."""
+
+    POSITIONAL: ClassVar[bool] = True
+    offset: int = spec(integer(0, MAX_REWRITE_SIZE))
+    length: int = spec(integer(1, MAX_WRITE_SIZE))
+
+
+@dataclass
+class Rewrite(Record):
+    """A read-only object of vmlinux (const or __ro_after_init data) whose contents the patch
+    changes, rewritten in place: the bytes of `ranges` take the values the update's module holds
+    in `new_section` (the whole object, relocated when the module loads)."""
+
+    target: str = spec(TARGET_NAME)  # vmlinux (module data is not rewritten)
+    object: str = spec(object_path)
+    name: str = spec(SYMBOL)  # in the pre object and the running kernel
+    local: bool = spec(boolean)
+    size: int = spec(integer(1, MAX_REWRITE_SIZE))
+    section: str = spec(SYMBOL)  # in the pre object (.rodata.NAME, .data..ro_after_init)
+    # written during boot: bytes outside `ranges` may differ from the object file
+    ro_after_init: bool = spec(boolean)
+    new_section: str = spec(SYMBOL)  # the update module's section of the new contents
+    ranges: list[Range] = spec(records(Range, min_len=1))
+
+    def validate(self, where: str) -> None:
+        if self.target != VMLINUX:
+            raise Invalid(f"{where}.target", f"{show(self.target)}: only vmlinux's data is "
+                                             "rewritten in place")
+        end = 0
+        for i, r in enumerate(self.ranges):
+            if r.offset < end:
+                raise Invalid(f"{where}.ranges[{i}]", "not after the range before it")
+            end = r.offset + r.length
+            if end > self.size:
+                raise Invalid(f"{where}.ranges[{i}]", f"ends at {end}, past the object's "
+                                                      f"{self.size} bytes")
+
+
 @dataclass
 class KernelRef(Record):
     """A placeholder symbol of the new code, to be given the address of what the kernel has."""
@@ -365,6 +414,7 @@ class Manifest(Record):
     line_only: list[str] = spec(list_of(SYMBOL))  # changed only in line numbers: left alone
     notes: list[str] = spec(list_of(string(printable=True)))
     hooks: list[Hook] = spec(records(Hook))  # format 5
+    rewrites: list[Rewrite] = spec(records(Rewrite))  # format 6
 
     @staticmethod
     def module_name(update_id: str) -> str:
@@ -387,8 +437,17 @@ class Manifest(Record):
         _unique([t.name for t in self.targets], "targets")
         if len(self.hooks) > MAX_HOOKS:
             raise Invalid("hooks", f"{len(self.hooks)} entries: the core runs at most {MAX_HOOKS}")
-        if not self.replaced and not self.hooks:
-            raise Invalid("replaced", "empty, and no hooks: the update would change nothing")
+        if not self.replaced and not self.hooks and not self.rewrites:
+            raise Invalid("replaced", "empty, and no hooks or rewrites: the update would change "
+                                      "nothing")
+        if len(self.rewrites) > MAX_REWRITES:
+            raise Invalid("rewrites", f"{len(self.rewrites)} entries: at most {MAX_REWRITES}")
+        for i, w in enumerate(self.rewrites):
+            w.validate(f"rewrites[{i}]")
+        if sum(len(w.ranges) for w in self.rewrites) > MAX_WRITES:
+            raise Invalid("rewrites", f"more than {MAX_WRITES} ranges together: the core writes "
+                                      f"at most {MAX_WRITES}")
+        _unique([(w.object, w.name) for w in self.rewrites], "rewrites")
         if VMLINUX in {t.name for t in self.targets} and \
                 self.target(VMLINUX).build_id != self.kernel.build_id:
             raise Invalid("targets", "vmlinux's build id is not the kernel's")
@@ -458,6 +517,11 @@ class Relocation(Record):
         return reloc_width(self.type)
 
 
+# Bytes of an __ro_after_init object outside what the update rewrites: boot may have written them.
+WRITTEN_AT_BOOT = "written at boot"
+MASK_KINDS = SITE_KINDS | {WRITTEN_AT_BOOT}
+
+
 @dataclass
 class Mask(Record):
     """Bytes the kernel rewrites at run time (fentry, alternatives...): [offset, length, kind]."""
@@ -465,7 +529,7 @@ class Mask(Record):
     POSITIONAL: ClassVar[bool] = True
     offset: int = spec(OFFSET)
     length: int = spec(integer(0, 255))
-    kind: str = spec(choice(*sorted(SITE_KINDS)))
+    kind: str = spec(choice(*sorted(MASK_KINDS)))
 
 
 @dataclass
@@ -532,6 +596,8 @@ class PreCode(Record):
     """pre.json."""
 
     functions: list[PreFunction] = spec(records(PreFunction))  # empty for hooks alone
+    # the objects rewritten in place, as the running kernel must hold them (format 6)
+    objects: list[PreFunction] = spec(records(PreFunction))
 
     def validate(self, manifest: Manifest) -> None:
         seen: dict[tuple[str, str], PreFunction] = {}
@@ -548,6 +614,20 @@ class PreCode(Record):
             rec = seen.get((r.object, r.name))
             if rec is None or rec.referenced_only:
                 raise Missing(f"replaced[{i}]", f"no pre code for {r.object}:{r.name}")
+        objects: dict[tuple[str, str], PreFunction] = {}
+        for i, o in enumerate(self.objects):
+            where = f"objects[{i}]"
+            if o.key in objects:
+                raise Invalid(where, f"a second record of {o.object}:{o.name}")
+            if o.target != VMLINUX:
+                raise Invalid(f"{where}.target", "only vmlinux's data is rewritten in place")
+            objects[o.key] = o
+            o.validate(where)
+        for i, w in enumerate(manifest.rewrites):
+            rec = objects.get((w.object, w.name))
+            if rec is None or rec.size != w.size:
+                raise Missing(f"rewrites[{i}]", f"no pre contents of {w.size} bytes for "
+                                                f"{w.object}:{w.name}")
 
 
 class Missing(Invalid):
@@ -595,14 +675,23 @@ def read_pre(value: Any, manifest: Manifest, where: str = "package", member: str
 
 
 def _upgrade(value: dict) -> dict:
-    """An older manifest as format 5 says it."""
+    """An older manifest as format 6 says it."""
     if value.get("format") == 2:
         value = _upgrade_2(value)
     if value.get("format") == 3:
         value = _upgrade_3(value)
     if value.get("format") == 4:
         value = _upgrade_4(value)
+    if value.get("format") == 5:
+        value = _upgrade_5(value)
     return value
+
+
+def _upgrade_5(value: dict) -> dict:
+    """Format 5 as format 6: nothing rewritten in place."""
+    if "rewrites" in value:
+        raise Invalid("rewrites", "unknown field (in format 5)")
+    return {**value, "format": 6, "rewrites": []}
 
 
 def _upgrade_4(value: dict) -> dict:
@@ -653,9 +742,14 @@ def _upgrade_2(value: dict) -> dict:
 
 
 def _upgrade_pre(value: Any, version: int) -> Any:
-    """Older pre code as format 4 says it: format 2 had no targets (all vmlinux), neither had
-    positions (no module code)."""
+    """Older pre code as format 6 says it: format 2 had no targets (all vmlinux), 2 and 3 had no
+    positions (no module code), 2 to 5 no objects (nothing rewritten in place)."""
     if not isinstance(value, dict) or not isinstance(value.get("functions"), list):
+        return value
+    if "objects" in value:
+        raise Invalid("objects", f"unknown field (in format {version})")
+    value = {**value, "objects": []}
+    if version >= 4:
         return value
     functions = []
     for f in value["functions"]:

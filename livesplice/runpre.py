@@ -17,6 +17,7 @@ the module is any of that name, vmlinux's or another module's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .coreproto import AppliedUpdate, make_jump
@@ -41,8 +42,19 @@ class FunctionMatch:
 
 
 @dataclass
+class ObjectMatch:
+    """A read-only object to be rewritten in place, as the running kernel holds it."""
+
+    object: str
+    name: str
+    address: int
+    contents: bytes
+
+
+@dataclass
 class MatchResult:
     functions: dict[tuple[str, str], FunctionMatch] = field(default_factory=dict)
+    objects: dict[tuple[str, str], ObjectMatch] = field(default_factory=dict)
     bindings: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
@@ -139,7 +151,11 @@ class Matcher:
                 return f"byte at offset {i:#x} differs (package {a:#04x}, kernel {b:#04x})", {}, b""
         return None, found, memory
 
-    def match(self, records: list[PreFunction]) -> MatchResult:
+    def match(self, records: list[PreFunction], objects: Sequence[PreFunction] = ()
+              ) -> MatchResult:
+        """Match the pre code of `records` and the pre contents of `objects` (data rewritten
+        in place: compared as code is, relocated fields included, except bytes an
+        __ro_after_init object's masks say boot may have written)."""
         result = MatchResult()
         problems = []
         # Functions with a unique name first: their relocations settle local symbols for the rest.
@@ -183,10 +199,37 @@ class Matcher:
                 record.object, record.name, original, live, record.size,
                 self.site(original, record), self.expected_at_site(original, record, memory))
             result.bindings[_key(record.object, record.name, record.local)] = original
+        for record in objects:
+            problem = self._match_object(record, result)
+            if problem:
+                problems.append(problem)
         if problems:
             raise Refused("run-pre matching failed: the package's pre code is not what this "
                           "kernel runs", problems)
         return result
+
+    def _match_object(self, record: PreFunction, result: MatchResult) -> str | None:
+        what = f"data object {record.name} ({record.object})"
+        candidates = [s for s in self.ks.lookup(record.name) if not s.is_text]
+        if not candidates:
+            return f"{what}: not in /proc/kallsyms"
+        matched, reasons = [], []
+        for c in candidates:
+            why, found, memory = self.compare(record, c.address, result.bindings)
+            if why is None:
+                matched.append((c.address, found, memory))
+            else:
+                reasons.append(f"at {c.address:#x}: {why}")
+        if not matched:
+            return f"{what} does not hold what the update expects: " + "; ".join(reasons[:3])
+        if len(matched) > 1:
+            return (f"{what}: {len(matched)} objects of that name hold the expected contents; "
+                    "cannot tell which one the patch changes")
+        address, found, memory = matched[0]
+        result.bindings.update(found)
+        result.bindings[_key(record.object, record.name, record.local)] = address
+        result.objects[record.key] = ObjectMatch(record.object, record.name, address, memory)
+        return None
 
     def resolve(self, ref: KernelRef, result: MatchResult) -> int | None:
         """The address of a kernel symbol the new code uses."""

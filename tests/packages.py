@@ -50,6 +50,7 @@ MANIFEST = {
     "line_only": ["other_function"],
     "notes": ["kernel/sys.o: a note"],
     "hooks": [],
+    "rewrites": [],
 }
 
 PRE = {"functions": [{
@@ -57,7 +58,7 @@ PRE = {"functions": [{
     "type": "STT_FUNC", "code": base64.b64encode(CODE).decode(),
     "relocs": [[5, 4, "sym", "foo", -4, False, 0], [10, 2, "str", "hello\n", 0, True, 0]],
     "masks": [[4, 5, "alternative"]], "fentry": None, "section": ".text.prctl_set_auxv",
-    "referenced_only": False, "sympos": 0}]}
+    "referenced_only": False, "sympos": 0}], "objects": []}
 
 
 def manifest() -> dict:

@@ -37,6 +37,17 @@ def test_vmlinux_request_is_protocol_2s_lines():
                     "r ffffffff81000000 ffffffff81000100 0\n")
 
 
+def test_data_write_lines():
+    text = c.apply_request("fix1", "livesplice_fix1", [], [], 5, 1000, writes=[
+        c.DataWrite("seg6_genl_policy", 0xFFFFFFFF82000015, 0xFFFFFFFFC0002015, b"\x00\x10")])
+    assert text.splitlines()[1:] == [
+        "w seg6_genl_policy ffffffff82000015 2 ffffffffc0002015 0010"]
+    [update] = c.parse_state("protocol=3 shadow=0 features=shadow,hooks,rewrite\n"
+                             "update fix1 livesplice_fix1 0 pause_ns=1 work_ns=1 attempts=1\n"
+                             "data fix1 seg6_genl_policy ffffffff82000015 2\n")
+    assert update.data == [("seg6_genl_policy", 0xFFFFFFFF82000015, 2)]
+
+
 def test_module_target_lines():
     f = function()
     held = [c.HeldField(0xFFFFFFFFC0A02008, 1, "num_devices", 1, 0),
@@ -169,6 +180,7 @@ def test_state_of_another_protocol_is_refused():
     "func fix1 f ffffffff81000005 ffffffffc0001000 0f1f440000",  # protocol 2's line
     "func fix1 f zz ffffffffc0001000 0f1f440000 vmlinux",
     "target fix1 zram",
+    "data fix1 seg6_genl_policy ffffffff82000015",
     "bogus",
 ])
 def test_malformed_state_lines(line):
@@ -187,7 +199,7 @@ def test_state_head_says_shadow_data_and_features():
     # the core's own line has both fields, and the features the core defines
     source = CORE_C.read_text()
     assert '"ok state - protocol=%d shadow=%lu features=%s\\n"' in source
-    assert _define("LIVESPLICE_FEATURES") == '"shadow,hooks"'
+    assert _define("LIVESPLICE_FEATURES") == '"shadow,hooks,rewrite"'
 
 
 def _define(name: str) -> str:
@@ -200,8 +212,11 @@ def test_bounds_are_the_cores():
     assert int(_define("LIVESPLICE_PROTOCOL")) == c.PROTOCOL
     assert _define("MAX_REQUEST") == "(4 << 20)" and c.MAX_REQUEST == 4 << 20
     assert int(_define("MAX_B_BYTES")) == c.B_LINE_BYTES
-    from livesplice.pkgformat import HOOK_KINDS, MAX_HOOKS
+    from livesplice.objdiff import MAX_WRITE
+    from livesplice.pkgformat import HOOK_KINDS, MAX_HOOKS, MAX_WRITE_SIZE, MAX_WRITES
     assert int(_define("MAX_HOOKS")) == MAX_HOOKS
+    assert int(_define("MAX_WRITES")) == MAX_WRITES
+    assert int(_define("MAX_WRITE_SIZE")) == MAX_WRITE_SIZE == MAX_WRITE
     source = CORE_C.read_text()
     kinds = source[source.index("hook_kinds[LS_NHOOK_KINDS] = {"):]
     assert re.findall(r'"(\w+)"', kinds[:kinds.index("};")]) == list(HOOK_KINDS)

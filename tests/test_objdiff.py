@@ -148,11 +148,74 @@ def test_changed_local_const_table_is_copied(tmp_path):
     assert "table" in d.new_data and any("table" in n and "own copy" in n for n in d.notes)
 
 
-def test_changed_global_const_is_refused(tmp_path):
-    # Other objects may read a global const: they would keep reading the old one.
-    src = "const int limits[2] = {1, %d};\nint f(int i) { return limits[i & 1]; }\n"
+def test_changed_global_const_is_rewritten_in_place(tmp_path):
+    # Other objects may read a global const: only the same address with new contents reaches
+    # them, so it is rewritten in place, just the bytes that differ.
+    src = "const int limits[4] = {1, %d, 3, 4};\nint f(int i) { return limits[i & 3]; }\n"
     d = compile_pair(tmp_path, src % 2, src % 3)
-    assert any("changed data object limits" in r for r in d.refusals)
+    assert not d.refusals and not d.changed
+    [w] = d.rewrites
+    assert (w.name, w.size, w.ranges, w.ro_after_init) == ("limits", 16, [(4, 1)], False)
+
+
+OPS = """
+struct ops { int (*open)(int); int (*read)(int); long flags; };
+static int op_open(int x) { return printk("open %%d", x); }
+int op_read(int x) { return printk("read %%d", x); }
+int op_read2(int x) { return printk("read2 %%d", x) + sink; }
+const struct ops my_ops = { op_open, %s, 7 };
+const struct ops *get_ops(void) { return &my_ops; }
+"""
+
+
+def test_const_ops_table_pointer_rewritten_in_place(tmp_path):
+    d = compile_pair(tmp_path, OPS % "op_read", OPS % "op_read2")
+    assert not d.refusals and not d.changed
+    [w] = d.rewrites
+    assert (w.name, w.ranges) == ("my_ops", [(8, 8)])  # the one pointer that differs
+
+
+def test_ops_table_pointing_to_a_new_function(tmp_path):
+    post = OPS.replace("int op_read2", "noinline int op_read3(int x) { return sink * x; }\n"
+                                       "int op_read2") % "op_read3"
+    d = compile_pair(tmp_path, OPS % "op_read", post)
+    assert names(d.new) == ["op_read3"] and [w.name for w in d.rewrites] == ["my_ops"]
+
+
+def test_ro_after_init_policy_rewritten_not_copied(tmp_path):
+    # seg6's fix: a static const netlink policy (no pointers), which the family (__ro_after_init)
+    # points to: a copy would not reach the family, so the policy is rewritten in place.
+    src = """
+    struct policy { unsigned char type, validation; unsigned short len; };
+    static const struct policy seg6_policy[3] = { {1, 0, 4}, {11, %d, %d}, {1, 0, 4} };
+    struct family { const char *name; const struct policy *policy; int id; };
+    static struct family seg6_family __attribute__((section(".data..ro_after_init"))) =
+        { "SEG6", seg6_policy, 0 };
+    struct family *get_family(void) { return &seg6_family; }
+    """
+    d = compile_pair(tmp_path, src % (0, 16), src % (1, 0))
+    assert not d.refusals and not d.changed and not d.new_data
+    [w] = d.rewrites
+    assert (w.name, w.ranges, w.ro_after_init) == ("seg6_policy", [(5, 2)], False)
+    # the family itself, changed, is rewritten too, and known to hold words written at boot
+    family = src.replace("seg6_policy, 0", "seg6_policy, %d")
+    (tmp_path / "b").mkdir()
+    d = compile_pair(tmp_path / "b", family % (0, 16, 0), family % (0, 16, 1))
+    [w] = d.rewrites
+    assert (w.name, w.ranges, w.ro_after_init) == ("seg6_family", [(16, 1)], True)
+
+
+def test_what_is_not_rewritten_in_place(tmp_path):
+    src = "const int limits[%d] = {1, 2};\nint f(int i) { return limits[i & 1]; }\n"
+    d = compile_pair(tmp_path, src % 2, src % 3)
+    assert any("changed data object limits" in r and "keeps the size" in r for r in d.refusals)
+    src = "const int limits[2] = {1, %d};\nint f(int i) { return limits[i & 1]; }\n"
+    objs = []
+    for tag, n in (("mpre", 2), ("mpost", 3)):
+        (tmp_path / tag).mkdir()
+        objs.append(compile_one(tmp_path / tag, src % n))
+    d = diff_objects(objs[0], objs[1], "t.o", module="mod")
+    assert any("module mod may load again" in r for r in d.refusals) and not d.rewrites
 
 
 def test_func_names_are_correlated_by_contents(tmp_path):

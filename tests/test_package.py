@@ -3,6 +3,7 @@ manifest and pre code field validated, exit 2 with a message naming what is wron
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -699,6 +700,7 @@ def format2(manifest: dict, pre: dict) -> tuple[dict, dict]:
     """The same update as package format 2 wrote it (before module targets)."""
     m3, p3 = format3(manifest, pre)
     m = {k: v for k, v in m3.items() if k not in ("kernel", "targets")}
+    pre = {k: v for k, v in pre.items() if k != "objects"}
     m["format"] = 2
     m["target"] = m3["kernel"]
     for key in ("replaced", "new", "kernel_refs"):
@@ -710,6 +712,7 @@ def format2(manifest: dict, pre: dict) -> tuple[dict, dict]:
 def format3(manifest: dict, pre: dict) -> tuple[dict, dict]:
     """The same update as package format 3 wrote it (module targets named, but no positions)."""
     m = {k: v for k, v in format4(manifest, pre)[0].items() if k != "held"}
+    pre = {k: v for k, v in pre.items() if k != "objects"}
     m["format"] = 3
     m["kernel_refs"] = [{k: v for k, v in e.items() if k != "sympos"} for e in manifest["kernel_refs"]]
     return m, {"functions": [{**{k: v for k, v in f.items() if k != "sympos"},
@@ -718,7 +721,64 @@ def format3(manifest: dict, pre: dict) -> tuple[dict, dict]:
 
 def format4(manifest: dict, pre: dict) -> tuple[dict, dict]:
     """The same update as package format 4 wrote it (before hooks)."""
-    return {**{k: v for k, v in manifest.items() if k != "hooks"}, "format": 4}, pre
+    m5, p5 = format5(manifest, pre)
+    return {**{k: v for k, v in m5.items() if k != "hooks"}, "format": 4}, p5
+
+
+def format5(manifest: dict, pre: dict) -> tuple[dict, dict]:
+    """The same update as package format 5 wrote it (before rewrites in place)."""
+    return ({**{k: v for k, v in manifest.items() if k != "rewrites"}, "format": 5},
+            {k: v for k, v in pre.items() if k != "objects"})
+
+
+def test_format_5_is_read_as_format_6(tmp_path):
+    m5, p5 = format5(packages.manifest(), packages.pre())
+    p = Package.read(packages.write_package(tmp_path / "old.tar.gz", m5, p5))
+    assert p.manifest.to_json() == packages.manifest() and p.manifest.rewrites == []
+    assert p.pre.to_json() == packages.pre()
+    m5["rewrites"] = []  # format 5 had no such field
+    assert_bad(packages.write_package(tmp_path / "bad.tar.gz", m5, p5),
+               "manifest field rewrites: unknown field")
+    m5, p5 = format5(packages.manifest(), packages.pre())
+    p5["objects"] = []
+    assert_bad(packages.write_package(tmp_path / "bad2.tar.gz", m5, p5),
+               "pre.json field objects: unknown field")
+
+
+REWRITE = {"target": "vmlinux", "object": "net/ipv6/seg6.o", "name": "seg6_genl_policy",
+           "local": True, "size": 32, "section": ".rodata.seg6_genl_policy",
+           "ro_after_init": False, "new_section": ".rodata.livesplice.rewrite.0123456789",
+           "ranges": [[5, 2], [24, 8]]}
+POLICY = {"target": "vmlinux", "object": "net/ipv6/seg6.o", "name": "seg6_genl_policy",
+          "size": 32, "local": True, "type": "STT_OBJECT",
+          "code": base64.b64encode(bytes(32)).decode(), "relocs": [], "masks": [],
+          "fentry": None, "section": ".rodata.seg6_genl_policy", "referenced_only": False,
+          "sympos": 0}
+
+
+def test_rewrites_in_place(tmp_path):
+    m, pre = packages.manifest(), packages.pre()
+    m["replaced"], m["new"] = [], []  # an update that only rewrites data
+    m["rewrites"], pre["objects"] = [REWRITE], [POLICY]
+    p = Package.read(packages.write_package(tmp_path / "ok.tar.gz", m, pre))
+    assert [(w.name, [tuple(r.to_json()) for r in w.ranges]) for w in p.manifest.rewrites] == \
+        [("seg6_genl_policy", [(5, 2), (24, 8)])]
+    for change, problem in [
+            (lambda m, p: m["rewrites"][0].update(ranges=[[24, 8], [5, 2]]),
+             "manifest field rewrites[0].ranges[1]: not after the range before it"),
+            (lambda m, p: m["rewrites"][0].update(ranges=[[28, 8]]),
+             "rewrites[0].ranges[0]: ends at 36, past the object's 32 bytes"),
+            (lambda m, p: m["rewrites"][0].update(ranges=[]), "rewrites[0].ranges: 0 entries"),
+            (lambda m, p: m["rewrites"][0].update(target="zram"), "only vmlinux's data"),
+            (lambda m, p: m["rewrites"].append(dict(m["rewrites"][0])), "rewrites[1]"),
+            (lambda m, p: p.update(objects=[]),
+             "manifest field rewrites[0]: no pre contents of 32 bytes for net/ipv6/seg6.o"),
+            (lambda m, p: p["objects"][0].update(size=16, code=base64.b64encode(bytes(16)).decode()),
+             "no pre contents of 32 bytes")]:
+        m, pre = packages.manifest(), packages.pre()
+        m["rewrites"], pre["objects"] = [dict(REWRITE)], [dict(POLICY)]
+        change(m, pre)
+        assert_bad(packages.write_package(tmp_path / "bad.tar.gz", m, pre), problem)
 
 
 def test_format_4_is_read_as_format_5(tmp_path):
@@ -783,9 +843,9 @@ def test_format_2_is_read_as_format_4(tmp_path):
 
 def test_unknown_format_names_both_versions(tmp_path):
     m = packages.manifest()
-    m["format"] = 6
-    message = assert_bad(packages.write_package(tmp_path / "new.tar.gz", m), "has format 6")
-    assert "reads formats 2, 3, 4, 5" in message and "update livesplice" in message
+    m["format"] = 7
+    message = assert_bad(packages.write_package(tmp_path / "new.tar.gz", m), "has format 7")
+    assert "reads formats 2, 3, 4, 5, 6" in message and "update livesplice" in message
     m["format"] = 1
     message = assert_bad(packages.write_package(tmp_path / "old.tar.gz", m), "has format 1")
     assert "update livesplice" not in message
@@ -828,7 +888,7 @@ def test_pre_duplicates_and_empty(tmp_path):
     assert_bad(packages.write_package(tmp_path / "a.tar.gz", pre_=p),
                "functions[1]: a second record of kernel/sys.o:prctl_set_auxv")
     # (empty pre code is an update of hooks alone: then the manifest replaces nothing)
-    assert_bad(packages.write_package(tmp_path / "b.tar.gz", pre_={"functions": []}),
+    assert_bad(packages.write_package(tmp_path / "b.tar.gz", pre_={"functions": [], "objects": []}),
                "manifest field replaced[0]: no pre code for kernel/sys.o:prctl_set_auxv")
 
 

@@ -62,13 +62,14 @@
 #include <asm/text-patching.h>
 #include <asm/unwind.h>
 #include <asm/ibt.h>
+#include <asm/sections.h>
 
 #include "livesplice.h"		/* what it exports to patches (copied beside this file) */
 
 #define LIVESPLICE_PROTOCOL 3
 /* What this core has of its protocol, in `state`: shadow = livesplice.h's exports; hooks = k
  * lines (the patch author's hooks). */
-#define LIVESPLICE_FEATURES "shadow,hooks"
+#define LIVESPLICE_FEATURES "shadow,hooks,rewrite"
 #define JMP_SIZE 5
 #define INT3 0xcc
 #define MAX_FUNCS 4096			/* f and p lines of one request together; q lines */
@@ -77,6 +78,8 @@
 #define MAX_FIELDS 131072		/* c and h lines together */
 #define MAX_MASKS 131072		/* m lines */
 #define MAX_HOOKS 256			/* k lines */
+#define MAX_WRITES 4096			/* w lines */
+#define MAX_WRITE_SIZE 4096		/* LEN of a w line */
 #define MAX_CODE_SIZE (1 << 20)		/* SIZE of a p line */
 #define MAX_B_BYTES 256			/* bytes of one b line */
 #define MAX_SYMPOS 65535
@@ -192,6 +195,23 @@ struct ls_range {
 	int func;			/* index into funcs, for the message */
 };
 
+/*
+ * Read-only data of vmlinux rewritten in place (a w line): the len bytes at addr, within the
+ * object `name` in [__start_rodata, __end_rodata) (const and __ro_after_init data), take the
+ * bytes at source, the update module's copy of the object as its loader relocated it. Written
+ * in the switch through `alias`, a writable mapping of the same pages made for the switch; the
+ * kernel's own mapping stays read-only.
+ */
+struct ls_write {
+	char name[KSYM_NAME_LEN];
+	unsigned long addr, source;
+	unsigned int len;
+	u8 *old;			/* what run-pre matching found there: restored by undo */
+	u8 *new;			/* the module's bytes, copied when checked */
+	void *map;			/* the vmap()ed pages while switching, NULL otherwise */
+	u8 *alias;			/* addr in map */
+};
+
 struct ls_update {
 	struct list_head list;
 	char id[ID_LEN];
@@ -209,6 +229,8 @@ struct ls_update {
 	struct ls_part *parts;
 	struct ls_hook *hooks;
 	int nhooks;
+	struct ls_write *writes;	/* vmlinux's, so switched with SCOPE_ALL and SCOPE_NONE */
+	int nwrites;
 	u64 pause_ns, work_ns;
 	int attempts;
 };
@@ -310,6 +332,7 @@ struct ls_switch {
 	raw_spinlock_t busy_lock;
 	bool cpu_busy;			/* a CPU's own stack (its stopper thread) was busy */
 	int mismatch_func;
+	int mismatch_write;
 	u64 work_ns;
 };
 
@@ -566,6 +589,66 @@ static struct notifier_block ls_int3_nb = {
 	.priority = INT_MAX,
 };
 
+/* Data is vmlinux's: written when the whole update switches (not one module target's switch). */
+static inline notrace bool writes_in_scope(struct ls_switch *s)
+{
+	return s->scope == SCOPE_ALL || s->scope == SCOPE_NONE;
+}
+
+/*
+ * Every other CPU is stopped with interrupts off; only an NMI handler could read the data
+ * meanwhile, so aligned words are stored whole (a pointer is never seen half-written).
+ */
+static notrace void write_data(struct ls_write *w, bool undo)
+{
+	const u8 *from = undo ? w->old : w->new;
+	unsigned int i = 0;
+	u64 word;
+
+	if (IS_ALIGNED(w->addr, sizeof(u64)))
+		for (; i + sizeof(u64) <= w->len; i += sizeof(u64)) {
+			memcpy(&word, from + i, sizeof(word));
+			WRITE_ONCE(*(u64 *)(w->alias + i), word);
+		}
+	for (; i < w->len; i++)
+		WRITE_ONCE(w->alias[i], from[i]);
+}
+
+/* The writable aliases of the pages of u's writes, for one switch (vmap may sleep: before the
+ * machine is stopped). */
+static int map_writes(struct ls_update *u)
+{
+	int i;
+
+	for (i = 0; i < u->nwrites; i++) {
+		struct ls_write *w = &u->writes[i];
+		unsigned long first = w->addr & PAGE_MASK, last = (w->addr + w->len - 1) & PAGE_MASK;
+		struct page *pages[2];
+		int n = 1;
+
+		pages[0] = virt_to_page((void *)first);
+		if (last != first)
+			pages[n++] = virt_to_page((void *)last);
+		w->map = vmap(pages, n, VM_MAP, PAGE_KERNEL);
+		if (!w->map)
+			return -ENOMEM;
+		w->alias = w->map + offset_in_page(w->addr);
+	}
+	return 0;
+}
+
+static void unmap_writes(struct ls_update *u)
+{
+	int i;
+
+	for (i = 0; i < u->nwrites; i++) {
+		if (u->writes[i].map)
+			vunmap(u->writes[i].map);
+		u->writes[i].map = NULL;
+		u->writes[i].alias = NULL;
+	}
+}
+
 /* The master's work: check, then write. Every other CPU is in ls_stopped()'s loop. */
 static notrace int switch_stopped(struct ls_switch *s)
 {
@@ -583,6 +666,14 @@ static notrace int switch_stopped(struct ls_switch *s)
 			return -EILSEQ;
 		}
 	}
+	for (i = 0; writes_in_scope(s) && i < u->nwrites; i++) {
+		struct ls_write *w = &u->writes[i];
+
+		if (memcmp((void *)w->addr, s->undo ? w->new : w->old, w->len)) {
+			s->mismatch_write = i;
+			return -EILSEQ;
+		}
+	}
 	s->hook_ret = run_hooks(u, s->undo ? LS_CHECK_REVERSE : LS_CHECK_APPLY, s->scope, s->undo,
 				&s->hook_failed);
 	if (s->hook_ret)
@@ -592,6 +683,8 @@ static notrace int switch_stopped(struct ls_switch *s)
 			if (u->funcs[i].site)
 				memcpy(u->funcs[i].saved, (void *)u->funcs[i].site, JMP_SIZE);
 	write_sites(s);
+	for (i = 0; writes_in_scope(s) && i < u->nwrites; i++)
+		write_data(&u->writes[i], s->undo);
 	run_hooks(u, s->undo ? LS_REVERSE : LS_APPLY, s->scope, s->undo, NULL);
 	return 0;
 }
@@ -764,6 +857,15 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 	s = kzalloc(sizeof(*s), GFP_KERNEL);
 	if (!s)
 		return -ENOMEM;
+	if (scope == SCOPE_ALL || scope == SCOPE_NONE) {
+		ret = map_writes(u);
+		if (ret) {
+			unmap_writes(u);
+			kfree(s);
+			say(a, "error %s %s out of memory for the data's writable mapping\n", op, u->id);
+			return ret;
+		}
+	}
 	for (attempt = 1; attempt <= tries; attempt++) {
 		release_busy(s);
 		memset(s, 0, sizeof(*s));
@@ -773,6 +875,7 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		s->scope = scope;
 		s->hook_failed = -1;
 		s->mismatch_func = -1;
+		s->mismatch_write = -1;
 		cpus_read_lock();
 		mutex_lock(&text_mutex);
 		t0 = ktime_get_ns();
@@ -792,6 +895,7 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		}
 	}
 	unpark_all(&parks);
+	unmap_writes(u);
 	if (ret == 0) {
 		say(a, "ok %s %s pause_ns=%llu work_ns=%llu attempts=%d\n", op, u->id, u->pause_ns,
 		    u->work_ns, attempt);
@@ -818,6 +922,11 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 
 		say(a, "refused %s %s %s hook %ps returned %d: nothing was changed\n", op, u->id,
 		    hook_kinds[h->kind], (void *)h->fn, s->hook_ret);
+	} else if (ret == -EILSEQ && s->mismatch_write >= 0) {
+		struct ls_write *w = &u->writes[s->mismatch_write];
+
+		say(a, "mismatch %s %s %s: the %u bytes at %pS are not the ones %s\n", op, u->id,
+		    w->name, w->len, (void *)w->addr, undo ? "this update wrote" : "matched");
 	} else if (ret == -EILSEQ) {
 		say(a, "mismatch %s %s %s: the bytes at %pS are not the ones matched\n", op, u->id,
 		    u->funcs[s->mismatch_func].name, (void *)u->funcs[s->mismatch_func].site);
@@ -854,6 +963,11 @@ static void free_update(struct ls_update *u)
 		kfree(u->held[i].name);
 	for (i = 0; u->parts && i < u->nparts; i++)
 		kfree(u->parts[i].name);
+	for (i = 0; u->writes && i < u->nwrites; i++) {
+		kfree(u->writes[i].old);
+		kfree(u->writes[i].new);
+	}
+	kvfree(u->writes);
 	kvfree(u->funcs);
 	kvfree(u->ranges);
 	kvfree(u->targets);
@@ -1970,7 +2084,7 @@ static struct notifier_block ls_module_nb = {
 /* --- apply ------------------------------------------------------------------------------------- */
 
 struct ls_counts {
-	int f, r, t, p, q, b, m, c, h, k;
+	int f, r, t, p, q, b, m, c, h, k, w;
 };
 
 /* How many lines of each kind follow the first: the request is allocated for exactly those. */
@@ -1991,6 +2105,7 @@ static void count_lines(const char *req, struct ls_counts *n)
 		case 'c': n->c++; break;
 		case 'h': n->h++; break;
 		case 'k': n->k++; break;
+		case 'w': n->w++; break;
 		}
 		p = strchr(p, '\n');
 	}
@@ -1998,7 +2113,7 @@ static void count_lines(const char *req, struct ls_counts *n)
 
 /* Where the parse of a request is: the next free entry of each kind, the current t and p line. */
 struct ls_parse {
-	int f, r, p, t, c, h, m, q, k;
+	int f, r, p, t, c, h, m, q, k, w;
 	struct ls_target *target;
 	struct ls_func *func;
 	/* The p lines' SIZEs so far, and what the request can carry: its b lines give every byte
@@ -2164,6 +2279,96 @@ static bool parse_hook(struct ls_update *u, struct ls_parse *ps, char *line)
 	return true;
 }
 
+/* w NAME ADDR LEN SOURCE OLD_HEX: a rewrite of vmlinux's read-only data (check_writes). */
+static bool parse_write(struct ls_update *u, struct ls_parse *ps, char *line)
+{
+	struct ls_write *w = &u->writes[ps->w];
+	unsigned int len;
+	char *tok[6];
+
+	if (split_tokens(line, tok, ARRAY_SIZE(tok)) != 6 || strcmp(tok[0], "w") ||
+	    !valid_token(tok[1], KSYM_NAME_LEN) || kstrtoul(tok[2], 16, &w->addr) ||
+	    !parse_uint(tok[3], MAX_WRITE_SIZE, &len) || !len || kstrtoul(tok[4], 16, &w->source))
+		return false;
+	strscpy(w->name, tok[1], sizeof(w->name));
+	w->len = len;
+	w->old = kmalloc(len, LS_GFP);
+	w->new = kmalloc(len, LS_GFP);
+	u->nwrites = ++ps->w;		/* free_update frees what this line allocated */
+	if (!w->old || !w->new) {
+		ps->out_of_memory = true;
+		return false;
+	}
+	return !parse_hex(tok[5], w->old, len);
+}
+
+static bool overlap(unsigned long a, unsigned int alen, unsigned long b, unsigned int blen)
+{
+	return a < b + blen && b < a + alen;
+}
+
+/*
+ * Each write lies within vmlinux's read-only data ([__start_rodata, __end_rodata): const and
+ * __ro_after_init objects; never code, never writable data) and within the object it names; its
+ * new bytes are in the update's module. Writes do not overlap each other, nor an applied
+ * update's, unless they rewrite the very same bytes (stacked: the old bytes are that update's).
+ */
+static int check_writes(struct ls_update *u, struct ls_answer *a)
+{
+	char sym[KSYM_SYMBOL_LEN];
+	unsigned long size, offset;
+	struct ls_update *other;
+	int i, j;
+
+	for (i = 0; i < u->nwrites; i++) {
+		struct ls_write *w = &u->writes[i];
+		unsigned long last = w->addr + w->len - 1;
+
+		if (last < w->addr || !is_kernel_rodata(w->addr) || !is_kernel_rodata(last)) {
+			say(a, "error apply %s bad write %lx+%u of %s: not vmlinux's read-only data\n",
+			    u->id, w->addr, w->len, w->name);
+			return -EINVAL;
+		}
+		sprint_symbol_no_offset(sym, w->addr);
+		if (!kallsyms_lookup_size_offset(w->addr, &size, &offset) || strcmp(sym, w->name) ||
+		    offset + w->len > size) {
+			say(a, "error apply %s bad write %lx+%u: not within %s (the kernel has %s there)\n",
+			    u->id, w->addr, w->len, w->name, sym);
+			return -EINVAL;
+		}
+		if (!within_module_core(w->source, u->mod) ||
+		    !within_module_core(w->source + w->len - 1, u->mod)) {
+			say(a, "error apply %s bad source %lx of the write of %s: not in module %s\n",
+			    u->id, w->source, w->name, u->mod->name);
+			return -EINVAL;
+		}
+		for (j = 0; j < i; j++) {
+			if (overlap(w->addr, w->len, u->writes[j].addr, u->writes[j].len)) {
+				say(a, "error apply %s writes of %s overlap\n", u->id, w->name);
+				return -EINVAL;
+			}
+		}
+		memcpy(w->new, (void *)w->source, w->len);
+	}
+	list_for_each_entry(other, &updates, list) {
+		for (i = 0; i < u->nwrites; i++) {
+			struct ls_write *w = &u->writes[i];
+
+			for (j = 0; j < other->nwrites; j++) {
+				struct ls_write *o = &other->writes[j];
+
+				if (overlap(w->addr, w->len, o->addr, o->len) &&
+				    (w->addr != o->addr || w->len != o->len)) {
+					say(a, "error apply %s its rewrite of %s overlaps update %s's\n",
+					    u->id, w->name, other->id);
+					return -EINVAL;
+				}
+			}
+		}
+	}
+	return 0;
+}
+
 /* Every hook is a function of the update's own module (its core text). */
 static int hooks_in_module(struct ls_update *u, struct ls_answer *a)
 {
@@ -2233,10 +2438,10 @@ static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct l
 {
 	if (n->f + n->p > MAX_FUNCS || n->q > MAX_FUNCS || n->r > MAX_RANGES ||
 	    n->t > MAX_TARGETS || n->c + n->h > MAX_FIELDS || n->m > MAX_MASKS ||
-	    n->k > MAX_HOOKS) {
-		say(a, "error apply %s too many lines: at most %d f and p, %d q, %d r, %d t, %d c and h, %d m, %d k\n",
+	    n->k > MAX_HOOKS || n->w > MAX_WRITES) {
+		say(a, "error apply %s too many lines: at most %d f and p, %d q, %d r, %d t, %d c and h, %d m, %d k, %d w\n",
 		    u->id, MAX_FUNCS, MAX_FUNCS, MAX_RANGES, MAX_TARGETS, MAX_FIELDS, MAX_MASKS,
-		    MAX_HOOKS);
+		    MAX_HOOKS, MAX_WRITES);
 		return -EINVAL;
 	}
 	u->nvmlinux = n->f;
@@ -2255,8 +2460,9 @@ static int alloc_update(struct ls_update *u, const struct ls_counts *n, struct l
 	u->masks = kvcalloc(max(n->m, 1), sizeof(*u->masks), LS_GFP);
 	u->parts = kvcalloc(max(n->q, 1), sizeof(*u->parts), LS_GFP);
 	u->hooks = kvcalloc(max(n->k, 1), sizeof(*u->hooks), LS_GFP);
+	u->writes = kvcalloc(max(n->w, 1), sizeof(*u->writes), LS_GFP);
 	if (!u->funcs || !u->ranges || !u->targets || !u->checks || !u->held || !u->masks ||
-	    !u->parts || !u->hooks) {
+	    !u->parts || !u->hooks || !u->writes) {
 		say(a, "error apply %s out of memory\n", u->id);
 		return -ENOMEM;
 	}
@@ -2329,6 +2535,15 @@ static int handle_apply(char *req, struct ls_answer *a)
 		} else if (line[0] == 'k') {
 			if (!parse_hook(u, &ps, line))
 				goto bad_line;
+		} else if (line[0] == 'w') {
+			if (!parse_write(u, &ps, line)) {
+				if (ps.out_of_memory) {
+					say(a, "error apply %s out of memory\n", u->id);
+					ret = -ENOMEM;
+					goto out;
+				}
+				goto bad_line;
+			}
 		} else if (!strchr("tpqbmch", line[0]) || !parse_target_line(u, &ps, line)) {
 			if (ps.too_much_code) {
 				say(a, "error apply %s the p lines ask for more bytes of code than the request carries (%zu bytes at most)\n",
@@ -2343,8 +2558,8 @@ static int handle_apply(char *req, struct ls_answer *a)
 			goto bad_line;
 		}
 	}
-	if (!u->nfuncs && !u->nhooks) {
-		say(a, "error apply %s no functions and no hooks\n", u->id);
+	if (!u->nfuncs && !u->nhooks && !u->nwrites) {
+		say(a, "error apply %s no functions, hooks or writes\n", u->id);
 		goto out;
 	}
 	ret = finish_targets(u, a);
@@ -2374,6 +2589,8 @@ static int handle_apply(char *req, struct ls_answer *a)
 		ret = check_funcs(u, a);
 	if (!ret)
 		ret = check_targets(u, a);
+	if (!ret)
+		ret = check_writes(u, a);
 	/* Module targets loaded now are patched in this switch; the others wait for their load. */
 	for (i = 0; !ret && i < u->ntargets; i++) {
 		struct ls_target *t = &u->targets[i];
@@ -2431,8 +2648,8 @@ static int handle_apply(char *req, struct ls_answer *a)
 	run_hooks(u, LS_POST_APPLY, SCOPE_ALL, false, NULL);
 	__module_get(THIS_MODULE);
 	add_taint(TAINT_LIVEPATCH, LOCKDEP_STILL_OK);
-	pr_info("livesplice: applied %s (%s): %d functions, machine stopped %llu us\n", u->id,
-		mod->name, u->nfuncs, div_u64(u->pause_ns, 1000));
+	pr_info("livesplice: applied %s (%s): %d functions, %d data rewrites, machine stopped %llu us\n",
+		u->id, mod->name, u->nfuncs, u->nwrites, div_u64(u->pause_ns, 1000));
 	for (i = 0; i < u->ntargets; i++) {
 		struct ls_target *t = &u->targets[i];
 
@@ -2467,19 +2684,28 @@ static bool stacks_on(struct ls_update *u, struct ls_func *f, struct ls_update *
 	       !strcmp(u->targets[f->tgt].name, v->targets[g->tgt].name);
 }
 
-/* A later update that patched one of u's sites, or waits to: it stacks on u (*func: u's). */
-static struct ls_update *stacked_later(struct ls_update *u, int *func)
+/* A later update that patched one of u's sites or rewrote its data, or waits to: it stacks on
+ * u (*what: the function or object of u's). */
+static struct ls_update *stacked_later(struct ls_update *u, const char **what)
 {
 	struct ls_update *later = u;
 	int i, j;
 
-	list_for_each_entry_continue(later, &updates, list)
+	list_for_each_entry_continue(later, &updates, list) {
 		for (i = 0; i < u->nfuncs; i++)
 			for (j = 0; j < later->nfuncs; j++)
 				if (stacks_on(u, &u->funcs[i], later, &later->funcs[j])) {
-					*func = i;
+					*what = u->funcs[i].name;
 					return later;
 				}
+		for (i = 0; i < u->nwrites; i++)
+			for (j = 0; j < later->nwrites; j++)
+				if (overlap(u->writes[i].addr, u->writes[i].len, later->writes[j].addr,
+					    later->writes[j].len)) {
+					*what = u->writes[i].name;
+					return later;
+				}
+	}
 	return NULL;
 }
 
@@ -2507,17 +2733,18 @@ static void update_module_going(struct module *mod)
 {
 	struct ls_update *u, *tmp, *later;
 	struct ls_answer a = { .cap = 512 };
-	int ret, func;
+	const char *what;
+	int ret;
 
 	list_for_each_entry_safe(u, tmp, &updates, list) {
 		if (u->mod != mod)
 			continue;
 		a.buf = kzalloc(a.cap, GFP_KERNEL);
 		a.len = 0;
-		later = stacked_later(u, &func);
+		later = stacked_later(u, &what);
 		if (later) {
 			ret = -EBUSY;
-			say(&a, "update %s stacks on it (%s)", later->id, u->funcs[func].name);
+			say(&a, "update %s stacks on it (%s)", later->id, what);
 		} else {
 			/* no hooks: they are the going module's own code, its exit has run */
 			ret = switch_update(u, true, FORCED_TRIES, FORCED_DELAY_MS, SCOPE_NONE, &a);
@@ -2542,6 +2769,7 @@ static void update_module_going(struct module *mod)
 
 static int handle_undo(char *req, struct ls_answer *a)
 {
+	const char *what;
 	char id[ID_LEN];
 	int tries, delay, i, ret;
 	struct ls_update *u, *later;
@@ -2557,10 +2785,10 @@ static int handle_undo(char *req, struct ls_answer *a)
 		say(a, "unknown undo %s no applied update %s\n", id, id);
 		return -ENOENT;
 	}
-	later = stacked_later(u, &i);
+	later = stacked_later(u, &what);
 	if (later) {
 		say(a, "stacked undo %s update %s stacks on %s (%s): undo it first\n", id, later->id,
-		    u->id, u->funcs[i].name);
+		    u->id, what);
 		return -EBUSY;
 	}
 	/* The author's PRE_REVERSE hooks, before the machine is stopped; then patched targets switch
@@ -2787,6 +3015,9 @@ static int handle_state(struct ls_answer *a)
 		for (i = 0; i < u->ntargets; i++)
 			say(a, "target %s %s %s\n", u->id, u->targets[i].name,
 			    u->targets[i].patched ? "patched" : "waiting");
+		for (i = 0; i < u->nwrites; i++)
+			say(a, "data %s %s %lx %u\n", u->id, u->writes[i].name, u->writes[i].addr,
+			    u->writes[i].len);
 	}
 	return 0;
 }
