@@ -134,7 +134,7 @@ class KernelMemory:
 
     def __init__(self, path: str = "/proc/kcore"):
         try:
-            self._f = open(path, "rb")
+            self._f = open(path, "rb", buffering=0)  # no cache: memory changes under us
         except OSError as exc:
             raise BadInput(f"cannot open {path} ({exc.strerror}): run as root on a kernel with "
                            "CONFIG_PROC_KCORE") from None
@@ -155,8 +155,13 @@ class KernelMemory:
     def read(self, address: int, size: int) -> bytes:
         for vaddr, filesz, offset in self.segments:
             if vaddr <= address and address + size <= vaddr + filesz:
-                self._f.seek(offset + address - vaddr)
-                data = self._f.read(size)
+                data = b""
+                while len(data) < size:  # unbuffered: a read may return less
+                    chunk = os.pread(self._f.fileno(), size - len(data),
+                                     offset + address - vaddr + len(data))
+                    if not chunk:
+                        break
+                    data += chunk
                 if len(data) == size:
                     return data
         raise LivespliceError(f"kernel address {address:#x}+{size} is not readable in /proc/kcore")
