@@ -206,7 +206,8 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     t0 = time.monotonic()
     loaded = loaded_module_targets(manifest)
     ks = kernel.Kallsyms()
-    matcher = Matcher(ks, kernel.KernelMemory(), applied)
+    memory = kernel.KernelMemory()
+    matcher = Matcher(ks, memory, applied)
     # vmlinux's pre code, and the replaced functions of the module targets loaded now (create
     # used the witnesses of module code already: the core finds module symbols by position).
     records = [r for r in package.pre.functions if r.target == VMLINUX
@@ -231,6 +232,8 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
             addresses[ref.placeholder] = address
     if unresolved:
         raise Refused("the new code refers to symbols this kernel does not have", unresolved)
+    if manifest.kernel.ibt:
+        check_endbr(manifest, addresses, ks, memory)
     t_match = time.monotonic() - t0
     log.info("run-pre matching passed, %d kernel references resolved (%.2f s)", len(addresses),
              t_match)
@@ -253,6 +256,36 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     core = (None if applied or core_stays else
             kernel.link_unexported(package.members[CORE_MEMBER], ks, None, CORE_MEMBER))
     return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match, loaded)
+
+
+ENDBR64 = bytes.fromhex("f30f1efa")
+ENDBR_POISON = bytes.fromhex("660f1f00")  # what apply_seal_endbr() writes over a sealed ENDBR
+
+
+def check_endbr(manifest: Manifest, addresses: dict[str, int], ks: kernel.Kallsyms,
+                memory: kernel.KernelMemory) -> None:
+    """On a kernel built with IBT, refuse new code that takes the address of a kernel function
+    without an ENDBR at its start: called indirectly (by the new code, or by the kernel through
+    a rewritten table) it would fault (#CP) on a CPU that enforces IBT. The kernel seals at boot
+    the ENDBR of every function whose address vmlinux never takes; QEMU does not enforce IBT, so
+    only this check catches it before a real machine would."""
+    problems = []
+    for ref in manifest.kernel_refs:
+        address = addresses.get(ref.placeholder)
+        if not ref.address_taken or not address or ref.kind == "object":
+            continue
+        if not any(s.address == address and s.is_text for s in ks.symbols(ref.name)):
+            continue  # data (a symbol of kind notype)
+        start = memory.read(address, len(ENDBR64))
+        if start == ENDBR_POISON:
+            problems.append(f"{ref.name}: its ENDBR was sealed at boot (vmlinux never takes its "
+                            "address), so an indirect call to it faults on a CPU with IBT")
+        elif start != ENDBR64:
+            problems.append(f"{ref.name}: it does not start with ENDBR ({start.hex()}), so an "
+                            "indirect call to it faults on a CPU with IBT")
+    if problems:
+        raise Refused("the new code takes the address of kernel functions that cannot be called "
+                      "indirectly on this kernel (X86_KERNEL_IBT)", problems)
 
 
 def check_core_features(new_code: bytes, manifest: Manifest) -> None:

@@ -34,6 +34,7 @@ from .newcode import (
     callbacks,
     check_problems,
     core_module,
+    mark_address_taken,
     rewrite_section,
     section_name,
 )
@@ -284,6 +285,7 @@ def extract_new_code(diffs: list[ObjectDiff], objects: ObjectPairs, targets: dic
         for w in d.rewrites:
             ex.add_rewrite(post.data_objects[w.name], w.ranges)
     code.bind_own_globals()
+    mark_address_taken(code)
     check_problems(code)
     return code
 
@@ -480,7 +482,8 @@ def build_manifest(update_id: str, target: TargetKernel, tree: WorkTree, patch: 
         format=FORMAT_VERSION,
         id=update_id,
         created=pkgformat.now(),
-        kernel=KernelIdentity(target.release, target.version, target.stock, target.build_id),
+        kernel=KernelIdentity(target.release, target.version, target.stock, target.build_id,
+                              tree.config.options.get("CONFIG_X86_KERNEL_IBT") == "y"),
         targets=[PatchedObject(name, target.build_id if name == VMLINUX else images[name].build_id)
                  for name in sorted({pair.targets[d.object] for d in diffs if d.has_changes},
                                     key=lambda n: (n != VMLINUX, n))],

@@ -80,7 +80,7 @@ class NewCode:
             placeholder = f"{PLACEHOLDER_PREFIX}{len(self.refs)}"
             where = target if local or target != VMLINUX else ""
             self.refs[key] = KernelRef(placeholder, name, obj if local else "", local, kind,
-                                       where, 0)
+                                       where, 0, False)
             self.ref_symbols[key] = self.writer.add_symbol(OutSymbol(placeholder, None))
         return self.ref_symbols[key]
 
@@ -479,6 +479,24 @@ def callbacks(code: NewCode) -> list[str]:
             if start == 0:
                 found.add(name)
     return sorted(found)
+
+
+def mark_address_taken(code: NewCode) -> None:
+    """Mark the kernel references whose address the new code takes rather than only calls
+    (a function pointer stored, passed or written into a rewritten table): with IBT, such a
+    function is called indirectly and must start with ENDBR, which the kernel seals at boot in
+    functions whose address vmlinux never takes (apply checks the live bytes)."""
+    by_symbol = {id(sym): key for key, sym in code.ref_symbols.items()}
+    tables = {id(t) for t in code.tables.values()}
+    for sec in code.writer.sections:
+        if id(sec) in tables:
+            continue  # the module loader's own tables (jump label keys, exception entries...)
+        for offset, rtype, sym, _ in sec.relocs:
+            key = by_symbol.get(id(sym))
+            if key is None or rtype == R["R_X86_64_PLT32"] or (
+                    sec.flags & SH_FLAGS.SHF_EXECINSTR and _branch(sec.data, offset)):
+                continue
+            code.refs[key].address_taken = True
 
 
 def check_problems(code: NewCode) -> None:

@@ -237,6 +237,8 @@ class KernelIdentity(Record):
     # vmlinux's GNU build id: the identity apply checks (None: a self-built kernel whose vmlinux
     # was not at hand; apply then compares the release and the version banner)
     build_id: str | None = spec(BUILD_ID)
+    # built with X86_KERNEL_IBT (format 6): a function called indirectly must start with ENDBR
+    ibt: bool = spec(boolean)
 
 
 @dataclass
@@ -373,6 +375,9 @@ class KernelRef(Record):
     # in a module: its position among the module's symbols of that name (1-based; livepatch's
     # sympos); 0 for a symbol outside the update's targets, found by name
     sympos: int = spec(integer(0, MAX_LIST))
+    # the new code takes its address (format 6): it may be called indirectly, so with IBT it
+    # must keep its ENDBR (newcode.address_taken)
+    address_taken: bool = spec(boolean)
 
 
 @dataclass
@@ -688,10 +693,22 @@ def _upgrade(value: dict) -> dict:
 
 
 def _upgrade_5(value: dict) -> dict:
-    """Format 5 as format 6: nothing rewritten in place."""
+    """Format 5 as format 6: nothing rewritten in place, no IBT (the 6.1 kernels), no address
+    taken known."""
     if "rewrites" in value:
         raise Invalid("rewrites", "unknown field (in format 5)")
-    return {**value, "format": 6, "rewrites": []}
+    value = {**value, "format": 6, "rewrites": []}
+    if isinstance(value.get("kernel"), dict):
+        if "ibt" in value["kernel"]:
+            raise Invalid("kernel.ibt", "unknown field (in format 5)")
+        value["kernel"] = {**value["kernel"], "ibt": False}
+    if isinstance(value.get("kernel_refs"), list):
+        for i, e in enumerate(value["kernel_refs"]):
+            if isinstance(e, dict) and "address_taken" in e:
+                raise Invalid(f"kernel_refs[{i}].address_taken", "unknown field (in format 5)")
+        value["kernel_refs"] = [{**e, "address_taken": False} if isinstance(e, dict) else e
+                                for e in value["kernel_refs"]]
+    return value
 
 
 def _upgrade_4(value: dict) -> dict:

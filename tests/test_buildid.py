@@ -230,7 +230,7 @@ def package(**target) -> Package:
     manifest = packages.manifest()
     manifest["id"] = "upd"
     manifest["kernel"] = {"release": "6.1.0-53-amd64", "version": BANNER,
-                          "stock": "6.1.0-53-amd64", "build_id": None, **target}
+                          "stock": "6.1.0-53-amd64", "build_id": None, "ibt": False, **target}
     return Package(Manifest.from_json(manifest), PreCode.from_json(packages.pre()), {})
 
 

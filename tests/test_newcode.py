@@ -166,3 +166,31 @@ def test_shadow_calls_are_left_to_the_loader_not_the_kernel(tmp_path):
     code.writer.write(tmp_path / "new.o")
     undefined = {s.name for s in ObjectFile(tmp_path / "new.o").symbols if s.section is None}
     assert "livesplice_shadow_get" in undefined
+
+
+def test_kernel_functions_whose_address_the_new_code_takes(tmp_path):
+    # With IBT only a function that starts with ENDBR may be called indirectly: the new code
+    # marks the kernel functions it takes the address of (stored, or written into a rewritten
+    # ops table), not those it only calls, for apply to check their live first bytes.
+    from livesplice.newcode import mark_address_taken
+    src = """
+    void kernel_cb(int *p);
+    int kernel_helper(int x);
+    struct ops { void (*cb)(int *); int (*get)(int); };
+    const struct ops my_ops = { kernel_cb, %s };
+    void (*slot)(int *);
+    int f(int x) { slot = kernel_cb; return kernel_helper(x) + %d; }
+    """
+    d = compile_pair(tmp_path, src % ("0", 1), src % ("kernel_helper", 2))
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    ex = Extractor(code, "t.o", post, d.names, {c.name for c in d.changed})
+    ex.add_function(post.functions["f"])
+    mark_address_taken(code)
+    assert {r.name: r.address_taken for r in code.refs.values()} == {
+        "slot": True, "kernel_cb": True, "kernel_helper": False, "__fentry__": False}
+    [w] = d.rewrites  # my_ops's .get now points to a kernel function: its address is taken
+    ex.add_rewrite(post.data_objects["my_ops"], w.ranges)
+    mark_address_taken(code)
+    assert {r.name for r in code.refs.values() if r.address_taken} == {
+        "slot", "kernel_cb", "kernel_helper"}

@@ -714,7 +714,7 @@ def format3(manifest: dict, pre: dict) -> tuple[dict, dict]:
     m = {k: v for k, v in format4(manifest, pre)[0].items() if k != "held"}
     pre = {k: v for k, v in pre.items() if k != "objects"}
     m["format"] = 3
-    m["kernel_refs"] = [{k: v for k, v in e.items() if k != "sympos"} for e in manifest["kernel_refs"]]
+    m["kernel_refs"] = [{k: v for k, v in e.items() if k != "sympos"} for e in m["kernel_refs"]]
     return m, {"functions": [{**{k: v for k, v in f.items() if k != "sympos"},
                               "relocs": [r[:6] for r in f["relocs"]]} for f in pre["functions"]]}
 
@@ -727,8 +727,11 @@ def format4(manifest: dict, pre: dict) -> tuple[dict, dict]:
 
 def format5(manifest: dict, pre: dict) -> tuple[dict, dict]:
     """The same update as package format 5 wrote it (before rewrites in place)."""
-    return ({**{k: v for k, v in manifest.items() if k != "rewrites"}, "format": 5},
-            {k: v for k, v in pre.items() if k != "objects"})
+    m = {**{k: v for k, v in manifest.items() if k != "rewrites"}, "format": 5}
+    m["kernel"] = {k: v for k, v in m["kernel"].items() if k != "ibt"}
+    m["kernel_refs"] = [{k: v for k, v in e.items() if k != "address_taken"}
+                        for e in m["kernel_refs"]]
+    return m, {k: v for k, v in pre.items() if k != "objects"}
 
 
 def test_format_5_is_read_as_format_6(tmp_path):
