@@ -50,7 +50,8 @@ class WorkTree:
         self.config = KernelConfig(config)
         self.jobs = jobs or os.cpu_count() or 1
         obj = self.mirror.root / f"obj-{self.config.sha256[:16]}"
-        self.kbuild = Kbuild(self.mirror.src, obj, self.config.compiler(), self.jobs, log_name)
+        self.kbuild = Kbuild(self.mirror.src, obj, self.config.compiler(), self.jobs, log_name,
+                             self.config.make_variables())
         self.objects = ObjectTree(self.kbuild, self.config)
         self.deps = ObjectDependencies(self.objects, self.kbuild)
 

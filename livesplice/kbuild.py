@@ -71,13 +71,16 @@ def run_make(args: list[str], what: str, log_name: str,
 class Kbuild:
     """make in a source tree `src` with objects in `obj`, with the config's compiler."""
 
-    def __init__(self, src: Path, obj: Path, compiler: str, jobs: int, log_name: str = "build"):
+    def __init__(self, src: Path, obj: Path, compiler: str, jobs: int, log_name: str = "build",
+                 variables: list[str] | None = None):
         self.src, self.obj, self.compiler, self.jobs = src, obj, compiler, jobs
         self.log_name = log_name  # logs/LOG_NAME-TIME.log holds a failed make's output
+        self.variables = variables or []  # more of make's VAR=VALUE (KernelConfig.make_variables)
 
     def command(self, *targets: str, quiet: bool = True, extra: list[str] | None = None) -> list[str]:
         return ["make", *(["-s"] if quiet else []), "-C", str(self.src), f"O={self.obj}",
-                f"CC={self.compiler}", f"-j{self.jobs}", *(extra or []), *targets]
+                f"CC={self.compiler}", *self.variables, f"-j{self.jobs}", *(extra or []),
+                *targets]
 
     @functools.cached_property
     def kcflags(self) -> str:
