@@ -50,7 +50,8 @@ class WorkTree:
         self.config = KernelConfig(config)
         self.jobs = jobs or os.cpu_count() or 1
         obj = self.mirror.root / f"obj-{self.config.sha256[:16]}"
-        self.kbuild = Kbuild(self.mirror.src, obj, self.config.compiler(), self.jobs, log_name)
+        self.kbuild = Kbuild(self.mirror.src, obj, self.config.compiler(), self.jobs, log_name,
+                             self.config.make_variables())
         self.objects = ObjectTree(self.kbuild, self.config)
         self.deps = ObjectDependencies(self.objects, self.kbuild)
 
@@ -94,7 +95,7 @@ def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
     objects = tree.deps.objects_for(files)
     pre_dir, post_dir = out / "pre", out / "post"
     tree.kbuild.build(objects)
-    _copy_objects(tree, objects, pre_dir)
+    _copy_objects(tree, objects, pre_dir, objtool=True)
     with patch_applied(tree, patch, objects) as new_files:
         # Files the patch adds do not exist before it: find their objects once it is applied.
         if new_files:
@@ -102,7 +103,7 @@ def build_pre_post(tree: WorkTree, patch: str, out: Path) -> BuiltPair:
         for o in objects:  # make must not take the pre object for an up-to-date post one
             (tree.obj / o).unlink(missing_ok=True)
         tree.kbuild.build(objects)
-        _copy_objects(tree, objects, post_dir)
+        _copy_objects(tree, objects, post_dir, objtool=True)
     modules = tree.deps.modules()
     targets = {o: tree.deps.target_of(o) for o in objects}
     paths = {tree.deps.target_of(o): modules[o] for o in objects if o in modules}
@@ -213,8 +214,15 @@ def _object_files(tree: WorkTree, obj: str) -> list[Path]:
     return [p for p in (o, o.parent / f".{o.name}.cmd") if p.exists()]
 
 
-def _copy_objects(tree: WorkTree, objects: list[str], dest: Path) -> None:
+def _copy_objects(tree: WorkTree, objects: list[str], dest: Path, objtool: bool = False) -> None:
+    """Copy objects out of the object tree; with `objtool`, where kbuild runs objtool only on
+    vmlinux.o and linked modules (IBT: the 6.12 line), run it on each copy as kbuild would on
+    what it is linked into, so that pre and post objects carry what the running code got from
+    it (its return, retpoline and call sites, ORC, its jump label NOPs)."""
+    modules = tree.deps.modules() if objtool and tree.objects.delayed_objtool else {}
     for o in objects:
         target = dest / o
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(tree.obj / o, target)
+        if objtool:
+            tree.objects.run_delayed_objtool(target, o, module=o in modules)

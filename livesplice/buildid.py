@@ -127,10 +127,16 @@ def bzimage_payload(image: bytes) -> tuple[str, bytes]:
 
 
 def bzimage_vmlinux(image: bytes) -> bytes:
-    """The vmlinux ELF file inside a bzImage (gzip, xz, lzma, bzip2 or uncompressed payloads; the
-    others are reported by name)."""
+    """The vmlinux ELF file inside a bzImage (gzip, xz, lzma, bzip2, zstd (with the zstd
+    command: the 6.12 line's images) or uncompressed payloads; the others are reported by
+    name)."""
     fmt, payload = bzimage_payload(image)
     decompressor: Any
+    if fmt == "zstd":
+        out = _zstd_decompress(payload)
+        if out[:4] != b"\x7fELF":
+            raise NoteError("bzImage payload (zstd) is not an ELF file once decompressed")
+        return out
     if fmt == "gzip":
         decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
     elif fmt in ("xz", "lzma"):
@@ -153,3 +159,18 @@ def bzimage_vmlinux(image: bytes) -> bytes:
     if out[:4] != b"\x7fELF":
         raise NoteError(f"bzImage payload ({fmt}) is not an ELF file once decompressed")
     return out
+
+
+def _zstd_decompress(payload: bytes) -> bytes:
+    """One zstd frame (the kernel appends the uncompressed size, 4 bytes, which is no frame)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("zstd"):
+        raise NoteError("bzImage payload compressed with zstd: install the zstd command "
+                        "(scripts/setup.sh does)")
+    proc = subprocess.run(["zstd", "-dcq"], input=payload[:-4], capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise NoteError("bzImage payload (zstd) does not decompress: "
+                        + proc.stderr.decode(errors="replace").strip())
+    return proc.stdout

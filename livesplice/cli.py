@@ -247,16 +247,24 @@ def vm_fetch(kernel: str, no_source: bool, as_json: bool) -> None:
 @click.option("--rwdir", "rwdirs", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Host directory the guest may write to (repeatable); the rest is read-only.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds the command may take.")
+@click.option("--cpu", default="max", show_default=True, metavar="MODEL",
+              help="QEMU CPU model (`qemu-system-x86_64 -cpu help` lists them); it decides the "
+                   "kernel's mitigations, e.g. Skylake-Client for call depth tracking.")
+@click.option("--append", default="", metavar="OPTIONS",
+              help="More kernel command line, e.g. 'spectre_v2=retpoline retbleed=stuff'.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def vm_run(kernel: str, cpus: int, memory: str, rwdirs: tuple[str, ...], timeout: float,
-           command: tuple[str, ...]) -> None:
+           cpu: str, append: str, command: tuple[str, ...]) -> None:
     """Boot KERNEL under QEMU and run COMMAND in it as root; exit with COMMAND's status. If the
     guest kernel dies (panic, hang), show the end of its console and exit with status 5."""
     from .testbed import CommandTimeout, Session
 
+    if not cpu or not all(c.isalnum() or c in "-_.,=+" for c in cpu):
+        raise BadInput(f"--cpu {cpu!r}: not a QEMU CPU model")
     if not debian.is_fetched(kernel):
         debian.fetch_kernel(kernel)
-    with Session(kernel=kernel, cpus=cpus, memory=memory, rwdirs=list(rwdirs)) as session:
+    with Session(kernel=kernel, cpus=cpus, memory=memory, rwdirs=list(rwdirs), cpu=cpu,
+                 append=append) as session:
         try:
             result = session.run(list(command), timeout=timeout)
         except CommandTimeout as exc:
@@ -312,7 +320,7 @@ def vm_fleet(kernels: tuple[str, ...], inventory: Path, workdir: Path | None, me
 @main.command("create")
 @click.option("--source", type=click.Path(path_type=Path), help="The running kernel's source tree.")
 @click.option("--debian-version", type=DebianVersion(),
-              help="Fetch linux-source-6.1 of this Debian version instead ("
+              help="Fetch linux-source-6.1 or -6.12 of this Debian version instead ("
                    + ", ".join(sorted(k.version for k in debian.KNOWN_KERNELS.values())) + ").")
 @click.option("--config", type=click.Path(path_type=Path), help="Kernel config [default: the tree's "
               ".config; with --debian-version, the stock image's config].")

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StockKernel:
+    """A stock Debian kernel. Two naming schemes: the 6.1 line's releases carry an ABI number
+    (6.1.0-53-amd64, Debian version 6.1.187-1), the 6.12 line's the upstream version and the
+    suite (6.12.111+deb12-amd64, Debian version 6.12.111-1~deb12u1)."""
+
     abi: str  # e.g. 6.1.0-53-amd64, the kernel release `uname -r` prints
     version: str  # Debian package version of the image, headers and source, e.g. 6.1.187-1
 
@@ -39,7 +43,37 @@ class StockKernel:
 
     @property
     def abi_number(self) -> str:
-        return self.abi.rsplit("-", 1)[0]  # 6.1.0-53
+        return self.abi.rsplit("-", 1)[0]  # 6.1.0-53, 6.12.111+deb12
+
+    @property
+    def line(self) -> str:
+        """The upstream kernel line, MAJOR.MINOR: 6.1, 6.12."""
+        return ".".join(self.version.split(".")[:2])
+
+    @property
+    def upstream_version(self) -> str:
+        """The upstream kernel version: 6.1.187, 6.12.111."""
+        return self.version.split("-", 1)[0]
+
+    @property
+    def source_package(self) -> str:
+        """The package whose tarball holds the source (Debian's patches applied): one per line."""
+        return f"linux-source-{self.line}"
+
+    @property
+    def source_tarball(self) -> str:
+        """Its path inside that package."""
+        return f"usr/src/{self.source_package}.tar.xz"
+
+    @property
+    def header_packages(self) -> list[str]:
+        """What the kbuild tree for external modules takes, each as PKG[=VERSION] for apt: the
+        flavour's headers, the common headers, and the host tools (linux-kbuild-6.1 exists once,
+        any version >= the kernel's will do; the 6.12 line has one linux-kbuild per release)."""
+        kbuild = ("linux-kbuild-6.1" if self.line == "6.1"
+                  else f"linux-kbuild-{self.abi_number}={self.version}")
+        return [f"linux-headers-{self.abi}={self.version}",
+                f"linux-headers-{self.abi_number}-common={self.version}", kbuild]
 
 
 # The stock kernels this project is tested against (see shared/testbed-facts.md).
@@ -50,10 +84,18 @@ KNOWN_KERNELS: dict[str, StockKernel] = {
         StockKernel("6.1.0-54-amd64", "6.1.190-1"),
         StockKernel("6.1.0-55-amd64", "6.1.192-1"),
         StockKernel("6.1.0-56-amd64", "6.1.192-2"),
+        # The 6.12 line (Debian 13's, built for Debian 12 in bookworm-security): IBT, call
+        # padding, call depth tracking (docs: issue 12).
+        StockKernel("6.12.107+deb12-amd64", "6.12.107-1~deb12u1"),
+        StockKernel("6.12.111+deb12-amd64", "6.12.111-1~deb12u1"),
+        StockKernel("6.12.113+deb12-amd64", "6.12.113-1~deb12u1"),
+        StockKernel("6.12.115+deb12-amd64", "6.12.115-2~deb12u1"),
+        StockKernel("6.12.117+deb12-amd64", "6.12.117-1~deb12u1"),
     )
 }
 DEFAULT_KERNEL = "6.1.0-53-amd64"
-SOURCE_PACKAGE = "linux-source-6.1"
+# The kernel each line's tests boot by default.
+DEFAULT_KERNELS = {"6.1": DEFAULT_KERNEL, "6.12": "6.12.111+deb12-amd64"}
 
 
 def cache_root() -> Path:
@@ -111,7 +153,7 @@ class KernelFiles:
 
     @property
     def source_tree(self) -> Path:
-        return source_root(self.kernel.version) / "linux-source-6.1"
+        return source_root(self.kernel.version) / self.kernel.source_package
 
 
 def kernel_root(kernel: StockKernel) -> Path:
@@ -229,7 +271,7 @@ def _unpack_tarball(tarball: Path, dest: Path, progress: Progress) -> None:
 
 
 def _fix_headers_links(root: Path, kernel: StockKernel) -> None:
-    """Debian's headers point at /usr/lib/linux-kbuild-6.1 and /usr/src/linux-headers-*-common with
+    """Debian's headers point at /usr/lib/linux-kbuild-* and /usr/src/linux-headers-*-common with
     absolute links and an absolute include; re-aim those into this unpacked copy."""
     for makefile in (root / "usr" / "src").glob("linux-headers-*/Makefile"):
         text = makefile.read_text()
@@ -273,10 +315,7 @@ def fetch_kernel(abi: str, with_source: bool = True) -> KernelFiles:
 
     hroot = headers_root(kernel)
     if not (hroot / ".complete").exists():
-        specs = [f"linux-headers-{kernel.abi}={kernel.version}",
-                 f"linux-headers-{kernel.abi_number}-common={kernel.version}",
-                 "linux-kbuild-6.1"]  # host tools: any version >= the kernel's will do
-        pkgs = [_download(s, debs) for s in specs]
+        pkgs = [_download(s, debs) for s in kernel.header_packages]
         log.info("unpacking the headers of %s", kernel.abi)
         shutil.rmtree(hroot, ignore_errors=True)
         for deb in pkgs:
@@ -286,12 +325,12 @@ def fetch_kernel(abi: str, with_source: bool = True) -> KernelFiles:
 
     sroot = source_root(kernel.version)
     if with_source and not (sroot / ".complete").exists():
-        deb = _download(f"{SOURCE_PACKAGE}={kernel.version}", debs)
+        deb = _download(f"{kernel.source_package}={kernel.version}", debs)
         shutil.rmtree(sroot, ignore_errors=True)
         unpacked = sroot / "deb"
         _unpack_deb(deb, unpacked)
         with _progress() as progress:
-            _unpack_tarball(unpacked / "usr" / "src" / "linux-source-6.1.tar.xz", sroot, progress)
+            _unpack_tarball(unpacked / kernel.source_tarball, sroot, progress)
         shutil.rmtree(unpacked)
         (sroot / ".complete").touch()
     return files
@@ -325,3 +364,46 @@ def image_build_id(files: KernelFiles) -> str | None:
     except OSError:
         pass  # a read-only cache: compute it again next time
     return build_id
+
+
+# --- compiled modules ----------------------------------------------------------------------------
+
+# How a stock kernel's modules may be compressed (the 6.12 line's are .ko.xz; the 6.1 line's .ko).
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+def module_name(path: str | Path) -> str:
+    """The module's name from its file's: kernel/fs/9p/9p.ko.xz -> 9p, dm-mod.ko -> dm_mod."""
+    name = Path(path).name
+    for suffix in MODULE_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    return name.replace("-", "_")
+
+
+def module_file(modules_dir: Path, path: str) -> Path | None:
+    """The compiled module at `path` (without .ko, relative to modules_dir) as it is there,
+    compressed or not; None if there is none."""
+    for suffix in MODULE_SUFFIXES:
+        candidate = modules_dir / f"{path}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_module(path: Path) -> bytes:
+    """A compiled module's ELF image, decompressed if its file is (.ko.xz, .ko.zst, .ko.gz)."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        import lzma
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        import gzip
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        proc = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=False)
+        if proc.returncode != 0:
+            raise LivespliceError(f"cannot decompress {path}: {proc.stderr.decode(errors='replace')}")
+        return proc.stdout
+    return data

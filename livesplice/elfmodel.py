@@ -328,6 +328,27 @@ CODE_TABLES: dict[str, tuple[int, int]] = {
 }
 # Parallel to .orc_unwind_ip, without relocations of its own.
 ORC_ENTRY_SIZE = 6
+# struct alt_instr: 12 bytes up to Linux 6.2 (u16 cpuid, then instrlen at 10); 14 since 6.3
+# (u32 ft_flags, then instrlen at 12, replacementlen at 13), as in the 6.12 line.
+ALT_INSTR_SIZES = (12, 14)
+
+
+def alt_instr_size(obj: ObjectFile) -> int:
+    """The size of an .altinstructions entry in this object (ALT_INSTR_SIZES): each entry has
+    two relocated fields (instr_offset at 0, repl_offset at 4), so the section holds half as
+    many entries as it has relocations. 12 for an object without any."""
+    sec = obj.section(".altinstructions")
+    if sec is None or not sec.relocs:
+        return ALT_INSTR_SIZES[0]
+    fields = sorted({r.offset for r in sec.relocs})
+    entries = len(fields) // 2
+    for size in ALT_INSTR_SIZES:
+        if entries and size * entries == len(sec.data) and \
+                all(f % size in (0, 4) for f in fields):
+            return size
+    raise ValueError(f".altinstructions of {len(sec.data)} bytes with {len(fields)} relocated "
+                     f"fields: not a table of struct alt_instr of {' or '.join(map(str, ALT_INSTR_SIZES))} "
+                     "bytes")
 
 
 class RuntimeSite(NamedTuple):
@@ -393,9 +414,10 @@ def runtime_patched_sites(obj: ObjectFile, item: Item) -> list[RuntimeSite]:
         if inside(sec, off):
             sites.append(RuntimeSite(off - item.start, 5, "fentry call"))
     alt = obj.section(".altinstructions")
-    for sec, off, idx in obj.sites(".altinstructions", 12):
+    alt_size = alt_instr_size(obj)
+    for sec, off, idx in obj.sites(".altinstructions", alt_size):
         if inside(sec, off) and alt is not None:
-            instrlen = alt.data[idx * 12 + 10]
+            instrlen = alt.data[idx * alt_size + alt_size - 2]
             sites.append(RuntimeSite(off - item.start, instrlen, "alternative"))
     para = obj.section(".parainstructions")
     for sec, off, idx in obj.sites(".parainstructions", 16):

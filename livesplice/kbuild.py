@@ -71,13 +71,16 @@ def run_make(args: list[str], what: str, log_name: str,
 class Kbuild:
     """make in a source tree `src` with objects in `obj`, with the config's compiler."""
 
-    def __init__(self, src: Path, obj: Path, compiler: str, jobs: int, log_name: str = "build"):
+    def __init__(self, src: Path, obj: Path, compiler: str, jobs: int, log_name: str = "build",
+                 variables: list[str] | None = None):
         self.src, self.obj, self.compiler, self.jobs = src, obj, compiler, jobs
         self.log_name = log_name  # logs/LOG_NAME-TIME.log holds a failed make's output
+        self.variables = variables or []  # more of make's VAR=VALUE (KernelConfig.make_variables)
 
     def command(self, *targets: str, quiet: bool = True, extra: list[str] | None = None) -> list[str]:
         return ["make", *(["-s"] if quiet else []), "-C", str(self.src), f"O={self.obj}",
-                f"CC={self.compiler}", f"-j{self.jobs}", *(extra or []), *targets]
+                f"CC={self.compiler}", *self.variables, f"-j{self.jobs}", *(extra or []),
+                *targets]
 
     @functools.cached_property
     def kcflags(self) -> str:
@@ -196,6 +199,67 @@ class ObjectTree:
         cached.write_text(json.dumps(out, sort_keys=True))
         return out
 
+    # scripts/Makefile.lib: objtool-args-$(CONFIG_X) += ARGS, or $(or $(CONFIG_X),$(CONFIG_Y))
+    _OBJTOOL_ARG = re.compile(r"^objtool-args-\$\((?:CONFIG_(\w+)|or ((?:\$\(CONFIG_\w+\),?)+))\)"
+                              r"\s*\+=\s*(.+?)\s*$", re.MULTILINE)
+
+    @functools.cached_property
+    def delayed_objtool(self) -> bool:
+        """Whether kbuild runs objtool on vmlinux.o and on linked modules only, not on each
+        object (scripts/Makefile.lib's delay-objtool: IBT, as in the 6.12 line, or clang LTO).
+        Then the objects make leaves have none of what objtool adds (ORC, the return, retpoline
+        and call sites, static call sites, prefix symbols) nor its changes (jump label NOPs)."""
+        opts = self.config.options
+        return opts.get("CONFIG_OBJTOOL") == "y" and (
+            opts.get("CONFIG_X86_KERNEL_IBT") == "y" or opts.get("CONFIG_LTO_CLANG") == "y")
+
+    def objtool_args(self) -> list[str]:
+        """objtool-args-y of the tree's scripts/Makefile.lib for this config (what kbuild passes
+        objtool on vmlinux.o, but for --link)."""
+        text = (self.kbuild.src / "scripts" / "Makefile.lib").read_text()
+        opts = self.config.options
+        args: list[str] = []
+        for single, alternatives, value in self._OBJTOOL_ARG.findall(text):
+            names = [single] if single else re.findall(r"CONFIG_(\w+)", alternatives)
+            if not any(opts.get(f"CONFIG_{n}") == "y" for n in names):
+                continue
+            if value == "--mnop":
+                continue
+            value = re.sub(r"\$\(CONFIG_(\w+)\)", lambda m: opts.get(f"CONFIG_{m[1]}", ""), value)
+            if "$" in value:
+                raise LivespliceError(f"scripts/Makefile.lib: objtool argument {value!r} not understood")
+            args += value.split()
+        if opts.get("CONFIG_FTRACE_MCOUNT_USE_OBJTOOL") == "y" and \
+                opts.get("CONFIG_HAVE_OBJTOOL_NOP_MCOUNT") == "y":
+            args.append("--mnop")  # (ifdef'd in the Makefile)
+        return args
+
+    def run_delayed_objtool(self, path: Path, obj: str, module: bool) -> None:
+        """Run objtool on a copy of object `obj` (at `path`) as kbuild runs it on vmlinux.o or on
+        the module linked from it, where kbuild delays objtool (`delayed_objtool`); nothing if
+        the object has objtool's output already (a module of a single object)."""
+        if not self.delayed_objtool or _has_section(path, ".orc_unwind_ip"):
+            return
+        objtool = self.obj / "tools" / "objtool" / "objtool"
+        if not objtool.exists():
+            raise LivespliceError(f"objtool is not built in {self.obj} (make prepare builds it)")
+        command = [str(objtool), *self.objtool_args(), "--link",
+                   *(["--module"] if module else []), str(path)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            where = keep_build_log(self.kbuild.log_name, command, proc.stdout + proc.stderr)
+            raise LivespliceError(f"objtool failed on {obj} (as kbuild runs it on vmlinux.o): "
+                                  f"{proc.stderr.strip()[-2000:]} (in full: {where})")
+        if proc.stderr.strip():
+            log.debug("objtool on %s: %s", obj, proc.stderr.strip())
+
     def cmd_file(self, obj: str) -> Path:
         """kbuild's record of how an object was built (command line, then its dependencies)."""
         return self.obj / Path(obj).parent / f".{Path(obj).name}.cmd"
+
+
+def _has_section(path: Path, name: str) -> bool:
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        return ELFFile(f).get_section_by_name(name) is not None

@@ -86,6 +86,15 @@ class KernelConfig:
                            f"{have[0] if have else 'unknown'}: objects would not match the kernel")
         return cc
 
+    def make_variables(self) -> list[str]:
+        """make's variables that keep this machine's tools out of the config where the kernel
+        was built without them: a config made with no Rust compiler (CONFIG_RUSTC_VERSION=0,
+        the 6.12 line's stock configs) gets none here either, or kconfig would record the
+        rustc it finds on the PATH and olddefconfig would change the config."""
+        if self.options.get("CONFIG_RUSTC_VERSION") == "0":
+            return ["RUSTC=false", "BINDGEN=false"]
+        return []
+
     def check_olddefconfig_result(self, result: Path) -> None:
         """BadInput unless `make olddefconfig` left the config as given (but for the options it
         may fill in for any stock config)."""

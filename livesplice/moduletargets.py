@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from .debian import module_file
 from .elfmodel import SHT
 from .errors import BadInput, Refused
 from .includes import module_name
@@ -31,10 +32,11 @@ R_X86_64_NONE = 0
 
 def module_files(modules_dir: Path, paths: dict[str, str]) -> dict[str, Path]:
     """Module name -> its compiled file under `modules_dir` (/lib/modules/RELEASE), from
-    kbuild's path for it (drivers/block/zram/zram -> kernel/drivers/block/zram/zram.ko)."""
+    kbuild's path for it (drivers/block/zram/zram -> kernel/drivers/block/zram/zram.ko, or .ko.xz
+    where the kernel compresses its modules, as the 6.12 line does)."""
     out = {}
     for name, path in paths.items():
-        ko = modules_dir / "kernel" / f"{path}.ko"
+        ko = module_file(modules_dir, f"kernel/{path}") or modules_dir / "kernel" / f"{path}.ko"
         if not ko.is_file():
             raise BadInput(f"the patch changes code of module {name}, but the target kernel's "
                            f"compiled module is not at {ko}: livesplice needs it to find the "

@@ -21,6 +21,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .debian import read_module
 from .elfmodel import R
 from .errors import BadInput
 from .kernel import ELF64_RELA
@@ -66,13 +67,13 @@ class ModuleImage:
 
         self.path, self.name = path, name
         try:
-            self.raw = path.read_bytes()
+            self.raw = read_module(path)  # (.ko.xz: the 6.12 line's modules are compressed)
             elf = ELFFile(io.BytesIO(self.raw))
         except (OSError, Exception) as exc:  # pyelftools raises its own ELFError
             raise BadInput(f"cannot read module {name}'s compiled file {path}: {exc}") from None
         if elf["e_type"] != "ET_REL" or elf["e_machine"] != "EM_X86_64":
             raise BadInput(f"{path}: not an x86-64 kernel module")
-        self.build_id = elf_build_id(path)
+        self.build_id = elf_build_id(self.raw)
         self._sections = [(s.name, s["sh_type"], s["sh_flags"], s["sh_offset"], s["sh_size"],
                            s["sh_info"]) for s in elf.iter_sections()]
         self._rela_of: dict[int, int] = {}  # section index -> its SHT_RELA section's index

@@ -36,6 +36,7 @@ INITRAMFS_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "over
                      "crc32c_generic", "ext4", "virtio_net")  # (ext4 needs crc32c, a soft dependency)
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
 log = logging.getLogger(__name__)
+DEFAULT_CPU = "max"
 BAD_DMESG = re.compile(r"Oops|BUG[: ]|WARNING:|Call Trace|general protection|Kernel panic")
 
 
@@ -144,14 +145,15 @@ exec switch_root /newroot "$PY" -S "$AGENT"
 
 
 def _module_load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[str]:
-    """Relative paths of `wanted` and their dependencies, each after what it needs (modules.dep)."""
+    """Relative paths of `wanted` and their dependencies, each after what it needs (modules.dep;
+    the files may be compressed: .ko.xz in the 6.12 line)."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         mod, _, rest = line.partition(":")
         deps[mod] = rest.split()
-        by_name[Path(mod).name.removesuffix(".ko").replace("-", "_")] = mod
-    builtin = {Path(line).name.removesuffix(".ko").replace("-", "_")
+        by_name[debian.module_name(mod)] = mod
+    builtin = {debian.module_name(line)
                for line in (modules_dir / "modules.builtin").read_text().split()}
     order: list[str] = []
 
@@ -194,19 +196,21 @@ def build_initramfs(files: debian.KernelFiles) -> Path:
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to("/bin/busybox")
-        for mod in order:
-            shutil.copy2(files.modules / mod, root / "modules" / Path(mod).name)
-        (root / "modules.load").write_text("\n".join(Path(m).name for m in order) + "\n")
+        # Decompressed: busybox's insmod loads plain ELF images only.
+        names = [f"{debian.module_name(m)}.ko" for m in order]
+        for mod, name in zip(order, names):
+            (root / "modules" / name).write_bytes(debian.read_module(files.modules / mod))
+        (root / "modules.load").write_text("\n".join(names) + "\n")
         (root / "guest_agent.py").write_bytes(agent)
         (root / "agent.service").write_text(AGENT_UNIT)
         init = root / "init"
         init.write_text(INIT_SCRIPT)
         init.chmod(0o755)
-        names = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+        listing = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
         part = out.with_suffix(".part")
         with open(part, "wb") as f:
             subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=root,
-                           input=names, stdout=f, check=True)
+                           input=listing, stdout=f, check=True)
         part.rename(out)
     return out
 
@@ -235,7 +239,10 @@ class Session:
     memory: str = "1G"
     rwdirs: list[str] = field(default_factory=list)
     boot_timeout: float = 180.0
-    append: str = ""
+    append: str = ""  # more of the kernel command line (e.g. "spectre_v2=retpoline retbleed=stuff")
+    # QEMU's CPU model (-cpu): it decides which mitigations the kernel picks and so which code it
+    # rewrites at boot (call depth tracking wants an Intel model such as Skylake-Client).
+    cpu: str = DEFAULT_CPU
     # A system disk (sysimage.new_disk): boot it with systemd as init instead of this machine's
     # root; its state lasts from one session to the next.
     disk: Path | None = None
@@ -286,7 +293,7 @@ class Session:
             *(["livesplice.disk=1"] if self.disk is not None else []),
             self.append,
         ])
-        argv = [qemu_binary(), "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus),
+        argv = [qemu_binary(), "-accel", "tcg", "-cpu", self.cpu, "-smp", str(self.cpus),
                 "-m", self.memory, "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot", "-kernel", str(files.vmlinuz), "-initrd", str(initrd),
                 "-append", cmdline,
@@ -312,7 +319,8 @@ class Session:
             argv += ["-fsdev", f"local,id=rw{i},path={d},security_model=passthrough,multidevs=remap",
                      "-device", f"virtio-9p-pci,fsdev=rw{i},mount_tag=rw{i}"]
         started = time.monotonic()
-        log.info("booting %s under QEMU (%d CPUs, %s)", self.kernel, self.cpus, self.memory)
+        log.info("booting %s under QEMU (%d CPUs of model %s, %s)", self.kernel, self.cpus,
+                 self.cpu, self.memory)
         log.debug("QEMU: %s", " ".join(argv))
         self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT)

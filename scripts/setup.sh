@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 busybox-static kmod cpio xz-utils rsync patch diffutils util-linux
+packages=(qemu-system-x86 busybox-static kmod cpio xz-utils zstd rsync patch diffutils util-linux
           gcc make flex bison bc libelf-dev libssl-dev dwarves python3-venv
           mmdebstrap e2fsprogs qemu-utils openssh-client)
 missing=()

@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 KERNEL_FIXTURES = {"stock_kernel", "vm"}
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--kernel", default=os.environ.get("LIVESPLICE_TEST_KERNEL",
+                                                        debian.DEFAULT_KERNEL),
+                     help="the stock kernel the `stock_kernel` and `vm` fixtures fetch and boot "
+                          "(or $LIVESPLICE_TEST_KERNEL; default %(default)s), e.g. "
+                          "6.12.111+deb12-amd64")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `vm` every test that needs the stock kernel through a fixture (`fixturenames` is the
     whole closure), so `pytest -m "not vm"` is the fast tier; tests that reach the kernel another
@@ -25,8 +33,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def stock_kernel() -> debian.KernelFiles:
-    return debian.fetch_kernel(debian.DEFAULT_KERNEL)
+def stock_kernel(request) -> debian.KernelFiles:
+    """The stock kernel the tests run on: DEFAULT_KERNEL, or the one `--kernel` names."""
+    return debian.fetch_kernel(debian.lookup_kernel(request.config.getoption("--kernel")).abi)
 
 
 @pytest.fixture(scope="module")

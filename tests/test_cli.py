@@ -171,7 +171,12 @@ def test_completion_of_commands_options_and_kernels():
     assert complete("livesplice und") == ["plain,undo"]
     assert complete("livesplice un") == ["plain,undo", "plain,uninstall"]
     assert "plain,--dry-run" in complete("livesplice apply --d")
-    assert complete("livesplice vm run --kernel 6.1.0-5") == [f"plain,{abi}" for abi in KNOWN]
+    assert complete("livesplice vm run --kernel 6.1.0-5") == [
+        f"plain,{abi}" for abi in KNOWN if abi.startswith("6.1.0-5")]
+    assert complete("livesplice vm run --kernel 6.12.11") == [
+        "plain,6.12.111+deb12-amd64", "plain,6.12.113+deb12-amd64", "plain,6.12.115+deb12-amd64",
+        "plain,6.12.117+deb12-amd64"]
+    assert complete("livesplice create --debian-version 6.12.115") == ["plain,6.12.115-2~deb12u1"]
     assert complete("livesplice create --debian-version 6.1.19") == [
         f"plain,{k.version}" for k in debian.KNOWN_KERNELS.values() if k.version.startswith("6.1.19")]
 

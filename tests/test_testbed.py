@@ -1,4 +1,5 @@
-"""The VM test bed against the real stock Debian kernel (6.1.0-53-amd64) under QEMU/TCG."""
+"""The VM test bed against the real stock Debian kernel (6.1.0-53-amd64, or the one `--kernel`
+names) under QEMU/TCG."""
 
 import pytest
 from conftest import livesplice_cli
@@ -9,7 +10,7 @@ from livesplice.testbed import CommandTimeout, GuestPanic, Session
 
 
 def test_uname_and_kallsyms(vm):
-    assert vm.run(["uname", "-r"], check=True).out.strip() == debian.DEFAULT_KERNEL
+    assert vm.run(["uname", "-r"], check=True).out.strip() == vm.kernel
     assert vm.run(["id", "-u"], check=True).out.strip() == "0"
     lines = vm.run(["grep", " version_proc_show$", "/proc/kallsyms"], check=True).out.split()
     assert int(lines[0], 16) != 0 and lines[2] == "version_proc_show"
@@ -55,9 +56,10 @@ def test_panic_is_detected_with_console(stock_kernel):
 
 
 def test_cli_run_passes_output_and_status(stock_kernel):
-    proc = livesplice_cli("vm", "run", "--", "sh", "-c", "uname -r; echo e >&2; exit 5")
+    abi = stock_kernel.kernel.abi
+    proc = livesplice_cli("vm", "run", "--kernel", abi, "--", "sh", "-c", "uname -r; echo e >&2; exit 5")
     assert proc.returncode == 5, proc.stderr
-    assert proc.stdout == debian.DEFAULT_KERNEL + "\n"
+    assert proc.stdout == abi + "\n"
     assert proc.stderr == "e\n"
 
 
