@@ -556,9 +556,10 @@ def _undo(update_id: str, retries: int, retry_delay: float, force: bool) -> dict
         pending = json.loads(saved.read_text()).get("callbacks", []) if saved.exists() else []
         if pending and not force:
             raise Refused(f"update {update_id}'s new code takes the address of functions it "
-                          "brings (timer, work or other callbacks, which no stack shows): if one "
-                          "is still queued, undo would free code it will run; undo --force once "
-                          "you know none is", pending)
+                          "brings (timer, work or other callbacks, which no stack shows), or a "
+                          "table it rewrote points into it (TABLE->WHAT: the kernel may have "
+                          "copied the pointer): if one is still queued or held, undo would free "
+                          "code or data it will use; undo --force once you know none is", pending)
         log.info("switching %s's %d functions back", update_id, len(update.funcs))
         figures = coreproto.call(coreproto.undo_request(update_id, max(1, retries),
                                                         int(retry_delay * 1000)),

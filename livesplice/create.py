@@ -44,7 +44,6 @@ from .patches import patch_files
 from .pkgformat import (
     FORMAT_VERSION,
     VMLINUX,
-    WRITTEN_AT_BOOT,
     HeldField,
     Hook,
     KernelIdentity,
@@ -346,38 +345,12 @@ def record_pre_code(diffs: list[ObjectDiff], objects: ObjectPairs, code: NewCode
 
 
 def record_pre_objects(diffs: list[ObjectDiff], objects: ObjectPairs) -> list[PreFunction]:
-    """The pre contents of each object rewritten in place, as run-pre matching compares them
-    with the running kernel: all of a const object; of an __ro_after_init one, the pointers and
-    the bytes rewritten (boot may have written the rest: an id a registration assigned)."""
-    records = []
-    for d in diffs:
-        pre, _ = objects[d.object]
-        for w in d.rewrites:
-            item = pre.data_objects[w.pre_name]
-            record = pre_record(pre, d.object, item)
-            if w.ro_after_init:
-                compared = bytearray(item.size)
-                for start, length in w.ranges:
-                    compared[start:start + length] = b"\1" * length
-                for r in record.relocs:
-                    compared[r.offset:r.offset + r.width] = b"\1" * r.width
-                record.masks = [Mask(start, length, WRITTEN_AT_BOOT)
-                                for start, length in _runs(compared, 0, 255)]
-            records.append(record)
-    return records
-
-
-def _runs(flags: bytearray, value: int, longest: int) -> list[tuple[int, int]]:
-    """[offset, length] of the runs of `value` in `flags`, none longer than `longest`."""
-    out: list[tuple[int, int]] = []
-    for i, f in enumerate(flags):
-        if f != value:
-            continue
-        if out and out[-1][0] + out[-1][1] == i and out[-1][1] < longest:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
-    return out
+    """The pre contents of each object rewritten in place, all of which run-pre matching
+    compares with the running kernel: an __ro_after_init object that boot wrote (an id a
+    registration assigned) does not match, since what boot derived from the old contents would
+    not be derived again."""
+    return [pre_record(objects[d.object][0], d.object, objects[d.object][0].data_objects[w.pre_name])
+            for d in diffs for w in d.rewrites]
 
 
 def write_package(manifest: Manifest, pre_code: list[PreFunction], pre_objects: list[PreFunction],

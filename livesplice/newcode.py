@@ -467,9 +467,19 @@ def callbacks(code: NewCode) -> list[str]:
     to a local function come as PC32 relocations: the opcode before the field tells them.)"""
     by_symbol = {id(sym): name for (_, name), sym in code.functions.items()}
     tables = {id(t) for t in code.tables.values()}
+    kernel = {id(sym) for sym in code.ref_symbols.values()}
     found = set()
     for sec in code.writer.sections:
         if id(sec) in tables:
+            continue
+        if sec.name.startswith(REWRITE_PREFIX):
+            # A rewritten table pointing into the update (a new function, data, a string): the
+            # kernel may have copied the pointer (a BPF program's JIT, a registered hook, a
+            # netlink dump in progress), which undo cannot find.
+            for _, _, sym, _ in sec.relocs:
+                if id(sym) not in kernel:
+                    found.add(by_symbol.get(id(sym)) or
+                              f"{sec.name[len(REWRITE_PREFIX) + 11:]}->{sym.name}")
             continue
         for offset, rtype, sym, addend in sec.relocs:
             name = by_symbol.get(id(sym))

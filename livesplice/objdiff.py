@@ -509,6 +509,9 @@ def _plan_rewrite(pre: ObjectFile, pre_item: Item, post: ObjectFile, item: Item,
     if not ro_after_init and not sec.startswith(".rodata"):
         return f"live data cannot be rewritten safely (livesplice rewrites .rodata and " \
                f"__ro_after_init objects, not {sec})"
+    if item.section.flags & SH_FLAGS.SHF_MERGE or pre_item.section.flags & SH_FLAGS.SHF_MERGE:
+        return "live data cannot be rewritten safely (a mergeable constant: the linker may " \
+               "share its bytes with other objects' equal ones)"
     if pre_item.size != item.size:
         return "live data cannot be rewritten safely (a rewrite in place keeps the size)"
     if module is not None:
@@ -522,6 +525,7 @@ def _plan_rewrite(pre: ObjectFile, pre_item: Item, post: ObjectFile, item: Item,
                                               (post, item, rename_post))):
         for r in it.relocs:
             fields[r.offset - it.start][side] = (r.type, r.width, _norm(obj.target(r), rename))
+    pointers = set()
     for off, (a, b) in sorted(fields.items()):
         if a == b:
             continue
@@ -529,7 +533,13 @@ def _plan_rewrite(pre: ObjectFile, pre_item: Item, post: ObjectFile, item: Item,
             if f is not None and f[0] != ABS64:
                 return (f"live data cannot be rewritten safely (the field at offset {off} is a "
                         f"type {f[0]} relocation, not a pointer)")
+        if b is not None and b[2][0] == "sym":
+            target = post.functions.get(b[2][1]) or post.data_objects.get(b[2][1])
+            if target is not None and section_kind(target.section.name) != "normal":
+                return (f"live data cannot be rewritten safely (offset {off} would point to "
+                        f"{b[2][1]} in {target.section.name}, which the kernel frees after boot)")
         changed[off:off + 8] = b"\1" * 8
+        pointers.add(off)
     pre_bytes, post_bytes = bytearray(pre_item.data), bytearray(item.data)
     for off, (a, b) in fields.items():
         for f in (a, b):
@@ -538,12 +548,18 @@ def _plan_rewrite(pre: ObjectFile, pre_item: Item, post: ObjectFile, item: Item,
     for i, (x, y) in enumerate(zip(pre_bytes, post_bytes)):
         if x != y:
             changed[i] = 1
+    # A pointer starts a range of its own, and a long range is cut only at 8-byte offsets: the
+    # core stores each aligned word of a range whole, so no reader sees half a pointer.
     ranges: list[tuple[int, int]] = []
     for i, flag in enumerate(changed):
-        if flag and ranges and ranges[-1][0] + ranges[-1][1] == i and ranges[-1][1] < MAX_WRITE:
+        if flag and ranges and ranges[-1][0] + ranges[-1][1] == i and i not in pointers and \
+                (ranges[-1][1] < MAX_WRITE - 8 or i % 8):
             ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
         elif flag:
             ranges.append((i, 1))
+    if not ranges:
+        return ("live data cannot be rewritten safely (what differs is an entry of the kernel's "
+                "tables that points into it, not its contents)")
     return DataRewrite(item.name, pre_item.name, pre_item.section.name, item.size, ranges,
                        ro_after_init)
 

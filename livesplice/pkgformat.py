@@ -340,7 +340,7 @@ class Rewrite(Record):
     local: bool = spec(boolean)
     size: int = spec(integer(1, MAX_REWRITE_SIZE))
     section: str = spec(SYMBOL)  # in the pre object (.rodata.NAME, .data..ro_after_init)
-    # written during boot: bytes outside `ranges` may differ from the object file
+    # __ro_after_init: writable during boot (then run-pre matching finds whether boot wrote it)
     ro_after_init: bool = spec(boolean)
     new_section: str = spec(SYMBOL)  # the update module's section of the new contents
     ranges: list[Range] = spec(records(Range, min_len=1))
@@ -522,11 +522,6 @@ class Relocation(Record):
         return reloc_width(self.type)
 
 
-# Bytes of an __ro_after_init object outside what the update rewrites: boot may have written them.
-WRITTEN_AT_BOOT = "written at boot"
-MASK_KINDS = SITE_KINDS | {WRITTEN_AT_BOOT}
-
-
 @dataclass
 class Mask(Record):
     """Bytes the kernel rewrites at run time (fentry, alternatives...): [offset, length, kind]."""
@@ -534,7 +529,7 @@ class Mask(Record):
     POSITIONAL: ClassVar[bool] = True
     offset: int = spec(OFFSET)
     length: int = spec(integer(0, 255))
-    kind: str = spec(choice(*sorted(MASK_KINDS)))
+    kind: str = spec(choice(*sorted(SITE_KINDS)))
 
 
 @dataclass

@@ -194,3 +194,16 @@ def test_kernel_functions_whose_address_the_new_code_takes(tmp_path):
     mark_address_taken(code)
     assert {r.name for r in code.refs.values() if r.address_taken} == {
         "slot", "kernel_cb", "kernel_helper"}
+
+
+def test_a_table_rewritten_to_point_into_the_update_needs_force_to_undo(tmp_path):
+    # The kernel may have copied a pointer out of a const table (a BPF JIT, a registered hook):
+    # one that leads into the update (a new string here) makes undo ask for --force.
+    from livesplice.newcode import callbacks
+    src = 'struct desc { const char *name; int id; };\nconst struct desc my_desc = { "%s", 1 };\n'
+    d = compile_pair(tmp_path, src % "old name", src % "new name")
+    [w] = d.rewrites
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    Extractor(code, "t.o", post, d.names, set()).add_rewrite(post.data_objects["my_desc"], w.ranges)
+    assert callbacks(code) == ["my_desc->__livesplice_str_0"]

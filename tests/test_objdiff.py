@@ -477,3 +477,27 @@ def test_btf_ids_are_correlated_by_place(tmp_path):
     d = compile_pair(tmp_path, BTF_SRC % (5382194, 5382195, 1), BTF_SRC % (5482212, 5482213, 2))
     assert names(d.changed) == ["f"] and not d.refusals, d.refusals
     assert d.names["__BTF_ID__struct__bpf_htab__5482213"] == "__BTF_ID__struct__bpf_htab__5382195"
+
+
+def test_a_changed_pointer_is_a_range_of_its_own(tmp_path):
+    # The core stores aligned words whole; a pointer merged into a range that starts before it
+    # would still be, but a pointer never shares a range, and ranges are cut at 8-byte offsets.
+    src = """
+    int op_a(int x) { return printk("a %%d", x); }
+    int op_b(int x) { return printk("b %%d", x); }
+    struct desc { int x, y; int (*op)(int); };
+    const struct desc my_desc = { 1, %d, %s };
+    """
+    d = compile_pair(tmp_path, src % (2, "op_a"), src % (3, "op_b"))
+    [w] = d.rewrites
+    assert w.ranges == [(4, 1), (8, 8)]
+
+
+def test_a_pointer_to_init_code_is_refused(tmp_path):
+    src = """
+    int __init setup_a(void) { sink = 1; return 0; }
+    int __init setup_b(void) { sink = 2; return 0; }
+    const struct { int (*fn)(void); } boot_ops = { %s };
+    """
+    d = compile_pair(tmp_path, src % "setup_a", src % "setup_b")
+    assert any("boot_ops" in r and "frees after boot" in r for r in d.refusals), d.refusals

@@ -28,6 +28,7 @@
  */
 
 #include <linux/module.h>
+#include <linux/version.h>
 #include <linux/ctype.h>
 #include <linux/miscdevice.h>
 #include <linux/fs.h>
@@ -605,17 +606,19 @@ static notrace void write_data(struct ls_write *w, bool undo)
 	unsigned int i = 0;
 	u64 word;
 
-	if (IS_ALIGNED(w->addr, sizeof(u64)))
-		for (; i + sizeof(u64) <= w->len; i += sizeof(u64)) {
-			memcpy(&word, from + i, sizeof(word));
-			WRITE_ONCE(*(u64 *)(w->alias + i), word);
-		}
+	for (; i < w->len && !IS_ALIGNED(w->addr + i, sizeof(u64)); i++)
+		WRITE_ONCE(w->alias[i], from[i]);
+	for (; i + sizeof(u64) <= w->len; i += sizeof(u64)) {
+		memcpy(&word, from + i, sizeof(word));
+		WRITE_ONCE(*(u64 *)(w->alias + i), word);
+	}
 	for (; i < w->len; i++)
 		WRITE_ONCE(w->alias[i], from[i]);
 }
 
-/* The writable aliases of the pages of u's writes, for one switch (vmap may sleep: before the
- * machine is stopped). */
+/* The writable aliases of the pages of u's writes, for one try of a switch: made just before
+ * the machine is stopped (vmap may sleep), removed right after it runs again. The pages are
+ * the kernel image's (reserved); the kernel's own mapping of them stays read-only. */
 static int map_writes(struct ls_update *u)
 {
 	int i;
@@ -629,6 +632,8 @@ static int map_writes(struct ls_update *u)
 		pages[0] = virt_to_page((void *)first);
 		if (last != first)
 			pages[n++] = virt_to_page((void *)last);
+		if (!PageReserved(pages[0]) || !PageReserved(pages[n - 1]))
+			return -EFAULT;
 		w->map = vmap(pages, n, VM_MAP, PAGE_KERNEL);
 		if (!w->map)
 			return -ENOMEM;
@@ -639,14 +644,19 @@ static int map_writes(struct ls_update *u)
 
 static void unmap_writes(struct ls_update *u)
 {
+	bool mapped = false;
 	int i;
 
 	for (i = 0; i < u->nwrites; i++) {
-		if (u->writes[i].map)
+		if (u->writes[i].map) {
 			vunmap(u->writes[i].map);
+			mapped = true;
+		}
 		u->writes[i].map = NULL;
 		u->writes[i].alias = NULL;
 	}
+	if (mapped)
+		vm_unmap_aliases();	/* no CPU keeps a writable TLB entry of them */
 }
 
 /* The master's work: check, then write. Every other CPU is in ls_stopped()'s loop. */
@@ -857,15 +867,6 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 	s = kzalloc(sizeof(*s), GFP_KERNEL);
 	if (!s)
 		return -ENOMEM;
-	if (scope == SCOPE_ALL || scope == SCOPE_NONE) {
-		ret = map_writes(u);
-		if (ret) {
-			unmap_writes(u);
-			kfree(s);
-			say(a, "error %s %s out of memory for the data's writable mapping\n", op, u->id);
-			return ret;
-		}
-	}
 	for (attempt = 1; attempt <= tries; attempt++) {
 		release_busy(s);
 		memset(s, 0, sizeof(*s));
@@ -876,6 +877,17 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		s->hook_failed = -1;
 		s->mismatch_func = -1;
 		s->mismatch_write = -1;
+		if (scope == SCOPE_ALL || scope == SCOPE_NONE) {
+			ret = map_writes(u);
+			if (ret) {	/* memory is short: tried again, as a busy try is */
+				unmap_writes(u);
+				if (ret == -EFAULT)
+					break;
+				if (attempt < tries)
+					msleep(delay_ms);
+				continue;
+			}
+		}
 		cpus_read_lock();
 		mutex_lock(&text_mutex);
 		t0 = ktime_get_ns();
@@ -883,6 +895,7 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		u->pause_ns = ktime_get_ns() - t0;
 		mutex_unlock(&text_mutex);
 		cpus_read_unlock();
+		unmap_writes(u);
 		if (!ret)
 			ret = s->result;
 		u->work_ns = s->work_ns;
@@ -895,7 +908,6 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 		}
 	}
 	unpark_all(&parks);
-	unmap_writes(u);
 	if (ret == 0) {
 		say(a, "ok %s %s pause_ns=%llu work_ns=%llu attempts=%d\n", op, u->id, u->pause_ns,
 		    u->work_ns, attempt);
@@ -922,6 +934,9 @@ static int switch_update(struct ls_update *u, bool undo, int tries, int delay_ms
 
 		say(a, "refused %s %s %s hook %ps returned %d: nothing was changed\n", op, u->id,
 		    hook_kinds[h->kind], (void *)h->fn, s->hook_ret);
+	} else if (ret == -ENOMEM || ret == -EFAULT) {
+		say(a, "error %s %s the data's writable mapping: %s\n", op, u->id,
+		    ret == -EFAULT ? "not pages of the kernel image" : "out of memory");
 	} else if (ret == -EILSEQ && s->mismatch_write >= 0) {
 		struct ls_write *w = &u->writes[s->mismatch_write];
 
@@ -1049,10 +1064,29 @@ static struct module *text_module(unsigned long addr)
 /* [start, start + size) lies in mod's core (not init) text. */
 static bool in_core_text(struct module *mod, unsigned long start, unsigned long size)
 {
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	unsigned long base = (unsigned long)mod->mem[MOD_TEXT].base;
+	unsigned long text_size = mod->mem[MOD_TEXT].size;
+#else
 	unsigned long base = (unsigned long)mod->core_layout.base;
+	unsigned long text_size = mod->core_layout.text_size;
+#endif
 
-	return start >= base && size <= mod->core_layout.text_size &&
-	       start - base <= mod->core_layout.text_size - size;
+	return start >= base && size <= text_size && start - base <= text_size - size;
+}
+
+/* [start, start + size) lies in mod's read-only data (after init: .rodata and the like). */
+static bool in_core_rodata(struct module *mod, unsigned long start, unsigned long size)
+{
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 4, 0)
+	unsigned long base = (unsigned long)mod->mem[MOD_RODATA].base;
+	unsigned long len = mod->mem[MOD_RODATA].size;
+#else
+	unsigned long base = (unsigned long)mod->core_layout.base + mod->core_layout.text_size;
+	unsigned long len = mod->core_layout.ro_size - mod->core_layout.text_size;
+#endif
+
+	return start >= base && size <= len && start - base <= len - size;
 }
 
 static int parse_hex(const char *hex, u8 *out, int n)
@@ -2310,8 +2344,9 @@ static bool overlap(unsigned long a, unsigned int alen, unsigned long b, unsigne
 /*
  * Each write lies within vmlinux's read-only data ([__start_rodata, __end_rodata): const and
  * __ro_after_init objects; never code, never writable data) and within the object it names; its
- * new bytes are in the update's module. Writes do not overlap each other, nor an applied
- * update's, unless they rewrite the very same bytes (stacked: the old bytes are that update's).
+ * new bytes are in the update's module's read-only data. Writes do not overlap each other, nor
+ * an applied update's: a rewrite never stacks on another (its old bytes could lead into that
+ * update's module, which may be gone by the time this one is undone).
  */
 static int check_writes(struct ls_update *u, struct ls_answer *a)
 {
@@ -2336,9 +2371,8 @@ static int check_writes(struct ls_update *u, struct ls_answer *a)
 			    u->id, w->addr, w->len, w->name, sym);
 			return -EINVAL;
 		}
-		if (!within_module_core(w->source, u->mod) ||
-		    !within_module_core(w->source + w->len - 1, u->mod)) {
-			say(a, "error apply %s bad source %lx of the write of %s: not in module %s\n",
+		if (!in_core_rodata(u->mod, w->source, w->len)) {
+			say(a, "error apply %s bad source %lx of the write of %s: not in module %s's read-only data\n",
 			    u->id, w->source, w->name, u->mod->name);
 			return -EINVAL;
 		}
@@ -2357,8 +2391,7 @@ static int check_writes(struct ls_update *u, struct ls_answer *a)
 			for (j = 0; j < other->nwrites; j++) {
 				struct ls_write *o = &other->writes[j];
 
-				if (overlap(w->addr, w->len, o->addr, o->len) &&
-				    (w->addr != o->addr || w->len != o->len)) {
+				if (overlap(w->addr, w->len, o->addr, o->len)) {
 					say(a, "error apply %s its rewrite of %s overlaps update %s's\n",
 					    u->id, w->name, other->id);
 					return -EINVAL;
