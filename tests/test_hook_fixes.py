@@ -4,6 +4,8 @@ The kernel log is checked."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from conftest import REPO, assert_clean, guest_cli, livesplice_cli, mark
 pytestmark = pytest.mark.vm
 
 FIXES = REPO / "bench" / "hook-fixes"
+GUEST = REPO / "tests" / "guest"
 RMEM = "/proc/sys/net/ipv4/tcp_rmem"
 
 
@@ -47,3 +50,32 @@ def test_tcp_rmem_minimum(stock_kernel, vm):
     assert set_rmem(vm, "2048 131072 6291456") == 0  # the stock behaviour again
     assert set_rmem(vm, " ".join(default)) == 0
     assert_clean(vm, since)
+
+
+def mptcp_join(vm, name: str) -> tuple[bool, int]:
+    """Whether the server's subflow to its backup endpoint (id 5), joined through a syncookie,
+    has the backup flag the server asks for, and its local id (tests/guest/mptcp_join.py)."""
+    r = vm.run([sys.executable, str(GUEST / "mptcp_join.py"), f"srv-{name}", f"cli-{name}"],
+               timeout=120)
+    assert r.status == 0, r.err
+    seen = json.loads(r.out)
+    assert "flags" in seen, seen
+    return "b" in seen["flags"], seen["local_id"]
+
+
+def test_mptcp_join_backup_through_syncookie(stock_kernel, vm):
+    """6.1.190's "mptcp: pm: fix backup support in signal endpoints" (and local id) for joins
+    through a syncookie: struct join_entry's new request_bkup bit (refused as a changed layout)
+    kept in shadow data of each entry."""
+    package = create(stock_kernel, vm.exchange, "c0168-mptcp-join-backup")
+    since = mark(vm)
+    # the stock kernel: the rebuilt request socket has the other join's id and (no) flag
+    assert mptcp_join(vm, "before") == (False, 0)
+    r = guest_cli(vm, "apply", str(package))
+    assert r.status == 0, r.err
+    for i in range(2):  # the second finds the entry's shadow data from the first, and rewrites it
+        assert mptcp_join(vm, f"applied{i}") == (True, 5)
+    assert guest_cli(vm, "undo", "c0168-mptcp-join-backup").status == 0
+    assert mptcp_join(vm, "after") == (False, 0)
+    assert_clean(vm, since)
+
