@@ -79,3 +79,38 @@ def test_mptcp_join_backup_through_syncookie(stock_kernel, vm):
     assert mptcp_join(vm, "after") == (False, 0)
     assert_clean(vm, since)
 
+
+def pad(vm, *args: str) -> dict:
+    """An Xbox 360 style pad on the guest's USB stack through USB/IP (tests/guest/usbip_pad.py):
+    the driver bound to its interface and its input device's name."""
+    r = vm.run([sys.executable, str(GUEST / "usbip_pad.py"), *args], timeout=120)
+    assert r.status == 0, r.err
+    return json.loads(r.out) if r.out.strip() else {}
+
+
+AZERON = ("16d0", "1103")  # an Azeron Cyro: a vendor 6.1.190 adds to xpad's table
+
+
+def test_xpad_new_device_table(stock_kernel, vm):
+    """6.1.190's new xpad devices (Azeron): its xpad_table and xpad_device entries (refused as
+    changed data: xpad_driver, which points to the table) as tables of the patch's own, the
+    driver pointed at the longer one by hooks while applied; a module target."""
+    package = create(stock_kernel, vm.exchange, "m0135-xpad-azeron")
+    vm.run(["modprobe", "-a", "xpad", "vhci-hcd"], check=True)
+    since = mark(vm)
+    # the stock driver takes a pad it knows (the test's pad works), not an Azeron
+    assert pad(vm, "attach", "045e", "028e")["driver"] == "xpad"
+    pad(vm, "detach")
+    assert pad(vm, "attach", *AZERON)["driver"] is None
+    r = guest_cli(vm, "apply", str(package))
+    assert r.status == 0, r.err
+    # POST_APPLY binds the pad plugged in before, with its name from the new xpad_device entries
+    plugged = pad(vm, "state", *AZERON)
+    assert (plugged["driver"], plugged["name"]) == ("xpad", "Azeron Cyro")
+    pad(vm, "detach")
+    assert pad(vm, "attach", *AZERON)["name"] == "Azeron Cyro"  # one plugged in now
+    pad(vm, "detach")
+    assert guest_cli(vm, "undo", "m0135-xpad-azeron").status == 0
+    assert pad(vm, "attach", *AZERON)["driver"] is None  # the stock table again
+    pad(vm, "detach")
+    assert_clean(vm, since)
