@@ -141,7 +141,8 @@ def rewrite_section(objname: str, name: str) -> str:
 def _plain_constant(item: Item) -> bool:
     """A local read-only object without pointers (a __func__, a table of numbers): a copy is as
     good as the kernel's, which kallsyms often cannot tell apart from others of its name. Objects
-    with pointers (ops tables) are not copied: code compares their addresses."""
+    with pointers (ops tables) are not copied: code compares their addresses (nor are those the
+    object's data points to: Extractor.published)."""
     return (item.symbol.bind == "STB_LOCAL" and read_only(item) and not item.relocs
             and item.section.type != "SHT_NOBITS")
 
@@ -161,6 +162,19 @@ class Extractor:
         self.target = target  # vmlinux or the module the object is linked into
         # for a module's object: whether that module defines a symbol (stockmodule)
         self.module_defines = module_defines
+        self._published: set[tuple[str, int]] | None = None  # see published
+
+    def published(self, item: Item) -> bool:
+        """Whether the object's data holds the address of `item` (a driver's id table): the
+        running kernel's data points to the kernel's copy, so code may compare with it or store
+        it, and the new code must use that copy, not one of its own."""
+        if self._published is None:
+            held = (self.post.item_at(r.symbol.section, r.symbol.value + r.addend)
+                    for holder in self.post.data_objects.values()
+                    if holder.section.name != DYNDBG_SECTION  # the new code's are copies
+                    for r in holder.relocs if r.symbol.section is not None)
+            self._published = {(h.section.name, h.start) for h in held if h is not None}
+        return (item.section.name, item.start) in self._published
 
     def _section(self, section: OutSection) -> OutSection:
         self.code.section_targets.setdefault(section.name, set()).add(self.target)
@@ -227,7 +241,8 @@ class Extractor:
         if name in functions and name in self.included:
             return self.add_function(functions[name]), offset
         data = self.post.data_objects.get(name)
-        if data is not None and (name not in self.names or _plain_constant(data)):
+        if data is not None and (name not in self.names or
+                                 (_plain_constant(data) and not self.published(data))):
             return self._add_data(data), offset
         if data is not None and data.section.name == DYNDBG_SECTION and self.module_defines:
             # A module's dynamic debug descriptor holds a static key its jump label names, which

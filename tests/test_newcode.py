@@ -41,6 +41,23 @@ def test_plain_constants_are_carried_not_referenced(tmp_path):
     assert not any(r.name == "primes" for r in code.refs.values())
 
 
+def test_plain_constants_the_data_points_to_are_referenced(tmp_path):
+    # A table without pointers whose address the object's data holds (a driver's id table, as
+    # xpad_driver.id_table = xpad_table) is the kernel's: new code compares with it or stores it
+    # back (a hook's undo), and a copy of its own would be another object, gone with the update.
+    src = ("static const int ids[4] = {2, 3, 5, 7};\n"
+           "struct drv { const int *table; } drv = { .table = ids };\n"
+           "int f(void) { return drv.table == ids ? %d : ids[1]; }\n"
+           "int g(int i) { return ids[i & 1]; }\n")
+    d = compile_pair(tmp_path, src % 1, src % 2)
+    assert [c.name for c in d.changed] == ["f"] and not d.refusals
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    Extractor(code, "t.o", post, d.names, {"f"}).add_function(post.functions["f"])
+    assert ("t.o", "ids") not in code.data
+    assert any(r.name == "ids" for r in code.refs.values())
+
+
 def test_section_name_is_unique_per_object_and_function():
     from livesplice.newcode import SECTION_NAME_MAX, section_name
     a = section_name("arch/x86/kernel/cpu/proc.o", "c_start")
