@@ -455,10 +455,12 @@ def write_reports(entries: list[dict], prefix: Path, meta: dict) -> None:
     lines += table(builtin, f"vmlinux ({len(builtin)} of {totals[VMLINUX]} files)", "", totals[VMLINUX])
     lines += [""] + table(modular, f"Modules ({len(modular)} of {totals['modules']} files)",
                           " and whose module loads in the VM", totals["modules"])
-    # The data refusals rewritten with hooks, as bench/hook-fixes/README.md keeps them.
-    hook_fixes = Path(__file__).with_name("hook-fixes") / "README.md"
-    if hook_fixes.exists():
-        lines += ["", hook_fixes.read_text().rstrip()]
+    # The data refusals rewritten with hooks, and those applied as they are, as
+    # bench/hook-fixes/README.md and bench/data-fixes/README.md keep them.
+    for kept in ("hook-fixes", "data-fixes"):
+        readme = Path(__file__).with_name(kept) / "README.md"
+        if readme.exists():
+            lines += ["", readme.read_text().rstrip()]
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

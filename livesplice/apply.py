@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import coreproto, journal, kernel
+from .elfmodel import ENDBR64, ENDBR_POISON
 from .errors import EXIT_INTERNAL, EXIT_NOTHING, BadInput, LivespliceError, NothingToDo, Refused
 from .objdiff import jump_offset
 from .package import CORE_MODULE as CORE_MEMBER
@@ -258,10 +259,6 @@ def check_apply(package: Package, applied: list[coreproto.AppliedUpdate],
     return ApplyPlan(package, match, addresses, new_code, core, unload_first, t0, t_match, loaded)
 
 
-ENDBR64 = bytes.fromhex("f30f1efa")
-ENDBR_POISON = bytes.fromhex("660f1f00")  # what apply_seal_endbr() writes over a sealed ENDBR
-
-
 def check_endbr(manifest: Manifest, addresses: dict[str, int], ks: kernel.Kallsyms,
                 memory: kernel.KernelMemory) -> None:
     """On a kernel built with IBT, refuse new code that takes the address of a kernel function
@@ -486,7 +483,7 @@ def module_targets(manifest: Manifest, pre: list[PreFunction], section_address: 
             parts = [(part.name, part.sympos, part.size) for part in
                      (records.get((r.object, name)) for name in r.parts) if part is not None]
             functions.append(coreproto.ModuleFunction(
-                rec.name, rec.sympos, rec.size, jump_offset(rec.fentry),
+                rec.name, rec.sympos, rec.size, jump_offset(rec.fentry, rec.data()[:8]),
                 section_address(r.new_section), rec.data(), masks, checks, parts))
         held = []
         for h in manifest.held:

@@ -333,6 +333,12 @@ ORC_ENTRY_SIZE = 6
 ALT_INSTR_SIZES = (12, 14)
 
 
+def table_entry_size(obj: ObjectFile, table: str) -> int:
+    """The size of an entry of CODE_TABLES' `table` in this object (struct alt_instr's depends
+    on the kernel's version)."""
+    return alt_instr_size(obj) if table == ".altinstructions" else CODE_TABLES[table][0]
+
+
 def alt_instr_size(obj: ObjectFile) -> int:
     """The size of an .altinstructions entry in this object (ALT_INSTR_SIZES): each entry has
     two relocated fields (instr_offset at 0, repl_offset at 4), so the section holds half as
@@ -379,10 +385,19 @@ class RuntimeSite(NamedTuple):
 #   paravirt call: apply_paravirt().
 #   retpoline call, return thunk: apply_retpolines(), apply_returns().
 #   call thunk:   .call_sites (6.2+, call depth tracking): patched at boot and module load only.
+#   endbr:        X86_KERNEL_IBT: apply_seal_endbr() turns the ENDBR at a function's entry into
+#                 `osp nop3` (66 0f 1f 00) where vmlinux never takes its address; run-pre
+#                 matching takes either, nothing else.
+#   runtime constant: runtime_ptr_SYM / runtime_shift_SYM (6.11+: USER_PTR_MAX, the dentry
+#                 hash): an immediate the kernel writes into its own code at boot
+#                 (runtime_const_init()); the module loader does not, so new code may not hold one.
 SITES_REWRITTEN_AT_RUN_TIME = frozenset({"fentry call", "jump label", "static call",
                                          "lock prefix"})
 SITES_PATCHED_AT_BOOT = frozenset({"alternative", "paravirt call", "retpoline call",
-                                   "return thunk", "call thunk"})
+                                   "return thunk", "call thunk", "endbr", "runtime constant"})
+ENDBR64 = b"\xf3\x0f\x1e\xfa"
+ENDBR_POISON = b"\x66\x0f\x1f\x00"  # a sealed ENDBR
+RUNTIME_CONST_TABLES = {"runtime_ptr_": 8, "runtime_shift_": 1}  # prefix -> immediate's bytes
 SITE_KINDS = SITES_REWRITTEN_AT_RUN_TIME | SITES_PATCHED_AT_BOOT
 _THUNK_TABLES = {".static_call_sites": "static call", ".retpoline_sites": "retpoline call",
                  ".return_sites": "return thunk", ".call_sites": "call thunk"}
@@ -438,6 +453,17 @@ def runtime_patched_sites(obj: ObjectFile, item: Item) -> list[RuntimeSite]:
     for sec, off, _ in obj.sites(".smp_locks", 4):
         if inside(sec, off):
             sites.append(RuntimeSite(off - item.start, 1, "lock prefix"))
+    if item.symbol.type == "STT_FUNC" and data[item.start:item.start + 4] == ENDBR64:
+        sites.append(RuntimeSite(0, 4, "endbr"))
+    for table in obj.sections:
+        prefix = next((p for p in RUNTIME_CONST_TABLES
+                       if table is not None and table.name.startswith(p)), None)
+        if table is None or prefix is None:
+            continue
+        for sec, off, _ in obj.sites(table.name, 4):
+            if inside(sec, off):
+                sites.append(RuntimeSite(off - item.start, RUNTIME_CONST_TABLES[prefix],
+                                         "runtime constant", table.name[len(prefix):]))
     return sorted(sites)
 
 

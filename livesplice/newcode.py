@@ -33,6 +33,8 @@ from .elfmodel import (
     R,
     Reloc,
     Section,
+    runtime_patched_sites,
+    table_entry_size,
 )
 from .errors import LivespliceError, Refused
 from .kbuild import AUTHOR_INCLUDE, run_make
@@ -193,6 +195,12 @@ class Extractor:
         sym = self.code.writer.add_symbol(OutSymbol(name, sec, 0, item.size, "STT_FUNC",
                                                     "STB_LOCAL"))
         self.code.functions[key] = sym
+        for site in runtime_patched_sites(self.post, item):
+            if site.kind == "runtime constant":
+                self.code.problems.append(
+                    f"{self.objname}: {item.name} holds the runtime constant {site.what} (at "
+                    f"offset {site.offset:#x}), which the kernel writes into its own code at boot "
+                    "and the module loader does not write into a module's")
         if item.symbol.bind != "STB_LOCAL":
             self.code.own_globals.setdefault((self.target, item.name), sym)
         for r in item.relocs:
@@ -327,10 +335,13 @@ class Extractor:
     def _tables(self, item: Item, sym: OutSymbol) -> None:
         """Copy the table entries that describe this function's code into the module's tables."""
         post = self.post
-        for table, (entry, site_field) in TABLES.items():
+        for table, (_, site_field) in TABLES.items():
             sec = post.section(table)
             if sec is None:
                 continue
+            # (the module's table in the object's layout: the target kernel's, whose headers
+            # build it)
+            entry = table_entry_size(post, table)
             for site_sec, site_off, idx in post.sites(table, entry, site_field):
                 if site_sec is not item.section or not item.start <= site_off < item.start + item.size:
                     continue

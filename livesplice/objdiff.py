@@ -27,6 +27,7 @@ from elftools.elf.constants import SH_FLAGS
 
 from .elfmodel import (
     CODE_TABLES,
+    ENDBR64,
     SITES_PATCHED_AT_BOOT,
     Item,
     ObjectFile,
@@ -35,6 +36,7 @@ from .elfmodel import (
     base_name,
     fentry_offset,
     runtime_patched_sites,
+    table_entry_size,
 )
 from .errors import BadInput
 from .pkgformat import HOOK_KINDS
@@ -282,12 +284,13 @@ def signature(obj: ObjectFile, item: Item, rename) -> tuple[bytes, list[tuple]]:
         off = r.offset - item.start
         data[off:off + r.width] = bytes(r.width)
         relocs.append((off, r.type, *_norm(obj.target(r), rename)))
-    for table, (entry, _) in CODE_TABLES.items():
+    for table in CODE_TABLES:
         if table in ("__mcount_loc", ".orc_unwind_ip", "__bug_table"):
             continue  # say nothing the code does not already say (__bug_table holds __LINE__)
         sec = obj.section(table)
         if sec is None:
             continue
+        entry = table_entry_size(obj, table)
         for site_sec, site_off, idx in obj.sites(table, entry):
             if site_sec is item.section and item.start <= site_off < item.start + item.size:
                 fields: list[tuple] = []
@@ -298,19 +301,20 @@ def signature(obj: ObjectFile, item: Item, rename) -> tuple[bytes, list[tuple]]:
                     else:
                         fields.append((r.offset % entry, *_norm(t, rename)))
                 raw = sec.data[idx * entry:(idx + 1) * entry]
-                if table == ".altinstructions":
-                    fields.append(("alt", raw[8:12], _alt_replacement(obj, sec, idx)))
+                if table == ".altinstructions":  # what follows the two offsets, the code
+                    fields.append(("alt", raw[8:], _alt_replacement(obj, sec, idx, entry)))
                 relocs.append((table, site_off - item.start, tuple(fields)))
     return bytes(data), relocs
 
 
-def _alt_replacement(obj: ObjectFile, alt, idx: int) -> bytes:
-    for r in alt.relocs_in(idx * 12 + 4, idx * 12 + 5):
+def _alt_replacement(obj: ObjectFile, alt, idx: int, entry: int) -> bytes:
+    for r in alt.relocs_in(idx * entry + 4, idx * entry + 5):
         sec = r.symbol.section
         if sec is not None:
-            # The field is PC-relative to itself, so the replacement starts at S + A.
+            # The field is PC-relative to itself, so the replacement starts at S + A; its
+            # length is the entry's last byte (replacementlen).
             start = r.symbol.value + r.addend
-            length = alt.data[idx * 12 + 11]
+            length = alt.data[idx * entry + entry - 1]
             return bytes(sec.data[start:start + length])
     return b""
 
@@ -599,10 +603,12 @@ def _boot_table_entries(post: ObjectFile, new_functions: set[str], name: str) ->
     return sorted(set(out))
 
 
-def jump_offset(fentry: int | None) -> int:
-    """Where in a function apply writes its jump: right after a fentry call at the entry, else at
-    the entry itself (a notrace function)."""
-    return fentry + 5 if fentry == 0 else 0
+def jump_offset(fentry: int | None, code: bytes) -> int:
+    """Where in a function apply writes its jump: after its ENDBR (IBT: indirect calls land on
+    it, sealed or not) and a fentry call right after it, else at the entry (a notrace function).
+    `code`: the function's first bytes."""
+    endbr = len(ENDBR64) if code[:len(ENDBR64)] == ENDBR64 else 0
+    return fentry + JUMP_SIZE if fentry == endbr else endbr
 
 
 def _unredirectable(obj: ObjectFile, item: Item) -> str | None:
@@ -610,7 +616,7 @@ def _unredirectable(obj: ObjectFile, item: Item) -> str | None:
         if item.section.name.startswith(prefix):
             return why
     fentry = fentry_offset(obj, item)
-    at = jump_offset(fentry)
+    at = jump_offset(fentry, item.data)
     if item.size - at < JUMP_SIZE:
         return f"{item.size} bytes leave no room for a {JUMP_SIZE}-byte jump after its fentry site"
     under = [s for s in runtime_patched_sites(obj, item)

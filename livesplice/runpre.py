@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .coreproto import AppliedUpdate, make_jump
-from .elfmodel import PC_RELATIVE, R
+from .elfmodel import ENDBR64, ENDBR_POISON, PC_RELATIVE, R
 from .errors import LivespliceError, Refused
 from .kernel import Kallsyms, KernelMemory, KSym
 from .objdiff import jump_offset
@@ -91,7 +91,7 @@ class Matcher:
 
     @staticmethod
     def site(original: int, record: PreFunction) -> int:
-        return original + jump_offset(record.fentry)
+        return original + jump_offset(record.fentry, record.data()[:8])
 
     def live_address(self, original: int, record: PreFunction) -> int:
         return self.redirected.get(self.site(original, record), original)
@@ -114,6 +114,10 @@ class Matcher:
         ignore = bytearray(len(code))
         for mask in record.masks:
             ignore[mask.offset:mask.offset + mask.length] = b"\1" * mask.length
+            entry = memory[mask.offset:mask.offset + mask.length]
+            if mask.kind == "endbr" and entry not in (ENDBR64, ENDBR_POISON):
+                return (f"offset {mask.offset:#x}: {entry.hex()} is neither its ENDBR nor a "
+                        "sealed one"), {}, b""
         found: dict[tuple[str, str], int] = {}
         for reloc in record.relocs:
             off, rtype, kind, name = reloc.offset, reloc.type, reloc.kind, reloc.name

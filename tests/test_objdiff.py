@@ -501,3 +501,43 @@ def test_a_pointer_to_init_code_is_refused(tmp_path):
     """
     d = compile_pair(tmp_path, src % "setup_a", src % "setup_b")
     assert any("boot_ops" in r and "frees after boot" in r for r in d.refusals), d.refusals
+
+
+def test_jump_goes_after_endbr_and_fentry():
+    from livesplice.objdiff import jump_offset
+    endbr = bytes.fromhex("f30f1efa")
+    assert jump_offset(0, bytes(8)) == 5  # fentry at the entry (6.1)
+    assert jump_offset(None, bytes(8)) == 0  # notrace
+    assert jump_offset(4, endbr + bytes(4)) == 9  # IBT: ENDBR, then fentry (6.12)
+    assert jump_offset(None, endbr + bytes(4)) == 4  # IBT, notrace: never over the ENDBR
+
+
+RUNTIME_CONST = """
+static inline unsigned long user_ptr_max(void) {
+    unsigned long ret;
+    asm("mov %%1,%%0\\n1:\\n.pushsection runtime_ptr_USER_PTR_MAX,\\"a\\"\\n\\t.long 1b - %%c2 - .\\n.popsection"
+        : "=r" (ret) : "i" (0x0123456789abcdefUL), "i" (sizeof(long)));
+    return ret;
+}
+int f(unsigned long p) { return p <= user_ptr_max() ? printk("ok") : %d; }
+"""
+
+
+def test_runtime_constants_are_masked_and_never_copied(tmp_path):
+    # 6.11+: the kernel writes USER_PTR_MAX into its own code at boot; a module never gets it.
+    from livesplice.elfmodel import runtime_patched_sites
+    from livesplice.errors import Refused
+    from livesplice.newcode import Extractor, NewCode, check_problems
+    d = compile_pair(tmp_path, RUNTIME_CONST % 1, RUNTIME_CONST % 2)
+    assert names(d.changed) == ["f"]
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    [site] = [s for s in runtime_patched_sites(post, post.functions["f"])
+              if s.kind == "runtime constant"]
+    assert (site.length, site.what) == (8, "USER_PTR_MAX")
+    assert post.functions["f"].data[site.offset:site.offset + 8] == \
+        (0x0123456789ABCDEF).to_bytes(8, "little")
+    code = NewCode()
+    Extractor(code, "t.o", post, d.names, {"f"}).add_function(post.functions["f"])
+    with pytest.raises(Refused) as caught:
+        check_problems(code)
+    assert "runtime constant USER_PTR_MAX" in caught.value.reasons[0]

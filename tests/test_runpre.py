@@ -15,7 +15,15 @@ import pytest
 from livesplice.errors import BadInput, LivespliceError, Refused
 from livesplice.kernel import Kallsyms
 from livesplice.objdiff import jump_offset
-from livesplice.pkgformat import FORMAT_VERSION, VMLINUX, Manifest, PreFunction, read_manifest, read_pre
+from livesplice.pkgformat import (
+    FORMAT_VERSION,
+    VMLINUX,
+    Manifest,
+    Mask,
+    PreFunction,
+    read_manifest,
+    read_pre,
+)
 from livesplice.runpre import Matcher
 
 DATA = Path(__file__).parent / "data" / "prctl"
@@ -154,7 +162,7 @@ def test_pre_code_matches_the_recorded_kernel(kallsyms, records, recorded):
         assert found.original == found.live == kallsyms.address(r.name)
         assert found.size == r.size
         # the jump goes after the fentry call (a traceable function) or at the entry (notrace)
-        assert found.site == found.original + jump_offset(r.fentry)
+        assert found.site == found.original + jump_offset(r.fentry, r.data())
         assert found.expect == memory.read(found.site, 5)
     assert result.functions[(OBJECT, "__do_sys_prctl")].site == kallsyms.address("__do_sys_prctl")
     assert result.functions[(OBJECT, "prctl_set_auxv")].site == kallsyms.address("prctl_set_auxv") + 5
@@ -300,3 +308,27 @@ def test_the_function_whose_code_matches_is_the_one_meant(kallsyms_text, records
     assert len(reasons) == 1
     why = unreadable(real, record(records, "prctl_set_auxv").size)
     assert reasons[0].startswith(not_matching("prctl_set_auxv", real, why) + f"; at {other:#x}: ")
+
+
+def endbr_function(entry: bytes) -> tuple[Kallsyms, RecordedMemory, PreFunction]:
+    """A notrace function of an IBT kernel: ENDBR, then code; its running entry is `entry`."""
+    code = bytes.fromhex("f30f1efa") + bytes.fromhex("31c0c3") + bytes(9)
+    record = PreFunction(VMLINUX, "kernel/x.o", "ibt_fn", len(code), False, "STT_FUNC",
+                         base64.b64encode(code).decode(), [], [Mask(0, 4, "endbr")], None,
+                         ".text.ibt_fn", False, 0)
+    ks = Kallsyms("ffffffff81000000 T _stext\nffffffff81001000 T ibt_fn\n")
+    return ks, RecordedMemory({0xFFFFFFFF81001000: entry + code[4:]}), record
+
+
+@pytest.mark.parametrize("entry", ["f30f1efa", "660f1f00"])
+def test_an_endbr_matches_kept_or_sealed(entry):
+    ks, memory, record = endbr_function(bytes.fromhex(entry))
+    found = Matcher(ks, memory, []).match([record]).functions[record.key]
+    assert found.site == 0xFFFFFFFF81001004  # after the ENDBR, never over it
+
+
+def test_an_endbr_matches_nothing_else():
+    ks, memory, record = endbr_function(bytes.fromhex("0f1f4000"))
+    with pytest.raises(Refused) as caught:
+        Matcher(ks, memory, []).match([record])
+    assert "0f1f4000 is neither its ENDBR nor a sealed one" in caught.value.reasons[0]
