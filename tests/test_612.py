@@ -72,16 +72,22 @@ OVL = {"fs/overlayfs/super.c": [("\t\tbuf->f_namelen = ofs->namelen;",
                                  "\t\tbuf->f_namelen = ofs->namelen + 1000;")]}
 
 # The running code as the guest reads it (/proc/kcore): for each name, its address, the 16
-# bytes of padding before it and its first 16 bytes; with --calls CALLER TARGET, the direct
-# calls (e8) in CALLER whose destination is TARGET or inside its padding.
+# bytes of padding before it and its first 16 bytes; with --calls CALLER TARGET [MODULE SIZE],
+# the direct calls (e8) in CALLER (vmlinux's, or the SIZE bytes of MODULE's) whose destination
+# is TARGET or inside its padding, and where they go relative to TARGET.
 READ_CODE = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, %r)
     from livesplice.kernel import Kallsyms, KernelMemory
     ks, mem = Kallsyms(), KernelMemory()
     if sys.argv[1] == "--calls":
-        caller, target = ks.address(sys.argv[2]), ks.address(sys.argv[3])
-        code = mem.read(caller, ks.next_text_after(caller) - caller)
+        target = ks.address(sys.argv[3])
+        if len(sys.argv) > 4:
+            caller = ks.lookup(sys.argv[2], sys.argv[4])[0].address
+            code = mem.read(caller, int(sys.argv[5]))
+        else:
+            caller = ks.address(sys.argv[2])
+            code = mem.read(caller, ks.next_text_after(caller) - caller)
         calls = []
         for i in range(len(code) - 4):
             if code[i] == 0xe8:
@@ -178,6 +184,25 @@ def undo(vm, update: str) -> None:
     assert r.status == 0, r.err
 
 
+def calls(vm, caller: str, target: str, module_size: tuple[str, int] | None = None
+          ) -> dict[int, int]:
+    """The direct calls from caller to target (or its padding): call site -> where it goes,
+    relative to target."""
+    extra = [module_size[0], str(module_size[1])] if module_size else []
+    r = vm.run([sys.executable, "-c", READ_CODE, "--calls", caller, target, *extra], check=True)
+    return {site: offset for site, offset in json.loads(r.out)["calls"]}
+
+
+def assert_through_padding(vm, sites: dict[int, int]) -> None:
+    """With call depth tracking every call goes to the function's call thunk, in its padding
+    (vmlinux's calls patched at boot, a module's at its load); without, to the function."""
+    assert sites
+    if vm.setup == "skylake-stuff":
+        assert all(-16 <= offset < 0 for offset in sites.values()), sites
+    else:
+        assert set(sites.values()) == {0}, sites
+
+
 def dumpable(vm) -> list[str]:
     """prctl(PR_SET_DUMPABLE, 0), (1), (1, arg3=1), (1, arg4=1): each one's result."""
     return vm.run(["python3", "-c", DUMPABLE], check=True).out.split()
@@ -238,6 +263,10 @@ def test_notrace_function_and_stacking(vm, packages):
     assert dumpable(vm) == ["0", "0", "0", "0"]
     assert apply(vm, packages["prctl-a"])["functions"] == ["__do_sys_prctl"]
     assert code(vm, "__do_sys_prctl")["__do_sys_prctl"][2][:2] == JMP
+    # the new code's own call to set_dumpable goes through its call thunk, as vmlinux's do
+    new_size = Package.read(packages["prctl-a"]).manifest.replaced[0].new_size
+    assert_through_padding(vm, calls(vm, "__do_sys_prctl", "set_dumpable",
+                                     ("livesplice_prctl_a", new_size)))
     assert dumpable(vm) == ["0", "0", "-22", "0"]
     assert apply(vm, packages["prctl-b"])["functions"] == ["__do_sys_prctl"]
     assert applied(vm) == ["prctl-a", "prctl-b"]
@@ -259,17 +288,11 @@ def test_reached_through_call_padding(vm, packages):
     thunk in set_dumpable's padding, which falls through into the function: the new code runs
     when called that way (it prints its return address: right after that very call)."""
     since = mark(vm)
-    r = vm.run([sys.executable, "-c", READ_CODE, "--calls", "__do_sys_prctl", "set_dumpable"],
-               check=True)
-    found = json.loads(r.out)
-    sites = {site: offset for site, offset in found["calls"]}
-    assert sites, "no direct call from __do_sys_prctl to set_dumpable"
-    if vm.setup == "skylake-stuff":
-        assert all(-16 <= offset < 0 for offset in sites.values()), sites  # into the padding
-        pad = code(vm, "set_dumpable")["set_dumpable"][1]
-        assert pad != "90" * 16  # the thunk, where the kernel wrote it
-    else:
-        assert set(sites.values()) == {0}, sites
+    sites = calls(vm, "__do_sys_prctl", "set_dumpable")
+    assert_through_padding(vm, sites)
+    pad = code(vm, "set_dumpable")["set_dumpable"][1]
+    # the thunk, where the kernel wrote it (the padding is NOPs without)
+    assert (pad != "90" * 16) == (vm.setup == "skylake-stuff")
     apply(vm, packages["dumpable-caller"])
     dumpable(vm)
     returns = {int(a, 16) for a in re.findall(r"livesplice-612: set_dumpable called, returns to "
