@@ -1,5 +1,6 @@
 """Shared fixtures. The test bed is real: a stock Debian kernel under QEMU, fetched on first use."""
 
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,14 @@ def create_packages(stock_kernel, out: Path, edits_by_id: dict[str, dict]) -> di
         assert proc.returncode == 0, proc.stderr
         made[name] = out / f"{name}.tar.gz"
     return made
+
+
+def applied(vm) -> list[str]:
+    """The ids of the updates applied in the guest, oldest first (`list --json`)."""
+    r = guest_cli(vm, "list", "--json")
+    assert r.status == 0, r.err
+    return [u["id"] for u in json.loads(r.out)]
+
+
+def nothing_loaded(vm) -> bool:
+    return applied(vm) == [] and "livesplice" not in vm.run(["cat", "/proc/modules"]).out

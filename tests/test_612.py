@@ -16,12 +16,14 @@ import textwrap
 import pytest
 from conftest import (
     REPO,
+    applied,
     assert_clean,
     create_packages,
     create_stacked_package,
     guest_cli,
     log_since,
     mark,
+    nothing_loaded,
 )
 
 from livesplice import debian
@@ -155,16 +157,6 @@ def nothing_left_applied(vm):
     for update in reversed(applied(vm)):
         guest_cli(vm, "undo", update)
     vm.run("rmmod zram 2>/dev/null; true")
-
-
-def applied(vm) -> list[str]:
-    r = guest_cli(vm, "list", "--json")
-    assert r.status == 0, r.err
-    return [u["id"] for u in json.loads(r.out)]
-
-
-def nothing_loaded(vm) -> bool:
-    return applied(vm) == [] and "livesplice" not in vm.run(["cat", "/proc/modules"]).out
 
 
 def code(vm, *names: str) -> dict[str, tuple[int, str, str]]:

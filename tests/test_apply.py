@@ -5,7 +5,7 @@ import subprocess
 import textwrap
 
 import pytest
-from conftest import GUEST_CLI, REPO, edit_patch, guest_cli, livesplice_cli
+from conftest import GUEST_CLI, REPO, applied, edit_patch, guest_cli, livesplice_cli
 
 from livesplice import debian
 from livesplice.testbed import Session
@@ -78,12 +78,6 @@ def packages(stock_kernel, vm, tmp_path_factory):
 def probe(vm) -> dict:
     out = vm.run(["python3", "-c", PROBE], check=True).out
     return {k: v for k, v in (item.split("=") for item in out.split())}
-
-
-def applied(vm) -> list[str]:
-    result = guest_cli(vm, "list", "--json")
-    assert result.status == 0, result.err
-    return [u["id"] for u in json.loads(result.out)]
 
 
 def assert_clean(vm, since: int) -> None:

@@ -5,7 +5,15 @@ import json
 import textwrap
 
 import pytest
-from conftest import GUEST_CLI, REPO, create_packages, create_stacked_package, guest_cli, livesplice_cli
+from conftest import (
+    GUEST_CLI,
+    REPO,
+    applied,
+    create_packages,
+    create_stacked_package,
+    guest_cli,
+    livesplice_cli,
+)
 
 from livesplice.errors import EXIT_GUEST_DIED
 from livesplice.testbed import Session
@@ -40,12 +48,6 @@ def new_kernel_log(vm, since: int) -> list[str]:
 
 def loaded_modules(vm) -> list[str]:
     return sorted(line.split()[0] for line in vm.run(["cat", "/proc/modules"], check=True).out.splitlines())
-
-
-def applied(vm) -> list[str]:
-    r = guest_cli(vm, "list", "--json")
-    assert r.status == 0, r.err
-    return [u["id"] for u in json.loads(r.out)]
 
 
 def kallsyms_address(vm, name: str) -> int:

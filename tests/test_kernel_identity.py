@@ -1,10 +1,9 @@
 """The target check identifies the running kernel by its build id, not by /proc/version's text,
 which an applied update can change (safety issue, item 13). In the VM, on 6.1.0-53-amd64."""
 
-import json
 
 import pytest
-from conftest import GUEST_CLI, REPO, create_packages, guest_cli
+from conftest import GUEST_CLI, REPO, applied, create_packages, guest_cli
 
 from livesplice import debian
 from livesplice.buildid import elf_build_id, gnu_build_id
@@ -25,12 +24,6 @@ PRCTL = {"kernel/sys.c": [("if (arg2 != SUID_DUMP_DISABLE && arg2 != SUID_DUMP_U
 @pytest.fixture(scope="module")
 def packages(stock_kernel, vm):
     return create_packages(stock_kernel, vm.exchange, {"procver": PROC_VERSION, "prctl": PRCTL})
-
-
-def applied(vm) -> list[str]:
-    result = guest_cli(vm, "list", "--json")
-    assert result.status == 0, result.err
-    return [u["id"] for u in json.loads(result.out)]
 
 
 def dmesg_mark(vm) -> int:

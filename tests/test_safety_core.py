@@ -8,7 +8,7 @@ import re
 import textwrap
 
 import pytest
-from conftest import GUEST_CLI, REPO, create_packages, guest_cli
+from conftest import GUEST_CLI, REPO, applied, create_packages, guest_cli, nothing_loaded
 
 from livesplice.testbed import Session
 
@@ -62,16 +62,6 @@ def nothing_left_applied(vm):
     yield
     for update in reversed(applied(vm)):
         guest_cli(vm, "undo", update)
-
-
-def applied(vm) -> list[str]:
-    r = guest_cli(vm, "list", "--json")
-    assert r.status == 0, r.err
-    return [u["id"] for u in json.loads(r.out)]
-
-
-def nothing_loaded(vm) -> bool:
-    return applied(vm) == [] and "livesplice" not in vm.run(["cat", "/proc/modules"]).out
 
 
 def mark(vm) -> int:
