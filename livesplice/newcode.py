@@ -480,7 +480,8 @@ def _make_module(headers: Path, workdir: Path, jobs: int, ko_name: str, what: st
 
 
 def _branch(data: bytearray, offset: int) -> bool:
-    """Is the rel32 field at `offset` that of a call, jmp or jcc?"""
+    """Is the rel32 field at `offset` that of a call, jmp or jcc? (Only for a PC-relative field:
+    before an absolute one, 0xe8 may be a displacement, as in `movq $fn, -0x18(%rbx)`.)"""
     return (offset >= 1 and data[offset - 1] in (0xE8, 0xE9)) or \
         (offset >= 2 and data[offset - 2] == 0x0F and 0x80 <= data[offset - 1] <= 0x8F)
 
@@ -509,7 +510,8 @@ def callbacks(code: NewCode) -> list[str]:
             continue
         for offset, rtype, sym, addend in sec.relocs:
             name = by_symbol.get(id(sym))
-            if name is None or rtype == R["R_X86_64_PLT32"] or _branch(sec.data, offset):
+            if name is None or rtype == R["R_X86_64_PLT32"] or (
+                    rtype == R["R_X86_64_PC32"] and _branch(sec.data, offset)):
                 continue
             start = addend + (4 if rtype == R["R_X86_64_PC32"] else 0)
             if start == 0:
@@ -530,7 +532,8 @@ def mark_address_taken(code: NewCode) -> None:
         for offset, rtype, sym, _ in sec.relocs:
             key = by_symbol.get(id(sym))
             if key is None or rtype == R["R_X86_64_PLT32"] or (
-                    sec.flags & SH_FLAGS.SHF_EXECINSTR and _branch(sec.data, offset)):
+                    rtype == R["R_X86_64_PC32"] and sec.flags & SH_FLAGS.SHF_EXECINSTR
+                    and _branch(sec.data, offset)):
                 continue
             code.refs[key].address_taken = True
 

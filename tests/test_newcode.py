@@ -224,3 +224,21 @@ def test_a_table_rewritten_to_point_into_the_update_needs_force_to_undo(tmp_path
     code = NewCode()
     Extractor(code, "t.o", post, d.names, set()).add_rewrite(post.data_objects["my_desc"], w.ranges)
     assert callbacks(code) == ["my_desc->__livesplice_str_0"]
+
+
+def test_an_address_stored_after_a_displacement_of_0xe8_is_taken(tmp_path):
+    # movq $kernel_cb, -0x18(%rbx): the byte before the absolute field is the displacement 0xe8,
+    # which is no call opcode there.
+    from livesplice.newcode import mark_address_taken
+    src = """
+    void kernel_cb(void);
+    struct s { long a, b, c; void (*fn)(void); };
+    int f(struct s *p) { ((void (**)(void))((char *)p + 0x18))[-6] = kernel_cb; return %d; }
+    """
+    d = compile_pair(tmp_path, src % 1, src % 2)
+    post = ObjectFile(tmp_path / "post" / "t.o")
+    code = NewCode()
+    Extractor(code, "t.o", post, d.names, {"f"}).add_function(post.functions["f"])
+    mark_address_taken(code)
+    taken = {r.name: r.address_taken for r in code.refs.values()}
+    assert taken["kernel_cb"] is True, taken
