@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -486,56 +486,50 @@ def _branch(data: bytearray, offset: int) -> bool:
         (offset >= 2 and data[offset - 2] == 0x0F and 0x80 <= data[offset - 1] <= 0x8F)
 
 
-def callbacks(code: NewCode) -> list[str]:
-    """The new code's functions whose address the new code takes (not only calls): they may be
-    left behind as timer, work or other callbacks, which sit on no stack, so undo cannot see
-    them. A call or tail call is a PLT32 relocation; an address taken is an absolute or
-    RIP-relative reference to the function's start, outside the kernel's own code tables. (Calls
-    to a local function come as PC32 relocations: the opcode before the field tells them.)"""
-    by_symbol = {id(sym): name for (_, name), sym in code.functions.items()}
+def _references_not_calls(code: NewCode) -> Iterator[tuple[OutSection, int, OutSymbol, int]]:
+    """(section, type, symbol, addend) of each relocation of the new code that is not a call or
+    a jump (an address taken: stored, passed, compared, or written into a rewritten table),
+    outside the module loader's own tables (jump label keys, exception entries...). A call or
+    tail call is a PLT32 relocation, or a PC32 one whose opcode before the field says so."""
     tables = {id(t) for t in code.tables.values()}
-    kernel = {id(sym) for sym in code.ref_symbols.values()}
-    found = set()
     for sec in code.writer.sections:
         if id(sec) in tables:
             continue
-        if sec.name.startswith(REWRITE_PREFIX):
-            # A rewritten table pointing into the update (a new function, data, a string): the
-            # kernel may have copied the pointer (a BPF program's JIT, a registered hook, a
-            # netlink dump in progress), which undo cannot find.
-            for _, _, sym, _ in sec.relocs:
-                if id(sym) not in kernel:
-                    found.add(by_symbol.get(id(sym)) or
-                              f"{sec.name[len(REWRITE_PREFIX) + 11:]}->{sym.name}")
-            continue
         for offset, rtype, sym, addend in sec.relocs:
-            name = by_symbol.get(id(sym))
-            if name is None or rtype == R["R_X86_64_PLT32"] or (
-                    rtype == R["R_X86_64_PC32"] and _branch(sec.data, offset)):
+            if rtype == R["R_X86_64_PLT32"] or (
+                    rtype == R["R_X86_64_PC32"] and sec.flags & SH_FLAGS.SHF_EXECINSTR
+                    and _branch(sec.data, offset)):
                 continue
-            start = addend + (4 if rtype == R["R_X86_64_PC32"] else 0)
-            if start == 0:
-                found.add(name)
+            yield sec, rtype, sym, addend
+
+
+def callbacks(code: NewCode) -> list[str]:
+    """The new code's functions whose address the new code takes (not only calls): they may be
+    left behind as timer, work or other callbacks, which sit on no stack, so undo cannot see
+    them: an absolute or RIP-relative reference to the function's start. And what a rewritten
+    table points to in the update (a new function, data, a string): the kernel may have copied
+    the pointer (a BPF program's JIT, a registered hook, a netlink dump in progress)."""
+    by_symbol = {id(sym): name for (_, name), sym in code.functions.items()}
+    kernel = {id(sym) for sym in code.ref_symbols.values()}
+    found = set()
+    for sec, rtype, sym, addend in _references_not_calls(code):
+        if sec.name.startswith(REWRITE_PREFIX):
+            if id(sym) not in kernel:
+                found.add(by_symbol.get(id(sym)) or
+                          f"{sec.name[len(REWRITE_PREFIX) + 11:]}->{sym.name}")
+        elif id(sym) in by_symbol and addend + (4 if rtype == R["R_X86_64_PC32"] else 0) == 0:
+            found.add(by_symbol[id(sym)])
     return sorted(found)
 
 
 def mark_address_taken(code: NewCode) -> None:
-    """Mark the kernel references whose address the new code takes rather than only calls
-    (a function pointer stored, passed or written into a rewritten table): with IBT, such a
-    function is called indirectly and must start with ENDBR, which the kernel seals at boot in
-    functions whose address vmlinux never takes (apply checks the live bytes)."""
+    """Mark the kernel references whose address the new code takes rather than only calls:
+    with IBT, such a function is called indirectly and must start with ENDBR, which the kernel
+    seals at boot in functions whose address vmlinux never takes (apply checks the live bytes)."""
     by_symbol = {id(sym): key for key, sym in code.ref_symbols.items()}
-    tables = {id(t) for t in code.tables.values()}
-    for sec in code.writer.sections:
-        if id(sec) in tables:
-            continue  # the module loader's own tables (jump label keys, exception entries...)
-        for offset, rtype, sym, _ in sec.relocs:
-            key = by_symbol.get(id(sym))
-            if key is None or rtype == R["R_X86_64_PLT32"] or (
-                    rtype == R["R_X86_64_PC32"] and sec.flags & SH_FLAGS.SHF_EXECINSTR
-                    and _branch(sec.data, offset)):
-                continue
-            code.refs[key].address_taken = True
+    for _, _, sym, _ in _references_not_calls(code):
+        if id(sym) in by_symbol:
+            code.refs[by_symbol[id(sym)]].address_taken = True
 
 
 def check_problems(code: NewCode) -> None:
